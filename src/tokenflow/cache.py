@@ -1,0 +1,118 @@
+"""On-disk cache of inversions, so a video is inverted once for any number of edits.
+
+An entry is a folder named by its key: ``latents.safetensors`` (``x0`` and ``t0981``-style
+tensors) and ``manifest.json`` (the key's fields, shapes, and the sha256 of the tensor
+file). The key hashes everything the inverted latents depend on: the fitted frames, the
+model identity, the size, the inversion steps and prompt, the timesteps kept, the scheduler
+config and the dtype. Files are written under temporary names and renamed, the manifest
+last; an entry whose manifest does not match or whose tensors fail to load is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from .inversion import Inversion
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "tokenflow", "inversions")
+
+
+def frames_digest(frames: torch.Tensor) -> str:
+    """sha256 of the fitted frames (N, 3, H, W), quantised to 8 bits so it is exact."""
+    q = (frames.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    h = hashlib.sha256(str(tuple(q.shape)).encode())
+    h.update(q.numpy().tobytes())
+    return h.hexdigest()
+
+
+def inversion_key(**fields: Any) -> tuple[str, dict[str, Any]]:
+    fields = {"format": FORMAT_VERSION, **fields}
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32], fields
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class InversionCache:
+    def __init__(self, root: Optional[str] = None):
+        self.root = os.fspath(root) if root else default_cache_dir()
+
+    def entry(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def load(self, key: str, fields: dict[str, Any]) -> Optional[Inversion]:
+        """The cached inversion, or None when missing, mismatched or unreadable."""
+        from safetensors.torch import load_file
+
+        folder = self.entry(key)
+        manifest_path = os.path.join(folder, "manifest.json")
+        tensors_path = os.path.join(folder, "latents.safetensors")
+        if not os.path.exists(manifest_path):
+            return None
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+            if json.loads(json.dumps(fields, default=str)) != manifest.get("fields"):
+                raise ValueError("manifest fields differ from the key")
+            if _sha256_file(tensors_path) != manifest.get("sha256"):
+                raise ValueError("tensor file does not match its manifest")
+            tensors = load_file(tensors_path)
+            final_t = int(manifest["final_timestep"])
+            latents = {int(t): tensors[f"t{int(t):04d}"] for t in manifest["timesteps"]}
+            x0 = tensors["x0"]
+            if final_t not in latents or any(v.shape != x0.shape for v in latents.values()):
+                raise ValueError("tensor shapes or timesteps do not match the manifest")
+        except Exception as e:
+            logger.warning("inversion cache entry %s is unusable (%s); recomputing", key, e)
+            return None
+        return Inversion(x0, latents, final_t)
+
+    def save(self, key: str, fields: dict[str, Any], inversion: Inversion) -> str:
+        from safetensors.torch import save_file
+
+        folder = self.entry(key)
+        os.makedirs(folder, exist_ok=True)
+        tensors = {"x0": inversion.x0.contiguous()}
+        tensors.update({f"t{t:04d}": v.contiguous() for t, v in inversion.latents.items()})
+        tensors_path = os.path.join(folder, "latents.safetensors")
+        manifest_path = os.path.join(folder, "manifest.json")
+        # an old manifest must never describe a half-written tensor file
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)
+        tmp = self._temp(folder, ".safetensors")
+        save_file(tensors, tmp)
+        digest = _sha256_file(tmp)
+        os.replace(tmp, tensors_path)
+        manifest = {"fields": json.loads(json.dumps(fields, default=str)), "sha256": digest,
+                    "timesteps": sorted(inversion.latents), "final_timestep": inversion.final_timestep,
+                    "shape": list(inversion.x0.shape)}
+        tmp = self._temp(folder, ".json")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, manifest_path)
+        return folder
+
+    @staticmethod
+    def _temp(folder: str, suffix: str) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        os.close(fd)
+        return tmp

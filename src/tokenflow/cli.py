@@ -1,0 +1,245 @@
+"""The ``tokenflow`` command: the only place that parses arguments and prints.
+
+    tokenflow edit INPUT -p PROMPT [-o OUTPUT] [options]
+    tokenflow invert INPUT [options]
+    tokenflow demo [-o OUTPUT]
+
+A user's mistake ends with one line on stderr and exit status 2, and nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, EditConfig, load_config_file,
+                     save_settings)
+from .errors import TokenFlowError
+
+EXIT_USAGE = 2
+DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")
+# The demo's settings: small enough for two CPU cores in well under two minutes.
+DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a wolf", max_frames=16,
+                     height=128, width=224, steps=50, inversion_steps=50, batch_size=8)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise TokenFlowError(f"{message} (see '{self.prog} --help')")
+
+
+def _edit_options(p: argparse.ArgumentParser, inversion_only: bool = False) -> None:
+    """Options shared by edit and invert; defaults are None so a config file can fill them."""
+    p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
+    p.add_argument("--config", help="YAML settings: our keys or the official config_pnp/config_sdedit keys")
+    p.add_argument("--model", help=f"hub id or local diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--inversion-prompt", help='prompt describing the source video (default "")')
+    p.add_argument("--height", type=int, help="working height, a multiple of 8 (default: ~512x512 area, aspect kept)")
+    p.add_argument("--width", type=int, help="working width, a multiple of 8")
+    p.add_argument("--max-frames", type=int, help="edit only the first N frames")
+    p.add_argument("--fps", type=float, help="frame rate of a frame folder (a video keeps its own; default 10)")
+    p.add_argument("--steps", type=int, help="DDIM editing steps (default 50)")
+    p.add_argument("--inversion-steps", type=int, help="DDIM inversion steps (default 50)")
+    p.add_argument("--batch-size", type=int, help="frames per keyframe interval and UNet batch (default 8)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default: float16 on cuda)")
+    p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and the summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tokenflow", description="Edit a video from a text prompt with TokenFlow "
+                                                   "(consistent diffusion features, ICLR 2024).")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    edit = sub.add_parser("edit", help="edit a video from a text prompt")
+    _edit_options(edit)
+    edit.add_argument("-p", "--prompt", help="what the edited video should show")
+    edit.add_argument("-o", "--output", help="output video (.mp4/.mov/.mkv; default INPUT-tokenflow.mp4)")
+    edit.add_argument("--editor", help=f"base image editor: {', '.join(EDITORS)} (default pnp)")
+    edit.add_argument("--negative-prompt", help="negative prompt (default: the official one)")
+    edit.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5)")
+    edit.add_argument("--pnp-attn-t", type=float, help="PnP: fraction of steps with Q/K injection (default 0.5)")
+    edit.add_argument("--pnp-f-t", type=float, help="PnP: fraction of steps with feature injection (default 0.8)")
+    edit.add_argument("--sdedit-start", type=float, help="SDEdit: fraction of the schedule to run (default 0.9)")
+    edit.add_argument("--propagation", help=f"{', '.join(PROPAGATIONS)} (default original: the official code's)")
+    edit.add_argument("--keyframes", help=f"keyframe sampler: {', '.join(KEYFRAME_SAMPLERS)} (default random)")
+    edit.add_argument("--keyframe-schedule", help="JSON file with the keyframes of every step")
+    edit.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
+    edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder")
+
+    inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
+    _edit_options(inv, inversion_only=True)
+    inv.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction check")
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a bundled clip with a tiny random model")
+    demo.add_argument("-o", "--output", default="tokenflow-demo.mp4", help="output video (default %(default)s)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+_ARG_TO_FIELD = {"prompt", "inversion_prompt", "negative_prompt", "editor", "steps", "inversion_steps",
+                 "guidance_scale", "pnp_attn_t", "pnp_f_t", "sdedit_start", "batch_size", "propagation",
+                 "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps"}
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, Any]]:
+    """Command line over config file over defaults. Returns the edit settings and the run keys."""
+    edit: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        loaded = load_config_file(args.config)
+        edit.update(loaded.edit)
+        run.update(loaded.run)
+    for name in _ARG_TO_FIELD:
+        value = getattr(args, name, None)
+        if value is not None:
+            edit[name] = value
+    for name in ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            run[name] = value
+    try:
+        config = EditConfig(**edit)
+    except TypeError as e:
+        raise TokenFlowError(f"bad settings: {e}") from None
+    return config.validate(), run
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="tokenflow: %(message)s", stream=sys.stderr)
+    logging.getLogger("tokenflow").setLevel(logging.WARNING if quiet else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # logging setup must never stop the command
+        pass
+
+
+def _default_output(input_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
+    return f"{stem}-tokenflow.mp4"
+
+
+def _settings_path(output: str) -> str:
+    return os.path.splitext(output)[0] + ".yaml"
+
+
+def _load_pipeline(run: dict[str, Any]):
+    from .pipeline import TokenFlowPipeline
+
+    return TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
+                                             dtype=run.get("dtype") or "auto")
+
+
+def _finish(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited") -> None:
+    from .video import write_frames, write_video
+
+    frames = result.uint8()
+    write_video(output, frames, result.fps, result.audio_source)
+    if run.get("frames_dir"):
+        write_frames(run["frames_dir"], frames)
+    settings = {"tokenflow": __import__("tokenflow").__version__, "input": run.get("input"),
+                "model": run.get("model") or DEFAULT_MODEL, "device": str(pipe.device),
+                "dtype": str(pipe.dtype).replace("torch.", ""), **result.config.to_dict()}
+    save_settings(_settings_path(output), settings)
+    n, _, h, w = result.frames.shape
+    print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s -> {output}")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config, run = resolve_settings(args)
+    if not run.get("input"):
+        raise TokenFlowError("no input given: tokenflow edit INPUT -p PROMPT")
+    if not config.prompt:
+        raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
+    from .video import check_output_path, read_video
+
+    output = check_output_path(run.get("output") or _default_output(run["input"]))
+    check_output_path(_settings_path(output), extensions=None)
+    if run.get("frames_dir") and os.path.isfile(run["frames_dir"]):
+        raise TokenFlowError(f"frames folder '{run['frames_dir']}' is a file")
+    video = read_video(run["input"], config.max_frames, config.fps)  # bad input fails before the model loads
+    pipe = _load_pipeline(run)
+    result = pipe.edit(video, config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
+                       progress=not args.quiet)
+    _finish(pipe, result, output, run, started)
+    return 0
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config, run = resolve_settings(args)
+    if not run.get("input"):
+        raise TokenFlowError("no input given: tokenflow invert INPUT")
+    from .video import read_video
+
+    video = read_video(run["input"], config.max_frames, config.fps)
+    pipe = _load_pipeline(run)
+    frames, _, _ = pipe.load_video(video, config)
+    inversion = pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
+                            config.inversion_batch_size or config.batch_size, run.get("cache_dir"),
+                            not args.no_cache, progress=not args.quiet)
+    n, _, h, w = frames.shape
+    line = f"inverted {n} frames at {w}x{h} ({config.inversion_steps} steps)"
+    if not args.no_reconstruct:
+        value = pipe.reconstruction_psnr(frames, inversion, inversion_prompt=config.inversion_prompt,
+                                         inversion_steps=config.inversion_steps,
+                                         batch_size=config.inversion_batch_size or config.batch_size,
+                                         progress=not args.quiet)
+        line += f", reconstruction PSNR {value:.2f} dB"
+    print(f"{line} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    from .pipeline import TokenFlowPipeline
+    from .video import check_output_path
+
+    output = check_output_path(args.output)
+    print("tokenflow demo: a tiny randomly initialised Stable-Diffusion-2.1-shaped model built in code; "
+          "its output is noise. This checks the machinery (video in, inversion, TokenFlow editing, "
+          "video out with audio), not the pictures.", file=sys.stderr)
+    pipe = TokenFlowPipeline.from_tiny(seed=0, device="cpu")
+    config = EditConfig(**DEMO_SETTINGS).validate()
+    result = pipe.edit(DEMO_CLIP, config=config, use_cache=False, progress=not args.quiet)
+    _finish(pipe, result, output, {"input": DEMO_CLIP, "model": "tiny random (built in code)"}, started,
+            label="demo: edited")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        _configure_logging(getattr(args, "quiet", False))
+        return {"edit": cmd_edit, "invert": cmd_invert, "demo": cmd_demo}[args.command](args)
+    except TokenFlowError as e:
+        print(f"tokenflow: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tokenflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

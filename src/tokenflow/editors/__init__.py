@@ -1,0 +1,9 @@
+"""Base image editors that TokenFlow wraps."""
+
+from .base import BaseEditor
+from .pnp import PnPEditor
+from .sdedit import SDEditEditor
+
+EDITORS: dict[str, type[BaseEditor]] = {cls.name: cls for cls in (PnPEditor, SDEditEditor)}
+
+__all__ = ["BaseEditor", "PnPEditor", "SDEditEditor", "EDITORS"]

@@ -1,0 +1,108 @@
+"""DDIM inversion and reconstruction of every frame (paper Sec. 3, Eq. 2 run backwards).
+
+Inversion walks the DDIM timesteps upward. With ``t`` the next (noisier) timestep and
+``a_prev`` the cumulative alpha of the step before it (``final_alpha_cumprod`` for the first):
+
+    eps = unet(x, t, c);  x0 = (x - sqrt(1 - a_prev) eps) / sqrt(a_prev);  x = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+
+As in the official preprocessing, the noise is predicted at the *target* timestep ``t``,
+the prompt is the inversion prompt and there is no guidance. The state right after every
+timestep in ``keep`` is kept, plus the final (noisiest) one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Inversion:
+    """Clean latents and the inverted latents kept at each timestep (all on the CPU, float32)."""
+
+    x0: torch.Tensor  # (N, C, h, w)
+    latents: dict[int, torch.Tensor]  # t -> (N, C, h, w) state right after timestep t
+    final_timestep: int  # the noisiest inverted timestep
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.x0.shape[0])
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[self.final_timestep]
+
+
+def inversion_timesteps(scheduler, steps: int) -> torch.Tensor:
+    """The DDIM schedule of ``steps`` steps, ascending."""
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.flip(0).clone()
+
+
+@torch.no_grad()
+def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: torch.Tensor, steps: int,
+                keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None) -> Inversion:
+    """Invert clean latents x0 (N, C, h, w); returns the states at ``keep`` and the final one.
+
+    The UNet runs on batches of ``batch_size`` frames; batches are independent, so each one
+    walks the whole schedule before the next starts (only one batch lives on the device).
+    """
+    device, dtype = unet.device, unet.dtype
+    timesteps = inversion_timesteps(scheduler, steps)
+    alphas = scheduler.alphas_cumprod
+    keep = {int(t) for t in keep}
+    final_t = int(timesteps[-1])
+    out = {t: torch.empty_like(x0, device="cpu", dtype=torch.float32) for t in keep | {final_t}}
+    n = len(x0)
+    total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
+    for b in range(0, n, batch_size):
+        x = x0[b:b + batch_size].to(device=device, dtype=torch.float32)
+        cond = text_embedding.to(device=device, dtype=dtype).expand(len(x), -1, -1)
+        for i, t in enumerate(timesteps):
+            a_t = alphas[t]
+            a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
+            eps = unet(x.to(dtype), t.to(device), encoder_hidden_states=cond).sample.float()
+            x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+            x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
+            if int(t) in out:
+                out[int(t)][b:b + batch_size] = x.cpu()
+            done += 1
+            if progress:
+                progress(done, total)
+    return Inversion(x0.detach().float().cpu(), out, final_t)
+
+
+@torch.no_grad()
+def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: torch.Tensor, steps: int,
+                     batch_size: int = 8, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+    """Run DDIM sampling from the final inverted state back to clean latents (N, C, h, w)."""
+    device, dtype = unet.device, unet.dtype
+    timesteps = inversion_timesteps(scheduler, steps).flip(0)  # descending
+    alphas = scheduler.alphas_cumprod
+    n = inversion.n_frames
+    result = torch.empty_like(inversion.x0)
+    total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
+    for b in range(0, n, batch_size):
+        x = inversion.final[b:b + batch_size].to(device)
+        cond = text_embedding.to(device=device, dtype=dtype).expand(len(x), -1, -1)
+        for i, t in enumerate(timesteps):
+            a_t = alphas[t]
+            a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else scheduler.final_alpha_cumprod
+            eps = unet(x.to(dtype), t.to(device), encoder_hidden_states=cond).sample.float()
+            x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+            x = a_prev ** 0.5 * x0_pred + (1 - a_prev) ** 0.5 * eps
+            done += 1
+            if progress:
+                progress(done, total)
+        result[b:b + batch_size] = x.cpu()
+    return result
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two frame tensors in [0, 1]."""
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()

@@ -1,0 +1,103 @@
+"""Keyframe samplers.
+
+TokenFlow (Sec. 4.2) draws one keyframe at random in every interval of ``batch_size``
+frames and redraws them at every denoising step, so that every frame is edited jointly
+with the others over the course of sampling. The official code draws them with
+``torch.randint(batch_size, (n_frames // batch_size,))`` from the global RNG; the random
+sampler below makes the same draw from a ``torch.Generator`` seeded the same way, so a
+seed gives the official keyframes whenever ``n_frames`` is a multiple of ``batch_size``.
+A shorter last interval gets one more draw of its own (the official code drops those frames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol, Sequence
+
+import torch
+
+from .errors import TokenFlowError
+
+
+class KeyframeSampler(Protocol):
+    def __call__(self, step: int, n_frames: int, batch_size: int) -> torch.Tensor:
+        """Sorted keyframe indices (K,) int64 for denoising step ``step`` (0-based)."""
+
+
+def interval_starts(n_frames: int, batch_size: int) -> torch.Tensor:
+    """First frame of every interval of ``batch_size`` frames, the last one possibly shorter."""
+    return torch.arange(0, n_frames, batch_size)
+
+
+class RandomKeyframes:
+    """One uniformly random frame per interval, redrawn every step (the paper's and official)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __call__(self, step: int, n_frames: int, batch_size: int) -> torch.Tensor:
+        n_full, rest = divmod(n_frames, batch_size)
+        offsets = torch.randint(batch_size, (n_full,), generator=self.generator)
+        if rest:
+            offsets = torch.cat([offsets, torch.randint(rest, (1,), generator=self.generator)])
+        return offsets + interval_starts(n_frames, batch_size)
+
+
+class FixedKeyframes:
+    """The middle frame of every interval at every step (the paper's fixed-keyframe ablation)."""
+
+    def __call__(self, step: int, n_frames: int, batch_size: int) -> torch.Tensor:
+        starts = interval_starts(n_frames, batch_size)
+        lengths = torch.clamp(n_frames - starts, max=batch_size)
+        return starts + lengths // 2
+
+
+class ScheduledKeyframes:
+    """Keyframes given explicitly for every step, e.g. recorded from another run."""
+
+    def __init__(self, schedule: Sequence[Sequence[int]]):
+        if len(schedule) == 0:
+            raise TokenFlowError("keyframe schedule is empty; give one list of frame indices per step")
+        self.schedule = [torch.as_tensor(list(s), dtype=torch.long) for s in schedule]
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ScheduledKeyframes":
+        """Read ``[[i, ...], ...]`` or ``{"steps": [...]}`` or a list of ``{"keyframes": [...]}``."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TokenFlowError(f"cannot read keyframe schedule '{path}': {e}") from None
+        if isinstance(data, dict):
+            data = data.get("steps", data.get("keyframes"))
+        if not isinstance(data, list):
+            raise TokenFlowError(f"keyframe schedule '{path}' must be a list of per-step index lists")
+        steps = [d.get("keyframes", d.get("pivotal_idx")) if isinstance(d, dict) else d for d in data]
+        if not all(isinstance(s, list) and all(isinstance(i, int) for i in s) for s in steps):
+            raise TokenFlowError(f"keyframe schedule '{path}' must hold lists of integer frame indices")
+        return cls(steps)
+
+    def __call__(self, step: int, n_frames: int, batch_size: int) -> torch.Tensor:
+        if step >= len(self.schedule):
+            raise TokenFlowError(
+                f"keyframe schedule has {len(self.schedule)} steps but step {step + 1} was asked for")
+        keyframes = self.schedule[step]
+        n_intervals = len(interval_starts(n_frames, batch_size))
+        if len(keyframes) != n_intervals:
+            raise TokenFlowError(f"keyframe schedule step {step + 1} has {len(keyframes)} keyframes; "
+                                 f"{n_frames} frames in batches of {batch_size} need {n_intervals}")
+        if bool(((keyframes // batch_size) != torch.arange(n_intervals)).any()) or int(keyframes.max()) >= n_frames:
+            raise TokenFlowError(f"keyframe schedule step {step + 1}: {keyframes.tolist()} must hold "
+                                 f"one frame of each interval of {batch_size} frames, in order")
+        return keyframes.clone()
+
+
+def make_sampler(kind: str, seed: int, schedule_path: str | None = None) -> KeyframeSampler:
+    if schedule_path:
+        return ScheduledKeyframes.from_json(schedule_path)
+    if kind == "random":
+        return RandomKeyframes(seed)
+    if kind == "fixed":
+        return FixedKeyframes()
+    raise TokenFlowError(f"unknown keyframe sampler '{kind}'; allowed: random, fixed")

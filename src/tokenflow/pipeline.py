@@ -1,0 +1,320 @@
+"""TokenFlowPipeline: invert a video, then edit it with TokenFlow (Geyer et al., ICLR 2024).
+
+The editing loop, per denoising step ``t`` (paper Alg. 1):
+
+1. sample keyframes (one per interval of ``batch_size`` frames);
+2. keyframe pass: the UNet on the keyframes with extended self-attention under the base
+   editor; every self-attention layer keeps the keyframes' source tokens and outputs;
+3. propagation pass, batch by batch: self-attention outputs are replaced by the keyframes'
+   outputs at the nearest neighbours of the source tokens (the TokenFlow);
+4. classifier-free guidance and the DDIM step.
+
+The UNet batch is ``[source, uncond, cond]``: the source branch denoises the inverted source
+latents at ``t`` with the inversion prompt; it gives the tokens for the correspondences
+and the features that Plug-and-Play injects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .attention import TokenFlowState
+from .cache import InversionCache, frames_digest, inversion_key
+from .config import DEFAULT_MODEL, EditConfig
+from .correspondence import propagation_plan
+from .editors import EDITORS, BaseEditor
+from .errors import TokenFlowError
+from .injection import resolve_layers, tokenflow_hooks
+from .inversion import Inversion, ddim_invert, ddim_reconstruct, inversion_timesteps, psnr
+from .keyframes import make_sampler
+from .models import (Components, decode_latents, encode_frames, encode_prompt, load_components,
+                     module_identity, resolve_device, resolve_dtype)
+from .video import Video, fit_frames, read_video, working_size
+
+logger = logging.getLogger(__name__)
+
+# callback(stage, step, total): stage is "inversion", "reconstruction" or "editing"
+ProgressCallback = Callable[[str, int, int], None]
+VideoInput = Union[str, os.PathLike, Video, np.ndarray, torch.Tensor]
+
+
+@dataclass
+class EditResult:
+    frames: torch.Tensor  # (N, 3, H, W) float32 in [0, 1], CPU
+    fps: float
+    config: EditConfig
+    timesteps: list[int]
+    keyframes: list[list[int]]  # keyframe indices drawn at every step
+    inversion: Inversion
+    latents: Optional[list[torch.Tensor]] = None  # before the first step and after every step
+    seconds: dict[str, float] = field(default_factory=dict)
+    audio_source: Optional[str] = None
+
+    def uint8(self) -> np.ndarray:
+        from .video import to_uint8
+
+        return to_uint8(self.frames)
+
+
+class TokenFlowPipeline:
+    """TokenFlow on a Stable Diffusion model (diffusers components)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, model_id: Optional[str] = None):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        from diffusers import DDIMScheduler
+
+        # DDIM for inversion and editing, whatever scheduler the model ships with
+        self.scheduler_config = dict(scheduler.config)
+        self.scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        self.model_id = model_id or module_identity(unet, vae, text_encoder)
+        self.layers = resolve_layers(unet)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto",
+                        dtype: str | torch.dtype = "auto") -> "TokenFlowPipeline":
+        """Load from a hub id or a local diffusers folder."""
+        dev = resolve_device(device)
+        c: Components = load_components(model, dev, resolve_dtype(dtype, dev))
+        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id)
+
+    @classmethod
+    def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False) -> "TokenFlowPipeline":
+        """A tiny randomly initialised SD-2.1-shaped model built in code: noise out, machinery checked."""
+        from .tiny import build_tiny_components
+
+        c = build_tiny_components(seed, full_size)
+        dev = resolve_device(device)
+        for m in (c.unet, c.vae, c.text_encoder):
+            m.to(dev)
+        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def new_scheduler(self):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    # ------------------------------------------------------------------ inputs
+    def load_video(self, video: VideoInput, config: EditConfig) -> tuple[torch.Tensor, float, Optional[str]]:
+        """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps, and the audio source."""
+        if isinstance(video, torch.Tensor):
+            frames = video.float()
+            if frames.ndim != 4 or frames.shape[1] != 3:
+                raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
+            frames = frames[:config.max_frames] if config.max_frames else frames
+            if config.height or config.width:
+                h, w = working_size(tuple(frames.shape[2:]), config.height, config.width)
+                if (h, w) != tuple(frames.shape[2:]):
+                    frames = torch.nn.functional.interpolate(frames, (h, w), mode="bicubic",
+                                                             antialias=True).clamp(0, 1)
+            if frames.shape[2] % 8 or frames.shape[3] % 8:
+                raise TokenFlowError(f"frame size {frames.shape[3]}x{frames.shape[2]} is not a multiple of 8")
+            return frames, float(config.fps or 10.0), None
+        if isinstance(video, np.ndarray):
+            if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+                raise TokenFlowError(f"frame array must be uint8 (N, H, W, 3), got {video.dtype} {video.shape}")
+            video = Video(video[:config.max_frames] if config.max_frames else video, float(config.fps or 10.0))
+        elif not isinstance(video, Video):
+            video = read_video(video, config.max_frames, config.fps)
+        elif config.max_frames:
+            video = Video(video.frames[:config.max_frames], video.fps, video.audio_source, video.source)
+        h, w = working_size(video.size, config.height, config.width)
+        return fit_frames(video.frames, h, w), video.fps, video.audio_source
+
+    def text_embedding(self, prompt: str) -> torch.Tensor:
+        return encode_prompt(self.tokenizer, self.text_encoder, prompt, self.device).to(self.dtype)
+
+    # ------------------------------------------------------------------ inversion
+    def editing_timesteps(self, steps: int) -> torch.Tensor:
+        scheduler = self.new_scheduler()
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.clone()
+
+    def invert(self, frames: torch.Tensor, inversion_prompt: str = "", inversion_steps: int = 50,
+               steps: int = 50, batch_size: int = 8, cache_dir: Optional[str] = None,
+               use_cache: bool = True, progress: bool = True,
+               callback: Optional[ProgressCallback] = None) -> Inversion:
+        """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
+
+        With ``use_cache`` the result is read from / written to the inversion cache.
+        """
+        keep = self.editing_timesteps(steps)
+        inv_ts = inversion_timesteps(self.new_scheduler(), inversion_steps)
+        missing = sorted(set(keep.tolist()) - set(inv_ts.tolist()))
+        if missing:
+            raise TokenFlowError(
+                f"--inversion-steps {inversion_steps} does not reach the editing timesteps {missing[:3]}... "
+                f"of --steps {steps}; use a multiple of the editing steps (e.g. {steps}, {steps * 10})")
+        cache = InversionCache(cache_dir) if use_cache else None
+        key, fields = inversion_key(frames=frames_digest(frames), model=self.model_id,
+                                    size=list(frames.shape[-2:]), inversion_steps=inversion_steps,
+                                    inversion_prompt=inversion_prompt, keep=keep.tolist(),
+                                    scheduler=self.scheduler_config, dtype=str(self.dtype),
+                                    batch_size=batch_size)
+        if cache is not None:
+            cached = cache.load(key, fields)
+            if cached is not None:
+                logger.info("inversion cache hit: %s", cache.entry(key))
+                return cached
+        x0 = encode_frames(self.vae, frames)
+        cond = self.text_embedding(inversion_prompt)
+        with tqdm(total=inversion_steps * -(-len(frames) // batch_size), desc="Inverting",
+                  disable=not progress, leave=False) as bar:
+            def report(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+                if callback:
+                    callback("inversion", done, total)
+
+            inversion = ddim_invert(self.unet, self.new_scheduler(), x0, cond, inversion_steps, keep.tolist(),
+                                    batch_size, report)
+        if cache is not None:
+            try:
+                cache.save(key, fields, inversion)
+            except OSError as e:
+                logger.warning("could not write the inversion cache at %s: %s", cache.entry(key), e)
+        return inversion
+
+    def reconstruct(self, inversion: Inversion, inversion_prompt: str = "", inversion_steps: int = 50,
+                    batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+        """Decode a DDIM reconstruction from the inverted noise: (N, 3, H, W) in [0, 1]."""
+        cond = self.text_embedding(inversion_prompt)
+        with tqdm(total=inversion_steps * -(-inversion.n_frames // batch_size), desc="Reconstructing",
+                  disable=not progress, leave=False) as bar:
+            latents = ddim_reconstruct(self.unet, self.new_scheduler(), inversion, cond, inversion_steps,
+                                       batch_size, lambda d, t: bar.update(d - bar.n))
+        return decode_latents(self.vae, latents)
+
+    def reconstruction_psnr(self, frames: torch.Tensor, inversion: Inversion, **kwargs) -> float:
+        return psnr(self.reconstruct(inversion, **kwargs), frames)
+
+    # ------------------------------------------------------------------ editing
+    def _unet(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor,
+              text: torch.Tensor) -> torch.Tensor:
+        """UNet on [source, x, x] for F frames with text [source, uncond, cond] each repeated F times."""
+        n = len(x)
+        latent_input = torch.cat([source, x, x]).to(device=self.device, dtype=self.dtype)
+        embeds = text.repeat_interleave(n, dim=0)  # (3F, 77, D)
+        return self.unet(latent_input, t.to(self.device), encoder_hidden_states=embeds).sample.float()
+
+    @torch.no_grad()
+    def denoise_step(self, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
+                     state: TokenFlowState, scheduler, text: torch.Tensor, config: EditConfig,
+                     qk_injection: bool, feature_injection: bool) -> torch.Tensor:
+        """One TokenFlow step: keyframe pass, propagation passes, guidance, DDIM step.
+
+        x, source: (N, C, h, w) float32 (any device); keyframes (K,). Returns x at the next timestep
+        (CPU, float32). Hooks must be installed (see :func:`tokenflow_hooks`).
+        """
+        n, batch_size = len(x), config.batch_size
+        state.qk_injection, state.feature_injection = qk_injection, feature_injection
+        # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
+        state.set_mode("keyframe")
+        self._unet(x[keyframes], source[keyframes], t, text)
+        # 3. propagation passes over all frames, batch by batch
+        state.set_mode("propagate")
+        out = torch.empty(x.shape, dtype=torch.float32)
+        for b in range(0, n, batch_size):
+            frames = torch.arange(b, min(b + batch_size, n))
+            slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
+            state.slots, state.weights = slots.to(self.device), weights.to(self.device)
+            noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text)
+            # 4. classifier-free guidance, DDIM step
+            _, uncond, cond = noise.chunk(3)
+            guided = uncond + config.guidance_scale * (cond - uncond)
+            x_b = x[b:b + batch_size].to(device=self.device, dtype=torch.float32)
+            out[b:b + batch_size] = scheduler.step(guided, t.to(self.device), x_b).prev_sample.cpu()
+        state.cache.clear()
+        return out
+
+    @torch.no_grad()
+    def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
+             inversion: Optional[Inversion] = None, cache_dir: Optional[str] = None, use_cache: bool = True,
+             return_latents: bool = False, progress: bool = True,
+             callback: Optional[ProgressCallback] = None, **overrides: Any) -> EditResult:
+        """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
+
+        Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
+        """
+        config = (config or EditConfig()).replace(**overrides)
+        if prompt is not None:
+            config = config.replace(prompt=prompt)
+        config.validate()
+        editor: BaseEditor = EDITORS[config.editor](config)
+        timer = _Timer()
+        with timer("read"):
+            frames, fps, audio = self.load_video(video, config)
+        n = len(frames)
+        inv_batch = config.inversion_batch_size or config.batch_size
+        with timer("inversion"):
+            if inversion is None:
+                inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
+                                        inv_batch, cache_dir, use_cache, progress, callback)
+            elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
+                raise TokenFlowError("the given inversion does not match the frames (count or size)")
+
+        scheduler = self.new_scheduler()
+        scheduler.set_timesteps(config.steps)
+        timesteps = editor.select_timesteps(scheduler.timesteps)
+        missing = [int(t) for t in timesteps if int(t) not in inversion.latents]
+        if missing:
+            raise TokenFlowError(f"the inversion has no latents at timesteps {missing[:3]}; "
+                                 f"invert with the same --steps as the edit")
+        generator = torch.Generator().manual_seed(config.seed)
+        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule)
+        text = torch.cat([self.text_embedding(config.inversion_prompt),
+                          self.text_embedding(config.negative_prompt),
+                          self.text_embedding(config.prompt)])  # (3, 77, D)
+        x = editor.start_latents(inversion, scheduler, timesteps[0], generator).float()
+        latents = [x.clone()] if return_latents else None
+        keyframe_log: list[list[int]] = []
+        state = TokenFlowState(n_branches=3)
+        with timer("editing"), tokenflow_hooks(self.unet, state, self.layers):
+            for i, t in enumerate(tqdm(timesteps, desc="Editing", disable=not progress, leave=False)):
+                # 1. keyframes
+                keyframes = sampler(i, n, config.batch_size)
+                keyframe_log.append(keyframes.tolist())
+                qk, feat = editor.injection(i, config.steps)
+                x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
+                                      config, qk, feat)
+                if latents is not None:
+                    latents.append(x.clone())
+                if callback:
+                    callback("editing", i + 1, len(timesteps))
+        with timer("decode"):
+            edited = decode_latents(self.vae, x)
+        return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
+                          latents, timer.seconds, audio)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+                return False
+
+        return _Span()
