@@ -61,7 +61,7 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: torch.Tensor,
     total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
     for b in range(0, n, batch_size):
         x = x0[b:b + batch_size].to(device=device, dtype=torch.float32)
-        cond = text_embedding.to(device=device, dtype=dtype).expand(len(x), -1, -1)
+        cond = text_embedding.to(device=device, dtype=dtype).repeat(len(x), 1, 1)
         for i, t in enumerate(timesteps):
             a_t = alphas[t]
             a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
@@ -88,7 +88,7 @@ def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: torc
     total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
     for b in range(0, n, batch_size):
         x = inversion.final[b:b + batch_size].to(device)
-        cond = text_embedding.to(device=device, dtype=dtype).expand(len(x), -1, -1)
+        cond = text_embedding.to(device=device, dtype=dtype).repeat(len(x), 1, 1)
         for i, t in enumerate(timesteps):
             a_t = alphas[t]
             a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else scheduler.final_alpha_cumprod

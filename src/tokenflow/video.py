@@ -140,7 +140,7 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous().float().div(255)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
