@@ -7,7 +7,6 @@ Constants come from the components themselves (``vae.config.scaling_factor``,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -96,15 +95,12 @@ def folder_identity(path: str) -> str:
 
 
 def module_identity(*modules: torch.nn.Module) -> str:
-    """Identity of in-memory modules from their configs and weights (for small models)."""
+    """Identity of in-memory modules from their classes and weights (for small models)."""
     h = hashlib.sha256()
     for module in modules:
-        config = getattr(module, "config", None)
-        if config is not None:
-            h.update(json.dumps(dict(config) if not hasattr(config, "to_dict") else config.to_dict(),
-                                sort_keys=True, default=str).encode())
+        h.update(type(module).__name__.encode())
         for name, tensor in module.state_dict().items():
-            h.update(name.encode())
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return f"weights:{h.hexdigest()[:16]}"
 

@@ -24,6 +24,7 @@ from .errors import TokenFlowError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".mkv")
 DEFAULT_FOLDER_FPS = 10.0
+NOT_VIDEO_FORMATS = ("tty",)
 
 
 @dataclass
@@ -86,8 +87,9 @@ def _read_file(path: str, max_frames: Optional[int]) -> Video:
     frames = []
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise TokenFlowError(f"input '{path}' has no video stream")
+            # ffmpeg renders any text file as a "video" through its tty (ANSI art) demuxer
+            if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
+                raise TokenFlowError(f"cannot read '{path}' as a video: it has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS)
             has_audio = bool(container.streams.audio)

@@ -1,0 +1,119 @@
+import copy
+import os
+
+import pytest
+import torch
+
+from tokenflow import TokenFlowPipeline
+from tokenflow.errors import TokenFlowError
+from tokenflow.inversion import ddim_invert, ddim_reconstruct
+from tokenflow.video import fit_frames
+
+from conftest import moving_frames
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return fit_frames(moving_frames(5, 32, 48), 32, 48)
+
+
+@pytest.fixture(scope="module")
+def smooth_pipe(tiny_pipe):
+    """The tiny model with a damped output layer: its noise prediction varies smoothly, as a
+    trained model's does, so that DDIM inversion is (nearly) invertible."""
+    unet = copy.deepcopy(tiny_pipe.unet)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    return TokenFlowPipeline(unet, tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer,
+                             tiny_pipe.scheduler)
+
+
+def test_inversion_then_reconstruction_comes_back(smooth_pipe, frames):
+    errors = {}
+    for steps in (10, 50):
+        inv = smooth_pipe.invert(frames, "a wolf", steps, steps, use_cache=False, progress=False)
+        cond = smooth_pipe.text_embedding("a wolf")
+        back = ddim_reconstruct(smooth_pipe.unet, smooth_pipe.new_scheduler(), inv, cond, steps)
+        errors[steps] = ((back - inv.x0).norm() / inv.x0.norm()).item()
+        # the noise really went somewhere: the inverted state is far from the clean latents
+        assert ((inv.final - inv.x0).norm() / inv.x0.norm()).item() > 0.5
+    assert errors[50] < 0.15 and errors[50] < errors[10] / 2, errors
+
+
+def test_inversion_keeps_requested_timesteps_and_final(tiny_pipe, frames):
+    inv = tiny_pipe.invert(frames, "", inversion_steps=20, steps=10, use_cache=False, progress=False)
+    assert sorted(inv.latents) == sorted(tiny_pipe.editing_timesteps(10).tolist() + [951])
+    assert inv.final_timestep == 951  # 20 steps: 1, 51, ..., 951
+    assert inv.x0.shape == (5, 4, 4, 6)
+
+
+def test_inversion_batches_are_independent(tiny_pipe, frames):
+    x0 = torch.randn(5, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    cond = tiny_pipe.text_embedding("")
+    a = ddim_invert(tiny_pipe.unet, tiny_pipe.new_scheduler(), x0, cond, 5, [], batch_size=5)
+    b = ddim_invert(tiny_pipe.unet, tiny_pipe.new_scheduler(), x0, cond, 5, [], batch_size=2)
+    torch.testing.assert_close(a.final, b.final, rtol=1e-4, atol=1e-5)
+
+
+def test_inversion_steps_that_miss_editing_timesteps_are_an_error(tiny_pipe, frames):
+    with pytest.raises(TokenFlowError, match="multiple of the editing steps"):
+        tiny_pipe.invert(frames, "", inversion_steps=30, steps=20, use_cache=False, progress=False)
+
+
+class _CountingUnet:
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, 0
+
+    def __enter__(self):
+        self.handle = self.pipe.unet.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_cache_hit_miss_and_corruption(tiny_pipe, frames, tmp_path):
+    kwargs = dict(inversion_steps=4, steps=4, cache_dir=str(tmp_path), progress=False)
+    with _CountingUnet(tiny_pipe) as count:
+        first = tiny_pipe.invert(frames, "a wolf", **kwargs)
+    assert count.calls > 0
+    entries = os.listdir(tmp_path)
+    assert len(entries) == 1
+    with _CountingUnet(tiny_pipe) as count:
+        hit = tiny_pipe.invert(frames, "a wolf", **kwargs)
+    assert count.calls == 0  # read from the cache
+    assert all(torch.equal(first.latents[t], hit.latents[t]) for t in first.latents)
+    assert torch.equal(first.x0, hit.x0)
+
+    # any change of the key misses
+    tiny_pipe.invert(frames, "a dog", **kwargs)
+    tiny_pipe.invert(frames[:4], "a wolf", **kwargs)
+    tiny_pipe.invert(frames, "a wolf", **{**kwargs, "inversion_steps": 8})
+    assert len(os.listdir(tmp_path)) == 4
+
+    # a corrupt entry is recomputed, never used
+    tensors = tmp_path / entries[0] / "latents.safetensors"
+    tensors.write_bytes(b"garbage" * 10)
+    with _CountingUnet(tiny_pipe) as count:
+        again = tiny_pipe.invert(frames, "a wolf", **kwargs)
+    assert count.calls > 0
+    assert all(torch.equal(first.latents[t], again.latents[t]) for t in first.latents)
+    # and the rewritten entry is good again
+    with _CountingUnet(tiny_pipe) as count:
+        tiny_pipe.invert(frames, "a wolf", **kwargs)
+    assert count.calls == 0
+
+    # a manifest that does not match its key is not used either
+    manifest = tmp_path / entries[0] / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"a wolf"', '"a cat"'))
+    with _CountingUnet(tiny_pipe) as count:
+        tiny_pipe.invert(frames, "a wolf", **kwargs)
+    assert count.calls > 0
+    assert not [p for p in os.listdir(tmp_path / entries[0]) if p.startswith(".tmp")]
+
+
+def test_no_cache_writes_nothing(tiny_pipe, frames, tmp_path):
+    tiny_pipe.invert(frames, "", inversion_steps=2, steps=2, cache_dir=str(tmp_path), use_cache=False,
+                     progress=False)
+    assert os.listdir(tmp_path) == []
