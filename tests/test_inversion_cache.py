@@ -110,7 +110,7 @@ def test_cache_hit_miss_and_corruption(tiny_pipe, frames, tmp_path):
     with _CountingUnet(tiny_pipe) as count:
         tiny_pipe.invert(frames, "a wolf", **kwargs)
     assert count.calls > 0
-    assert not [p for p in os.listdir(tmp_path / entries[0]) if p.startswith(".tmp")]
+    assert not [p for p in os.listdir(tmp_path / entries[0]) if ".tmp" in p]
 
 
 def test_no_cache_writes_nothing(tiny_pipe, frames, tmp_path):

@@ -121,6 +121,6 @@ class TokenFlowAttnProcessor:
         out = out / attn.rescale_output_factor
         if state.mode == "keyframe":
             state.cache[self.name] = LayerCache(
-                source_tokens=hidden_states[:n_frames],
+                source_tokens=hidden_states[:n_frames].clone(),  # not a view of the whole batch
                 outputs=out.reshape(n_branches, n_frames, n_tokens, -1))
         return out

@@ -14,11 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Optional
 
 import torch
 
+from .atomic import atomic_path
 from .inversion import Inversion
 
 logger = logging.getLogger(__name__)
@@ -98,21 +98,12 @@ class InversionCache:
         # an old manifest must never describe a half-written tensor file
         if os.path.exists(manifest_path):
             os.remove(manifest_path)
-        tmp = self._temp(folder, ".safetensors")
-        save_file(tensors, tmp)
-        digest = _sha256_file(tmp)
-        os.replace(tmp, tensors_path)
+        with atomic_path(tensors_path) as tmp:
+            save_file(tensors, tmp)
+            digest = _sha256_file(tmp)
         manifest = {"fields": json.loads(json.dumps(fields, default=str)), "sha256": digest,
                     "timesteps": sorted(inversion.latents), "final_timestep": inversion.final_timestep,
                     "shape": list(inversion.x0.shape)}
-        tmp = self._temp(folder, ".json")
-        with open(tmp, "w") as f:
+        with atomic_path(manifest_path) as tmp, open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
-        os.replace(tmp, manifest_path)
         return folder
-
-    @staticmethod
-    def _temp(folder: str, suffix: str) -> str:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-        os.close(fd)
-        return tmp

@@ -186,15 +186,7 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
 
 def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Write the settings used as YAML, atomically."""
-    from .video import _temp_beside
+    from .atomic import atomic_path
 
-    path = os.fspath(path)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "w") as f:
-            yaml.safe_dump(settings, f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(settings, f, sort_keys=False)

@@ -16,6 +16,7 @@ and the features that Plug-and-Play injects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -303,18 +304,15 @@ class TokenFlowPipeline:
 
 
 class _Timer:
+    """Wall time per stage: ``with timer("inversion"): ...``."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
-                return False
-
-        return _Span()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

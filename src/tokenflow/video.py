@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_path
 from .errors import TokenFlowError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -170,13 +170,6 @@ def check_output_path(path: str | os.PathLike, extensions=VIDEO_OUTPUT_EXTENSION
     return path
 
 
-def _temp_beside(path: str) -> str:
-    base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    return tmp
-
-
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
                 audio_source: Optional[str] = None, crf: int = 18) -> str:
     """Write uint8 (N, H, W, 3) frames as H.264 yuv420p at ``fps``, atomically.
@@ -187,25 +180,18 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
     import av
 
     path = check_output_path(path)
-    tmp = _temp_beside(path)
     rate = Fraction(fps).limit_denominator(1001)
-    try:
-        with av.open(tmp, "w") as out:
-            stream = out.add_stream("libx264", rate=rate)
-            stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
-            audio = _open_audio(audio_source, out)
-            for frame in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-            out.mux(stream.encode())
-            if audio is not None:
-                _copy_audio(audio, out, duration=len(frames) / float(rate))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, av.open(tmp, "w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        audio = _open_audio(audio_source, out)
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+        if audio is not None:
+            _copy_audio(audio, out, duration=len(frames) / float(rate))
     return path
 
 
@@ -268,13 +254,6 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> str:
     except OSError as e:
         raise TokenFlowError(f"cannot create frames folder '{folder}': {e.strerror}") from None
     for i, frame in enumerate(frames):
-        target = os.path.join(folder, f"{i:05d}.png")
-        tmp = _temp_beside(target)
-        try:
+        with atomic_path(os.path.join(folder, f"{i:05d}.png")) as tmp:
             Image.fromarray(frame).save(tmp, format="PNG")
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
     return folder
