@@ -88,7 +88,7 @@ class TokenFlowAttnProcessor:
         value = attn.to_v(hidden_states)
         heads = attn.heads
         head_dim = key.shape[-1] // heads
-        if state.mode in ("keyframe", "extended") and state.qk_injection and self.inject_qk:
+        if state.qk_injection and self.inject_qk:
             # Plug-and-Play: the edit branches take the source branch's queries and keys
             query = query[:n_frames].repeat(n_branches, 1, 1)
             key = key[:n_frames].repeat(n_branches, 1, 1)

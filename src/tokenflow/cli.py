@@ -2,6 +2,8 @@
 
     tokenflow edit INPUT -p PROMPT [-o OUTPUT] [options]
     tokenflow invert INPUT [options]
+    tokenflow eval --source SRC --edited EDITED [--edited ...] --prompt P
+    tokenflow analyze INPUT [-o FOLDER]
     tokenflow demo [-o OUTPUT]
 
 A user's mistake ends with one line on stderr and exit status 2, and nothing at the output path.
@@ -10,6 +12,8 @@ A user's mistake ends with one line on stderr and exit status 2, and nothing at 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
 import os
 import sys
@@ -79,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
     _edit_options(inv, inversion_only=True)
     inv.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction check")
+
+    ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
+    ev.add_argument("--source", required=True, help="the source video or frame folder")
+    ev.add_argument("--edited", required=True, action="append", help="an edited video or folder (repeatable)")
+    ev.add_argument("--prompt", help="the edit prompt, for CLIP-T")
+    ev.add_argument("--json", help="write the results as JSON")
+    ev.add_argument("--csv", help="write the results as CSV")
+    ev.add_argument("--plot", help="draw per-frame warp error of every edited video as PNG")
+    ev.add_argument("--no-clip", action="store_true", help="skip the CLIP scores (no weights needed)")
+    ev.add_argument("--clip-model", default=None, help="CLIP model id or folder (default openai/clip-vit-large-patch14)")
+    ev.add_argument("--max-frames", type=int, help="evaluate only the first N frames")
+    ev.add_argument("--fps", type=float, help="frame rate of frame folders")
+    ev.add_argument("--device", default=None, help="device for CLIP (default auto)")
+
+    an = sub.add_parser("analyze", help="pictures of the diffusion features (the paper's Figures 2 and 3)")
+    _edit_options(an)
+    an.add_argument("-o", "--output", default="tokenflow-analysis", help="output folder (default %(default)s)")
+    an.add_argument("--timestep", type=int, default=201,
+                    help="diffusion timestep of the features; the nearest kept one is used (default 201)")
+    an.add_argument("--source-frame", type=int, default=0, help="Figure 2: frame the target is rebuilt from")
+    an.add_argument("--target-frame", type=int, default=None, help="Figure 2: frame to rebuild (default: the last)")
+    an.add_argument("--layer", default=None, help="self-attention layer (default: highest-resolution decoder layer)")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a bundled clip with a tiny random model")
     demo.add_argument("-o", "--output", default="tokenflow-demo.mp4", help="output video (default %(default)s)")
@@ -207,6 +233,83 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .atomic import atomic_path
+    from .metrics import DEFAULT_CLIP, ClipScorer, evaluate, plot_warp_errors
+    from .models import resolve_device
+    from .video import check_output_path, read_video
+
+    if args.max_frames is not None and args.max_frames < 2:
+        raise TokenFlowError(f"max-frames must be at least 2 for a warp error, got {args.max_frames}")
+    outputs = [(args.json, (".json",)), (args.csv, (".csv",)), (args.plot, (".png",))]
+    for path, ext in outputs:
+        if path:
+            check_output_path(path, extensions=ext)
+    if not args.no_clip and not args.prompt:
+        raise TokenFlowError("CLIP-T needs --prompt (or give --no-clip)")
+    source = read_video(args.source, args.max_frames, args.fps).frames
+    edited = {path: read_video(path, args.max_frames, args.fps).frames for path in args.edited}
+    clip = None if args.no_clip else ClipScorer.from_pretrained(args.clip_model or DEFAULT_CLIP,
+                                                                 str(resolve_device(args.device or "auto")))
+    results = evaluate(source, edited, args.prompt, clip)
+    fmt = lambda v, p=5: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    width = max(len("edited"), *(len(r.name) for r in results))
+    print(f"{'edited':<{width}}  frames  warp_error  floor     clip_t  clip_f")
+    for r in results:
+        print(f"{r.name:<{width}}  {r.n_frames:>6}  {fmt(r.warp_error):>10}  {fmt(r.warp_error_floor):<8}  "
+              f"{fmt(r.clip_t, 4):>6}  {fmt(r.clip_f, 4):>6}")
+    if args.json:
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump({"source": args.source, "prompt": args.prompt, "results": [r.to_dict() for r in results]},
+                      f, indent=1)
+    if args.csv:
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["edited", "n_frames", "warp_error", "warp_error_floor", "clip_t", "clip_f"])
+            for r in results:
+                writer.writerow([r.name, r.n_frames, r.warp_error, r.warp_error_floor, r.clip_t, r.clip_f])
+    if args.plot:
+        plot_warp_errors(args.plot, results)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    from .analysis import analyze_features, nearest_neighbour_rebuild, write_figures
+    from .video import read_video, to_uint8
+
+    config, run = resolve_settings(args)
+    if not run.get("input"):
+        raise TokenFlowError("no input given: tokenflow analyze INPUT")
+    if os.path.isfile(args.output):
+        raise TokenFlowError(f"output folder '{args.output}' is a file")
+    video = read_video(run["input"], config.max_frames, config.fps)
+    n = len(video.frames)
+    target = n - 1 if args.target_frame is None else args.target_frame
+    for name, value in (("source-frame", args.source_frame), ("target-frame", target)):
+        if not 0 <= value < n:
+            raise TokenFlowError(f"{name} must be in [0, {n - 1}], got {value}")
+    if not 0 <= args.timestep < 1000:
+        raise TokenFlowError(f"timestep must be in [0, 999], got {args.timestep}")
+    pipe = _load_pipeline(run)
+    if args.layer and args.layer not in pipe.layers.self_attention:
+        raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
+    frames, fps, _ = pipe.load_video(video, config)
+    inversion = pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
+                            config.inversion_batch_size or config.batch_size, run.get("cache_dir"),
+                            not args.no_cache, progress=not args.quiet)
+    timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
+    analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
+                                config.inversion_prompt, args.layer)
+    frames_u8 = to_uint8(frames)
+    rebuild = nearest_neighbour_rebuild(frames_u8, analysis.features, args.source_frame, target)
+    summary = write_figures(args.output, frames_u8, fps, analysis, rebuild, args.source_frame, target)
+    print(f"analyzed {n} frames at t={timestep} ({analysis.layer}): frame {target} rebuilt from frame "
+          f"{args.source_frame} by feature NN {summary['psnr_features_nn']:.2f} dB, by RGB NN "
+          f"{summary['psnr_rgb_nn']:.2f} dB in {time.perf_counter() - started:.1f}s -> {args.output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from .pipeline import TokenFlowPipeline
@@ -232,7 +335,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         _configure_logging(getattr(args, "quiet", False))
-        return {"edit": cmd_edit, "invert": cmd_invert, "demo": cmd_demo}[args.command](args)
+        commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
+                    "demo": cmd_demo}
+        return commands[args.command](args)
     except TokenFlowError as e:
         print(f"tokenflow: error: {e}", file=sys.stderr)
         return EXIT_USAGE

