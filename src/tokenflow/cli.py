@@ -4,6 +4,7 @@
     tokenflow invert INPUT [options]
     tokenflow eval --source SRC --edited EDITED [--edited ...] --prompt P
     tokenflow analyze INPUT [-o FOLDER]
+    tokenflow ui [--model ID] [--host 127.0.0.1] [--port 7860]
     tokenflow demo [-o OUTPUT]
 
 A user's mistake ends with one line on stderr and exit status 2, and nothing at the output path.
@@ -105,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--source-frame", type=int, default=0, help="Figure 2: frame the target is rebuilt from")
     an.add_argument("--target-frame", type=int, default=None, help="Figure 2: frame to rebuild (default: the last)")
     an.add_argument("--layer", default=None, help="self-attention layer (default: highest-resolution decoder layer)")
+
+    ui = sub.add_parser("ui", help="start the web page (needs: pip install 'tokenflow[ui]')")
+    ui.add_argument("--model", default=None, help=f"hub id or local folder (default {DEFAULT_MODEL}); "
+                                                  "'tiny' for the built-in tiny random model")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true", help="ask Gradio for a public link (off by default)")
+    ui.add_argument("--device", default=None)
+    ui.add_argument("--dtype", default=None)
+    ui.add_argument("--cache-dir", help="inversion cache folder")
+    ui.add_argument("--max-upload-mb", type=float, default=200.0)
+    ui.add_argument("--max-frames", type=int, default=120)
+    ui.add_argument("--max-side", type=int, default=1024, help="largest working height or width")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a bundled clip with a tiny random model")
     demo.add_argument("-o", "--output", default="tokenflow-demo.mp4", help="output video (default %(default)s)")
@@ -310,6 +324,32 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise TokenFlowError("the web page needs Gradio: pip install 'tokenflow[ui]'") from None
+    from .ui import EditorSession, Limits, launch
+
+    if not 0 < args.port < 65536:
+        raise TokenFlowError(f"port must be in 1..65535, got {args.port}")
+    if args.max_upload_mb <= 0 or args.max_frames < 1 or args.max_side < 8:
+        raise TokenFlowError("limits must be positive (max-upload-mb > 0, max-frames >= 1, max-side >= 8)")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.model == "tiny":
+        from .pipeline import TokenFlowPipeline
+
+        pipe, name = TokenFlowPipeline.from_tiny(), "tiny random model (built in code; output is noise)"
+    else:
+        run = {"model": args.model, "device": args.device, "dtype": args.dtype}
+        pipe, name = _load_pipeline(run), args.model or DEFAULT_MODEL
+    session = EditorSession(pipe, name, Limits(args.max_upload_mb, args.max_frames, args.max_side),
+                            cache_dir=args.cache_dir)
+    print(f"tokenflow ui: http://{args.host}:{args.port} ({name})", flush=True)
+    launch(session, args.host, args.port, args.share)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from .pipeline import TokenFlowPipeline
@@ -336,7 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         _configure_logging(getattr(args, "quiet", False))
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
-                    "demo": cmd_demo}
+                    "ui": cmd_ui, "demo": cmd_demo}
         return commands[args.command](args)
     except TokenFlowError as e:
         print(f"tokenflow: error: {e}", file=sys.stderr)

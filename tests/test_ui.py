@@ -1,0 +1,176 @@
+"""The web page: its functions on the tiny model, and the whole page in a real headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import av
+import pytest
+
+from tokenflow.errors import TokenFlowError
+from tokenflow.ui import DEMO_CLIP, EditorSession, Limits
+
+from conftest import moving_frames, write_clip
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = os.environ.get("TOKENFLOW_ARTIFACTS", os.path.join(os.path.dirname(__file__), "..", "artifacts"))
+SMALL = dict(steps=3, inversion_steps=3, height=32, width=48, max_frames=4, batch_size=2)
+
+
+@pytest.fixture
+def session(tiny_pipe, tmp_path):
+    return EditorSession(tiny_pipe, "tiny", Limits(max_upload_mb=1, max_frames=6, max_side=256),
+                         cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
+
+
+def test_session_edits_writes_video_and_settings_and_reuses_the_inversion(session, tmp_path):
+    os.makedirs(session.output_dir)
+    clip = write_clip(tmp_path / "in.mp4", moving_frames(5, 32, 48), fps=8, audio=True)
+    seen = []
+    out, settings, status = session.run(clip, "a robot", progress=lambda f, t: seen.append((f, t)), **SMALL)
+    with av.open(out) as c:
+        assert c.streams.video[0].average_rate == 8 and c.streams.audio
+    assert "prompt: a robot" in open(settings).read() and "model: tiny" in open(settings).read()
+    assert status.startswith("Edited 4 frames at 48x32")
+    assert seen and seen[-1][0] == 1.0 and "left" in seen[-1][1]
+    assert any(t.startswith("Inverting") for _, t in seen)
+    # a new prompt: the inversion comes from the cache (no inversion progress reported)
+    seen.clear()
+    session.run(clip, "a marble statue", progress=lambda f, t: seen.append((f, t)), **SMALL)
+    assert not any(t.startswith("Inverting") for _, t in seen)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_session_random_seed(session, tmp_path):
+    os.makedirs(session.output_dir)
+    clip = write_clip(tmp_path / "in.mp4", moving_frames(4, 32, 48))
+    _, settings, status = session.run(clip, "a robot", random_seed=True, **{**SMALL, "seed": 1})
+    assert "(seed 1)" not in status
+
+
+@pytest.mark.parametrize("make, settings, message", [
+    (None, {}, "upload a video"),
+    ("text", {}, "as a video"),
+    ("big", {}, "at most 1 MB"),
+    ("clip", {"max_frames": 50}, "at most 6"),
+    ("clip", {"height": 512, "width": 512}, "at most 256"),
+    ("clip", {"steps": None}, "steps must be"),
+])
+def test_session_rejects_bad_input_with_a_message(session, tmp_path, make, settings, message):
+    paths = {"text": tmp_path / "notes.txt", "big": tmp_path / "big.mp4"}
+    paths["text"].write_text("not a video\n" * 30)
+    paths["big"].write_bytes(b"\0" * (2 * 2 ** 20))
+    paths["clip"] = write_clip(tmp_path / "c.mp4", moving_frames(3, 32, 48))
+    with pytest.raises(TokenFlowError, match=message):
+        session.run(str(paths[make]) if make else None, "a robot", **{**SMALL, **settings})
+
+
+def test_session_needs_a_prompt(session, tmp_path):
+    with pytest.raises(TokenFlowError, match="write a prompt"):
+        session.run(DEMO_CLIP, "  ", **SMALL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log = open(tmp_path_factory.mktemp("ui") / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "tokenflow.cli", "ui", "--model", "tiny", "--port", str(port),
+                             "--max-frames", "8", "--cache-dir", str(tmp_path_factory.mktemp("cache"))],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                proc.kill()
+                pytest.fail(f"the ui server did not start: {log.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM:
+        pytest.skip("Chromium is not installed here (Debian package 'chromium'); .ci/run installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def _upload(page, path):
+    """Click the video drop zone and pick a file in the chooser, as a visitor does."""
+    with page.expect_file_chooser() as chooser:
+        page.locator("#input-video button.upload-container, #input-video [aria-label*='upload' i]").first.click()
+    chooser.value.set_files(str(path))
+
+
+def _fill(page, elem_id, value):
+    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+
+
+def test_page_in_a_real_browser(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
+    page.goto(server)
+    page.wait_for_selector("#run")
+    # upload the bundled clip, as a visitor would
+    _upload(page, DEMO_CLIP)
+    page.wait_for_selector("#input-video video", timeout=60_000)  # the input plays in the page
+    _fill(page, "prompt", "a shiny silver robotic wolf")
+    for elem_id, value in (("max-frames", 6), ("height", 64), ("width", 112), ("steps", 4),
+                           ("inversion-steps", 4)):
+        _fill(page, elem_id, value)
+    page.click("#run")
+    page.wait_for_selector("#output-video video", timeout=180_000)
+    page.wait_for_selector("#status:has-text('Edited 6 frames at 112x64')", timeout=30_000)
+    link = page.locator("#download-video a").first
+    with page.expect_download() as info:
+        link.click()
+    saved = tmp_path / "downloaded.mp4"
+    info.value.save_as(saved)
+    with av.open(str(saved)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames == 6
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "ui.png"), full_page=True)
+    # a text file is answered with a message in the page, not a stack trace
+    bad = tmp_path / "notes.txt"
+    bad.write_text("this is not a video\n" * 40)
+    page.locator("#input-video button[aria-label*='clear' i], #input-video button[title*='clear' i]").first.click()
+    _upload(page, bad)
+    page.click("#run")
+    message = page.wait_for_selector("text=/Invalid file type/", timeout=60_000)  # the page's own check
+    assert "notes.txt" in message.inner_text()
+    # a text file named .mp4 passes the browser's check; the server answers it
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("this is not a video either\n" * 40)
+    page.reload()
+    page.wait_for_selector("#run")
+    _upload(page, fake)
+    _fill(page, "prompt", "a robot")
+    page.click("#run")
+    message = page.wait_for_selector("text=/as a video/", timeout=60_000)
+    assert "cannot read 'fake.mp4' as a video" in message.inner_text()  # our message, naming the upload
+    assert "Traceback" not in page.content()
+    page.screenshot(path=os.path.join(ARTIFACTS, "ui-error.png"))
+    page.close()
