@@ -1,6 +1,5 @@
 """The command: bad input ends in one line and exit 2; real runs write video, settings and frames."""
 
-import json
 import os
 import subprocess
 import sys

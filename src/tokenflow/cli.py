@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         raise TokenFlowError(f"{message} (see '{self.prog} --help')")
 
 
-def _edit_options(p: argparse.ArgumentParser, inversion_only: bool = False) -> None:
+def _edit_options(p: argparse.ArgumentParser) -> None:
     """Options shared by edit and invert; defaults are None so a config file can fill them."""
     p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
     p.add_argument("--config", help="YAML settings: our keys or the official config_pnp/config_sdedit keys")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder")
 
     inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
-    _edit_options(inv, inversion_only=True)
+    _edit_options(inv)
     inv.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction check")
 
     ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
@@ -201,20 +201,33 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s -> {output}")
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+def _settings_and_input(args: argparse.Namespace, usage: str):
+    """Settings, run keys, and the input video, read before any model loads so bad input fails fast."""
+    from .video import read_video
+
     config, run = resolve_settings(args)
     if not run.get("input"):
-        raise TokenFlowError("no input given: tokenflow edit INPUT -p PROMPT")
+        raise TokenFlowError(f"no input given: {usage}")
+    return config, run, lambda: read_video(run["input"], config.max_frames, config.fps)
+
+
+def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace):
+    return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
+                       config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config, run, read_input = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     if not config.prompt:
         raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
-    from .video import check_output_path, read_video
+    from .video import check_output_path
 
     output = check_output_path(run.get("output") or _default_output(run["input"]))
     check_output_path(_settings_path(output), extensions=None)
     if run.get("frames_dir") and os.path.isfile(run["frames_dir"]):
         raise TokenFlowError(f"frames folder '{run['frames_dir']}' is a file")
-    video = read_video(run["input"], config.max_frames, config.fps)  # bad input fails before the model loads
+    video = read_input()  # bad input fails before the model loads
     pipe = _load_pipeline(run)
     result = pipe.edit(video, config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
                        progress=not args.quiet)
@@ -224,23 +237,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    config, run = resolve_settings(args)
-    if not run.get("input"):
-        raise TokenFlowError("no input given: tokenflow invert INPUT")
-    from .video import read_video
-
-    video = read_video(run["input"], config.max_frames, config.fps)
+    config, run, read_input = _settings_and_input(args, "tokenflow invert INPUT")
+    video = read_input()
     pipe = _load_pipeline(run)
     frames, _, _ = pipe.load_video(video, config)
-    inversion = pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
-                            config.inversion_batch_size or config.batch_size, run.get("cache_dir"),
-                            not args.no_cache, progress=not args.quiet)
+    inversion = _cached_inversion(pipe, frames, config, run, args)
     n, _, h, w = frames.shape
     line = f"inverted {n} frames at {w}x{h} ({config.inversion_steps} steps)"
     if not args.no_reconstruct:
         value = pipe.reconstruction_psnr(frames, inversion, inversion_prompt=config.inversion_prompt,
                                          inversion_steps=config.inversion_steps,
-                                         batch_size=config.inversion_batch_size or config.batch_size,
+                                         batch_size=config.inversion_batch(),
                                          progress=not args.quiet)
         line += f", reconstruction PSNR {value:.2f} dB"
     print(f"{line} in {time.perf_counter() - started:.1f}s")
@@ -290,14 +297,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from .analysis import analyze_features, nearest_neighbour_rebuild, write_figures
-    from .video import read_video, to_uint8
+    from .video import to_uint8
 
-    config, run = resolve_settings(args)
-    if not run.get("input"):
-        raise TokenFlowError("no input given: tokenflow analyze INPUT")
+    config, run, read_input = _settings_and_input(args, "tokenflow analyze INPUT")
     if os.path.isfile(args.output):
         raise TokenFlowError(f"output folder '{args.output}' is a file")
-    video = read_video(run["input"], config.max_frames, config.fps)
+    video = read_input()
     n = len(video.frames)
     target = n - 1 if args.target_frame is None else args.target_frame
     for name, value in (("source-frame", args.source_frame), ("target-frame", target)):
@@ -309,9 +314,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.layer and args.layer not in pipe.layers.self_attention:
         raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
     frames, fps, _ = pipe.load_video(video, config)
-    inversion = pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
-                            config.inversion_batch_size or config.batch_size, run.get("cache_dir"),
-                            not args.no_cache, progress=not args.quiet)
+    inversion = _cached_inversion(pipe, frames, config, run, args)
     timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
     analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
                                 config.inversion_prompt, args.layer)

@@ -100,6 +100,10 @@ class EditConfig:
         first = int(1 - self.sdedit_start * self.steps)
         return -first if first < 0 else 0
 
+    def inversion_batch(self) -> int:
+        """Frames per UNet call in inversion: ``inversion_batch_size``, else ``batch_size``."""
+        return self.inversion_batch_size or self.batch_size
+
     def replace(self, **changes: Any) -> "EditConfig":
         return dataclasses.replace(self, **changes)
 

@@ -265,11 +265,10 @@ class TokenFlowPipeline:
         with timer("read"):
             frames, fps, audio = self.load_video(video, config)
         n = len(frames)
-        inv_batch = config.inversion_batch_size or config.batch_size
         with timer("inversion"):
             if inversion is None:
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
-                                        inv_batch, cache_dir, use_cache, progress, callback)
+                                        config.inversion_batch(), cache_dir, use_cache, progress, callback)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
 
