@@ -48,6 +48,8 @@ class TokenFlowState:
     feature_injection: bool = False  # Plug-and-Play residual-feature injection in this step
     slots: Optional[torch.Tensor] = None  # (F, 2) propagation plan of the current batch
     weights: Optional[torch.Tensor] = None  # (F,)
+    keyframe_ids: Optional[list[int]] = None  # distinct slots of the batch (host side: no sync per layer)
+    blend: Optional[bool] = None  # False when every weight is 1
     cache: dict[str, LayerCache] = field(default_factory=dict)
     nn_max_elements: int = 1 << 26  # bound on similarities held at once per layer
 
@@ -79,9 +81,9 @@ class TokenFlowAttnProcessor:
             cache = state.cache[self.name]
             source = hidden_states[:n_frames]  # (F, L, D) source branch, same frames
             nn = nearest_keyframe_tokens(source, cache.source_tokens, state.slots,
-                                         state.nn_max_elements)  # (F, 2, L)
-            out = gather_blend(cache.outputs, state.slots, nn, state.weights)  # (B, F, L, D)
-            return out.reshape(batch, n_tokens, -1)
+                                         state.nn_max_elements, state.keyframe_ids)  # (F, 2, L)
+            out = gather_blend(cache.outputs, state.slots, nn, state.weights, state.blend)  # (B, F, L, D)
+            return self._finish(attn, out.reshape(batch, n_tokens, -1), residual)
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
@@ -116,11 +118,16 @@ class TokenFlowAttnProcessor:
                              attend(query[e], key[e], value[e], n_frames)])
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
-        if attn.residual_connection:
-            out = out + residual
-        out = out / attn.rescale_output_factor
         if state.mode == "keyframe":
+            # kept before the residual: a propagated frame adds its own residual, not the keyframe's
             state.cache[self.name] = LayerCache(
                 source_tokens=hidden_states[:n_frames].clone(),  # not a view of the whole batch
                 outputs=out.reshape(n_branches, n_frames, n_tokens, -1))
-        return out
+        return self._finish(attn, out, residual)
+
+    @staticmethod
+    def _finish(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The attention module's own residual connection and output rescaling (no-ops in SD)."""
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor

@@ -19,6 +19,8 @@ Two policies:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 POLICIES = ("original", "paper")
@@ -69,16 +71,18 @@ def cosine_nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor,
 
 
 def nearest_keyframe_tokens(source_tokens: torch.Tensor, keyframe_tokens: torch.Tensor,
-                            slots: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:
+                            slots: torch.Tensor, max_elements: int = 1 << 26,
+                            keyframe_ids: Optional[list[int]] = None) -> torch.Tensor:
     """Nearest-neighbour field of every frame to each of its two keyframes.
 
     source_tokens (F, L, D): the frames' source-video tokens; keyframe_tokens (K, L, D);
     slots (F, 2). Returns (F, 2, L) int64 token indices into the slotted keyframe.
-    The loop runs over the few keyframes a batch uses, never over frames.
+    The loop runs over the few keyframes a batch uses, never over frames. ``keyframe_ids``
+    (the distinct values of ``slots``) can be given to spare a device sync per call.
     """
     n_frames, n_tokens, _ = source_tokens.shape
     nn = torch.empty(n_frames, 2, n_tokens, dtype=torch.long, device=source_tokens.device)
-    for j in slots.unique().tolist():
+    for j in (keyframe_ids if keyframe_ids is not None else slots.unique().tolist()):
         uses = slots == j  # (F, 2)
         rows = uses.any(dim=1).nonzero().squeeze(1)
         field = cosine_nearest_neighbours(source_tokens[rows], keyframe_tokens[j], max_elements)
@@ -89,17 +93,19 @@ def nearest_keyframe_tokens(source_tokens: torch.Tensor, keyframe_tokens: torch.
 
 
 def gather_blend(keyframe_outputs: torch.Tensor, slots: torch.Tensor, nn: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
+                 weights: torch.Tensor, blend: Optional[bool] = None) -> torch.Tensor:
     """Blend keyframe outputs gathered at the nearest neighbours (paper Eq. 6).
 
     keyframe_outputs (B, K, L, D) for B branches; slots (F, 2); nn (F, 2, L); weights (F,).
-    Returns (B, F, L, D).
+    Returns (B, F, L, D). ``blend=False`` says every weight is 1 (known beforehand: no device sync).
     """
     n_branches, n_kf, n_tokens, dim = keyframe_outputs.shape
     flat = keyframe_outputs.reshape(n_branches, n_kf * n_tokens, dim)
     index = slots.unsqueeze(-1) * n_tokens + nn  # (F, 2, L) into K*L
     first = flat[:, index[:, 0]]  # (B, F, L, D)
-    if bool((weights == 1).all()):
+    if blend is None:
+        blend = not bool((weights == 1).all())
+    if not blend:
         return first
     second = flat[:, index[:, 1]]
     w = weights.to(flat.dtype).view(1, -1, 1, 1)

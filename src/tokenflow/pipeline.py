@@ -237,6 +237,9 @@ class TokenFlowPipeline:
             if tokenflow:
                 frames = torch.arange(b, min(b + batch_size, n))
                 slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
+                # per-batch facts computed once here, on the CPU, not in every attention layer
+                state.keyframe_ids = slots.unique().tolist()
+                state.blend = not bool((weights == 1).all())
                 state.slots, state.weights = slots.to(self.device), weights.to(self.device)
             noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text)
             # 4. classifier-free guidance, DDIM step
