@@ -117,12 +117,18 @@ def test_edit_with_model_folder_writes_video_settings_and_frames(tmp_path, capsy
     assert os.listdir(tmp_path / "cache")  # the inversion was cached
 
 
-def test_invert_reports_psnr_and_fills_the_cache(tmp_path, capsys, tiny_model_dir, folder):
+def test_invert_fills_the_cache_and_reconstructs_only_when_asked(tmp_path, capsys, tiny_model_dir, folder):
     code, stdout, err = run_cli(capsys, "invert", folder, "--model", tiny_model_dir,
                                 "--cache-dir", tmp_path / "cache", *FAST)
     assert code == 0, err
-    assert "inverted 5 frames at 48x32" in stdout and "reconstruction PSNR" in stdout
+    assert "inverted 5 frames at 48x32" in stdout and "PSNR" not in stdout
     assert len(os.listdir(tmp_path / "cache")) == 1
+    code, stdout, err = run_cli(capsys, "invert", folder, "--model", tiny_model_dir, "--reconstruct", "--offload",
+                                "--vae-slicing", "--vae-tiling",
+                                "--cache-dir", tmp_path / "cache", *FAST)
+    assert code == 0, err
+    assert "reconstruction PSNR" in stdout
+    assert len(os.listdir(tmp_path / "cache")) == 1  # the second run read the cache
 
 
 def test_official_config_keys(tmp_path, capsys, tiny_model_dir, folder):

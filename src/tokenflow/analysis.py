@@ -49,9 +49,10 @@ def capture_features(pipe, inversion: Inversion, timestep: int, prompt: str = ""
         x_t = inversion.latents[timestep]
         cond = pipe.text_embedding(prompt)
         t = torch.tensor(timestep)
-        for b in range(0, len(x_t), batch_size):
-            x = x_t[b:b + batch_size].to(device=pipe.device, dtype=pipe.dtype)
-            pipe.unet(x, t.to(pipe.device), encoder_hidden_states=cond.repeat(len(x), 1, 1))
+        with pipe._on_device(pipe.unet):
+            for b in range(0, len(x_t), batch_size):
+                x = x_t[b:b + batch_size].to(device=pipe.device, dtype=pipe.dtype)
+                pipe.unet(x, t.to(pipe.device), encoder_hidden_states=cond.repeat(len(x), 1, 1))
     finally:
         handle.remove()
     return torch.cat(captured), layer

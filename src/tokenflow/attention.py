@@ -13,6 +13,10 @@ guidance pair). Modes:
   repeated per frame). The source branch attends within its own frame. With Plug-and-Play
   Q/K injection on, the edit branches use the source branch's queries and keys. The layer
   keeps the source branch's input tokens and the output of every branch for propagation.
+  The pass runs either as one UNet call on all branches (``keyframe_branch`` None) or, for
+  many keyframes, as one call per branch, source first (``keyframe_branch`` 0, 1, 2): the
+  branches only meet through the source's Q/K and features, which the source call keeps,
+  so the UNet batch is K images instead of 3K and memory stays bounded.
 - ``extended``: like ``keyframe`` over whatever frames are in the batch, keeping nothing
   (the paper's joint-attention ablation).
 - ``propagate``: no attention is computed. The output of every frame is gathered from the
@@ -36,6 +40,8 @@ MODES = ("plain", "keyframe", "extended", "propagate")
 class LayerCache:
     source_tokens: torch.Tensor  # (K, L, D) source-branch attn1 input of the keyframes
     outputs: torch.Tensor  # (B, K, L, D) attn1 output of every branch at the keyframes
+    query: Optional[torch.Tensor] = None  # source Q/K, only while a split keyframe pass needs them
+    key: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -52,6 +58,10 @@ class TokenFlowState:
     blend: Optional[bool] = None  # False when every weight is 1
     cache: dict[str, LayerCache] = field(default_factory=dict)
     nn_max_elements: int = 1 << 26  # bound on similarities held at once per layer
+    keyframe_branch: Optional[int] = None  # split keyframe pass: the one branch in this UNet call
+    cache_device: Optional[torch.device] = None  # keep the caches here (the CPU, off the accelerator)
+    cache_rows: Optional[torch.Tensor] = None  # offloaded caches: the keyframe rows this batch uses
+    features: Optional[torch.Tensor] = None  # split keyframe pass: the source's injected features
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -79,51 +89,99 @@ class TokenFlowAttnProcessor:
 
         if state.mode == "propagate":
             cache = state.cache[self.name]
+            keyframe_tokens, keyframe_outputs = cache.source_tokens, cache.outputs
+            if state.cache_rows is not None:  # offloaded: bring only this batch's keyframes over
+                rows, device = state.cache_rows, hidden_states.device
+                keyframe_tokens = keyframe_tokens[rows].to(device, non_blocking=True)
+                keyframe_outputs = keyframe_outputs[:, rows].to(device, non_blocking=True)
             source = hidden_states[:n_frames]  # (F, L, D) source branch, same frames
-            nn = nearest_keyframe_tokens(source, cache.source_tokens, state.slots,
+            nn = nearest_keyframe_tokens(source, keyframe_tokens, state.slots,
                                          state.nn_max_elements, state.keyframe_ids)  # (F, 2, L)
-            out = gather_blend(cache.outputs, state.slots, nn, state.weights, state.blend)  # (B, F, L, D)
+            out = gather_blend(keyframe_outputs, state.slots, nn, state.weights, state.blend)  # (B, F, L, D)
             return self._finish(attn, out.reshape(batch, n_tokens, -1), residual)
+
+        split_branch = state.keyframe_branch if state.mode == "keyframe" else None
+        if split_branch is not None:
+            return self._keyframe_branch(attn, hidden_states, split_branch)
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
         if state.qk_injection and self.inject_qk:
             # Plug-and-Play: the edit branches take the source branch's queries and keys
             query = query[:n_frames].repeat(n_branches, 1, 1)
             key = key[:n_frames].repeat(n_branches, 1, 1)
 
-        def split(x: torch.Tensor, frames_per_seq: int) -> torch.Tensor:
-            # (S*frames_per_seq, L, H*d) -> (S, H, frames_per_seq*L, d)
-            return x.reshape(-1, frames_per_seq * n_tokens, heads, head_dim).transpose(1, 2)
-
-        def attend(q, k, v, frames_per_seq):
-            qh, kh, vh = split(q, frames_per_seq), split(k, frames_per_seq), split(v, frames_per_seq)
-            if attn.norm_q is not None:
-                qh = attn.norm_q(qh)
-            if attn.norm_k is not None:
-                kh = attn.norm_k(kh)
-            out = F.scaled_dot_product_attention(qh, kh, vh, scale=attn.scale)
-            return out.transpose(1, 2).reshape(-1, n_tokens, heads * head_dim)
-
         if state.mode == "plain":
-            out = attend(query, key, value, 1)
+            out = self._attend(attn, query, key, value, n_tokens, 1)
         else:
             s = slice(0, n_frames)
             e = slice(n_frames, batch)
             # source branch: per frame; edit branches: all frames of a branch in one sequence
-            out = torch.cat([attend(query[s], key[s], value[s], 1),
-                             attend(query[e], key[e], value[e], n_frames)])
+            out = torch.cat([self._attend(attn, query[s], key[s], value[s], n_tokens, 1),
+                             self._attend(attn, query[e], key[e], value[e], n_tokens, n_frames)])
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if state.mode == "keyframe":
             # kept before the residual: a propagated frame adds its own residual, not the keyframe's
             state.cache[self.name] = LayerCache(
-                source_tokens=hidden_states[:n_frames].clone(),  # not a view of the whole batch
-                outputs=out.reshape(n_branches, n_frames, n_tokens, -1))
+                source_tokens=self._keep(hidden_states[:n_frames]),
+                outputs=self._keep(out.reshape(n_branches, n_frames, n_tokens, -1)))
         return self._finish(attn, out, residual)
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy for the cache (never a view of the UNet batch), on the cache device."""
+        device = self.state.cache_device
+        if device is None or torch.device(device) == x.device:
+            return x.clone()
+        return x.to(device)
+
+    def _keyframe_branch(self, attn, hidden_states: torch.Tensor, branch: int) -> torch.Tensor:
+        """Split keyframe pass: this call holds one branch's K keyframes (the source first)."""
+        state = self.state
+        n_frames, n_tokens, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inject = state.qk_injection and self.inject_qk
+        if branch == 0:
+            cache = LayerCache(source_tokens=self._keep(hidden_states), outputs=None)
+            if inject:  # the edit branches' calls take these
+                cache.query, cache.key = query, key
+            state.cache[self.name] = cache
+            out = self._attend(attn, query, key, value, n_tokens, 1)
+        else:
+            cache = state.cache[self.name]
+            if inject:
+                query, key = cache.query, cache.key
+            out = self._attend(attn, query, key, value, n_tokens, n_frames)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if cache.outputs is None:
+            device = state.cache_device or out.device
+            cache.outputs = out.new_empty((state.n_branches, n_frames, n_tokens, out.shape[-1]), device=device)
+        cache.outputs[branch].copy_(out.reshape(n_frames, n_tokens, -1))
+        if branch == state.n_branches - 1:
+            cache.query = cache.key = None
+        return self._finish(attn, out, hidden_states)
+
+    @staticmethod
+    def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_tokens: int,
+                frames_per_seq: int) -> torch.Tensor:
+        """SDPA over sequences of ``frames_per_seq`` frames: (S*f, L, H*d) -> (S*f, L, H*d)."""
+        heads = attn.heads
+        head_dim = k.shape[-1] // heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            # (S*frames_per_seq, L, H*d) -> (S, H, frames_per_seq*L, d)
+            return x.reshape(-1, frames_per_seq * n_tokens, heads, head_dim).transpose(1, 2)
+
+        qh, kh, vh = split(q), split(k), split(v)
+        if attn.norm_q is not None:
+            qh = attn.norm_q(qh)
+        if attn.norm_k is not None:
+            kh = attn.norm_k(kh)
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=attn.scale)
+        return out.transpose(1, 2).reshape(-1, n_tokens, heads * head_dim)
 
     @staticmethod
     def _finish(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,12 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default: float16 on cuda)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the models on the CPU and bring each to the GPU only for its stage")
+    p.add_argument("--vae-slicing", action="store_true", help="encode/decode one frame at a time")
+    p.add_argument("--vae-tiling", action="store_true", help="encode/decode large frames in tiles")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet's convolution and MLP blocks (pays off on long runs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and the summary")
 
 
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
     _edit_options(inv)
-    inv.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction check")
+    inv.add_argument("--reconstruct", action="store_true",
+                     help="also run a DDIM reconstruction and report its PSNR (as many UNet calls again)")
 
     ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
     ev.add_argument("--source", required=True, help="the source video or frame folder")
@@ -126,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUN_KEYS = ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "offload", "vae_slicing",
+            "vae_tiling", "compile")
 _ARG_TO_FIELD = {"prompt", "inversion_prompt", "negative_prompt", "editor", "steps", "inversion_steps",
                  "guidance_scale", "pnp_attn_t", "pnp_f_t", "sdedit_start", "batch_size", "propagation",
                  "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps"}
@@ -143,7 +152,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         value = getattr(args, name, None)
         if value is not None:
             edit[name] = value
-    for name in ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir"):
+    for name in RUN_KEYS:
         value = getattr(args, name, None)
         if value is not None:
             run[name] = value
@@ -182,8 +191,22 @@ def _settings_path(output: str) -> str:
 def _load_pipeline(run: dict[str, Any]):
     from .pipeline import TokenFlowPipeline
 
-    return TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
+    pipe = TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
                                              dtype=run.get("dtype") or "auto")
+    return apply_runtime_options(pipe, run)
+
+
+def apply_runtime_options(pipe, run: dict[str, Any]):
+    """--offload, --vae-slicing, --vae-tiling, --compile (flags absent or False leave the pipeline as is)."""
+    if run.get("offload"):
+        pipe.enable_offload()
+    if run.get("vae_slicing"):
+        pipe.enable_vae_slicing()
+    if run.get("vae_tiling"):
+        pipe.enable_vae_tiling()
+    if run.get("compile"):
+        pipe.compile()
+    return pipe
 
 
 def _finish(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited") -> None:
@@ -244,7 +267,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     inversion = _cached_inversion(pipe, frames, config, run, args)
     n, _, h, w = frames.shape
     line = f"inverted {n} frames at {w}x{h} ({config.inversion_steps} steps)"
-    if not args.no_reconstruct:
+    if args.reconstruct:
         value = pipe.reconstruction_psnr(frames, inversion, inversion_prompt=config.inversion_prompt,
                                          inversion_steps=config.inversion_steps,
                                          batch_size=config.inversion_batch(),

@@ -61,6 +61,12 @@ def _feature_hook(state: TokenFlowState):
     def hook(module, args, output: torch.Tensor) -> torch.Tensor:
         if not state.feature_injection:
             return output
+        if state.mode == "keyframe" and state.keyframe_branch is not None:
+            # split keyframe pass: the source call keeps its features, the edit calls take them
+            if state.keyframe_branch == 0:
+                state.features = output
+                return output
+            return state.features
         # (B*F, C, h, w): every branch takes the source branch's features, before the skip
         n = output.shape[0] // state.n_branches
         return output[:n].repeat(state.n_branches, 1, 1, 1)
@@ -86,3 +92,4 @@ def tokenflow_hooks(unet: torch.nn.Module, state: TokenFlowState,
         handle.remove()
         unet.set_attn_processor(original)
         state.cache.clear()
+        state.features = None

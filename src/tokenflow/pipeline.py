@@ -77,6 +77,63 @@ class TokenFlowPipeline:
         self.scheduler = DDIMScheduler.from_config(self.scheduler_config)
         self.model_id = model_id or module_identity(unet, vae, text_encoder)
         self.layers = resolve_layers(unet)
+        self._device = unet.device  # where the compute runs (the modules may wait on the CPU)
+        self.offload = False  # models on the CPU between stages (enable_offload)
+        self.offload_cache: Optional[bool] = None  # keyframe caches on the CPU; None: when not on the CPU
+        self.split_keyframe_pass: Optional[bool] = None  # None: split when keyframes > batch size
+        self.vae_batch_size = 10  # frames per VAE call (the official 10); 1 is "VAE slicing"
+
+    # ------------------------------------------------------------------ memory options
+    def enable_offload(self) -> "TokenFlowPipeline":
+        """Keep the models on the CPU and bring each to the device only for its stage."""
+        self.offload = True
+        for m in self._modules():
+            m.to("cpu")
+        return self
+
+    def enable_vae_slicing(self) -> "TokenFlowPipeline":
+        """Encode and decode one frame at a time."""
+        self.vae_batch_size = 1
+        return self
+
+    def enable_vae_tiling(self) -> "TokenFlowPipeline":
+        """Encode and decode large frames in overlapping tiles (diffusers' VAE tiling)."""
+        self.vae.enable_tiling()
+        return self
+
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None) -> "TokenFlowPipeline":
+        """``torch.compile`` the UNet's resnets and feed-forward blocks, in place.
+
+        Regional compilation: the attention processors (TokenFlow's data-dependent part) stay
+        eager, the convolutional and MLP blocks that carry most of the FLOPs are compiled once
+        per shape. Hooks and processors keep working, and results are unchanged.
+        """
+        from diffusers.models.attention import FeedForward
+        from diffusers.models.resnet import ResnetBlock2D
+
+        for module in self.unet.modules():
+            if isinstance(module, (ResnetBlock2D, FeedForward)):
+                module.compile(backend=backend, mode=mode, dynamic=False)
+        return self
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module):
+        """With offload on: these modules on the compute device for the block, back to the CPU after."""
+        if not self.offload or self._device.type == "cpu":
+            yield
+            return
+        for m in modules:
+            m.to(self._device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -100,7 +157,7 @@ class TokenFlowPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -139,7 +196,8 @@ class TokenFlowPipeline:
         return fit_frames(video.frames, h, w), video.fps, video.audio_source
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
-        return encode_prompt(self.tokenizer, self.text_encoder, prompt, self.device).to(self.dtype)
+        with self._on_device(self.text_encoder):
+            return encode_prompt(self.tokenizer, self.text_encoder, prompt, self.device).to(self.dtype)
 
     # ------------------------------------------------------------------ inversion
     def editing_timesteps(self, steps: int) -> torch.Tensor:
@@ -173,7 +231,8 @@ class TokenFlowPipeline:
             if cached is not None:
                 logger.info("inversion cache hit: %s", cache.entry(key))
                 return cached
-        x0 = encode_frames(self.vae, frames)
+        with self._on_device(self.vae):
+            x0 = encode_frames(self.vae, frames, self.vae_batch_size).cpu()
         cond = self.text_embedding(inversion_prompt)
         with tqdm(total=inversion_steps * -(-len(frames) // batch_size), desc="Inverting",
                   disable=not progress, leave=False) as bar:
@@ -182,8 +241,9 @@ class TokenFlowPipeline:
                 if callback:
                     callback("inversion", done, total)
 
-            inversion = ddim_invert(self.unet, self.new_scheduler(), x0, cond, inversion_steps, keep.tolist(),
-                                    batch_size, report)
+            with self._on_device(self.unet):
+                inversion = ddim_invert(self.unet, self.new_scheduler(), x0, cond, inversion_steps, keep.tolist(),
+                                        batch_size, report)
         if cache is not None:
             try:
                 cache.save(key, fields, inversion)
@@ -197,21 +257,47 @@ class TokenFlowPipeline:
         cond = self.text_embedding(inversion_prompt)
         with tqdm(total=inversion_steps * -(-inversion.n_frames // batch_size), desc="Reconstructing",
                   disable=not progress, leave=False) as bar:
-            latents = ddim_reconstruct(self.unet, self.new_scheduler(), inversion, cond, inversion_steps,
-                                       batch_size, lambda d, t: bar.update(d - bar.n))
-        return decode_latents(self.vae, latents)
+            with self._on_device(self.unet):
+                latents = ddim_reconstruct(self.unet, self.new_scheduler(), inversion, cond, inversion_steps,
+                                           batch_size, lambda d, t: bar.update(d - bar.n))
+        with self._on_device(self.vae):
+            return decode_latents(self.vae, latents, self.vae_batch_size)
 
     def reconstruction_psnr(self, frames: torch.Tensor, inversion: Inversion, **kwargs) -> float:
         return psnr(self.reconstruct(inversion, **kwargs), frames)
 
     # ------------------------------------------------------------------ editing
-    def _unet(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor,
-              text: torch.Tensor) -> torch.Tensor:
-        """UNet on [source, x, x] for F frames with text [source, uncond, cond] each repeated F times."""
+    def _unet(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+              branches: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
+        """UNet on F frames of the given branches (0: ``source`` latents, 1 uncond / 2 cond: ``x``),
+        branch-major, each with its row of ``text`` (3, 77, D)."""
         n = len(x)
-        latent_input = torch.cat([source, x, x]).to(device=self.device, dtype=self.dtype)
-        embeds = text.repeat_interleave(n, dim=0)  # (3F, 77, D)
+        latent_input = torch.cat([source if b == 0 else x for b in branches])
+        latent_input = latent_input.to(device=self.device, dtype=self.dtype)
+        embeds = text[list(branches)].to(self.device).repeat_interleave(n, dim=0)  # (len(branches)*F, 77, D)
         return self.unet(latent_input, t.to(self.device), encoder_hidden_states=embeds).sample.float()
+
+    def _keyframe_pass(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                       state: TokenFlowState, batch_size: int) -> None:
+        """Extended attention on the keyframes; only the layers' caches are kept.
+
+        One UNet call on all three branches while that is no bigger than a propagation batch
+        (3 x batch_size images); beyond that (more than ``batch_size`` keyframes, i.e. long
+        videos) one call per branch, so peak memory does not grow with the video's length.
+        """
+        state.set_mode("keyframe")
+        split = self.split_keyframe_pass
+        if split is None:
+            split = len(x) > batch_size
+        try:
+            if not split:
+                self._unet(x, source, t, text)
+                return
+            for branch in range(3):
+                state.keyframe_branch = branch
+                self._unet(x, source, t, text, branches=(branch,))
+        finally:
+            state.keyframe_branch, state.features = None, None
 
     @torch.no_grad()
     def denoise_step(self, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
@@ -225,10 +311,11 @@ class TokenFlowPipeline:
         n, batch_size = len(x), config.batch_size
         state.qk_injection, state.feature_injection = qk_injection, feature_injection
         tokenflow = config.propagation in PROPAGATION_POLICIES
+        offload = self.offload_cache if self.offload_cache is not None else self.device.type != "cpu"
+        state.cache_device = torch.device("cpu") if offload else None
         if tokenflow:
             # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
-            state.set_mode("keyframe")
-            self._unet(x[keyframes], source[keyframes], t, text)
+            self._keyframe_pass(x[keyframes], source[keyframes], t, text, state, batch_size)
         # 3. all frames, batch by batch: propagation (TokenFlow), or the baselines'
         # per-frame attention (none) or joint attention within the batch (extended)
         state.set_mode({"none": "plain", "extended": "extended"}.get(config.propagation, "propagate"))
@@ -238,7 +325,11 @@ class TokenFlowPipeline:
                 frames = torch.arange(b, min(b + batch_size, n))
                 slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
                 # per-batch facts computed once here, on the CPU, not in every attention layer
-                state.keyframe_ids = slots.unique().tolist()
+                rows = slots.unique()
+                if offload:  # the layers bring over only these keyframes' caches, slots renumbered
+                    state.cache_rows, slots = rows, torch.searchsorted(rows, slots)
+                    rows = torch.arange(len(rows))
+                state.keyframe_ids = rows.tolist()
                 state.blend = not bool((weights == 1).all())
                 state.slots, state.weights = slots.to(self.device), weights.to(self.device)
             noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text)
@@ -248,6 +339,7 @@ class TokenFlowPipeline:
             x_b = x[b:b + batch_size].to(device=self.device, dtype=torch.float32)
             out[b:b + batch_size] = scheduler.step(guided, t.to(self.device), x_b).prev_sample.cpu()
         state.cache.clear()
+        state.cache_rows = None
         return out
 
     @torch.no_grad()
@@ -291,7 +383,7 @@ class TokenFlowPipeline:
         latents = [x.clone()] if return_latents else None
         keyframe_log: list[list[int]] = []
         state = TokenFlowState(n_branches=3)
-        with timer("editing"), tokenflow_hooks(self.unet, state, self.layers):
+        with timer("editing"), self._on_device(self.unet), tokenflow_hooks(self.unet, state, self.layers):
             for i, t in enumerate(tqdm(timesteps, desc="Editing", disable=not progress, leave=False)):
                 # 1. keyframes (the baselines have none)
                 keyframes = sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
@@ -305,7 +397,8 @@ class TokenFlowPipeline:
                 if callback:
                     callback("editing", i + 1, len(timesteps))
         with timer("decode"):
-            edited = decode_latents(self.vae, x)
+            with self._on_device(self.vae):
+                edited = decode_latents(self.vae, x, self.vae_batch_size)
         return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
                           latents, timer.seconds, audio)
 
