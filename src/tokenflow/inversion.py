@@ -18,6 +18,17 @@ from typing import Callable, Iterable, Optional
 import torch
 
 ProgressFn = Callable[[int, int], None]
+# predict(x (B, C, h, w) on the device, t, frame indices (B,)) -> eps float32
+PredictFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unet_predictor(unet, text_embedding: torch.Tensor) -> PredictFn:
+    """The plain predictor: the UNet with one prompt embedding for every frame."""
+    def predict(x: torch.Tensor, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        cond = text_embedding.to(device=x.device, dtype=unet.dtype).repeat(len(x), 1, 1)
+        return unet(x.to(unet.dtype), t.to(x.device), encoder_hidden_states=cond).sample.float()
+
+    return predict
 
 
 @dataclass
@@ -44,14 +55,17 @@ def inversion_timesteps(scheduler, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: torch.Tensor, steps: int,
-                keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None) -> Inversion:
+def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torch.Tensor], steps: int,
+                keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None,
+                predict: Optional[PredictFn] = None) -> Inversion:
     """Invert clean latents x0 (N, C, h, w); returns the states at ``keep`` and the final one.
 
     The UNet runs on batches of ``batch_size`` frames; batches are independent, so each one
     walks the whole schedule before the next starts (only one batch lives on the device).
+    ``predict`` replaces the plain UNet call (depth channels, ControlNet, SDXL conditioning).
     """
-    device, dtype = unet.device, unet.dtype
+    device = unet.device
+    predict = predict or unet_predictor(unet, text_embedding)
     timesteps = inversion_timesteps(scheduler, steps)
     alphas = scheduler.alphas_cumprod
     keep = {int(t) for t in keep}
@@ -61,11 +75,11 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: torch.Tensor,
     total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
     for b in range(0, n, batch_size):
         x = x0[b:b + batch_size].to(device=device, dtype=torch.float32)
-        cond = text_embedding.to(device=device, dtype=dtype).repeat(len(x), 1, 1)
+        frames = torch.arange(b, b + len(x))
         for i, t in enumerate(timesteps):
             a_t = alphas[t]
             a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
-            eps = unet(x.to(dtype), t.to(device), encoder_hidden_states=cond).sample.float()
+            eps = predict(x, t, frames)
             x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
             x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
             if int(t) in out:
@@ -77,10 +91,12 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: torch.Tensor,
 
 
 @torch.no_grad()
-def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: torch.Tensor, steps: int,
-                     batch_size: int = 8, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: Optional[torch.Tensor], steps: int,
+                     batch_size: int = 8, progress: Optional[ProgressFn] = None,
+                     predict: Optional[PredictFn] = None) -> torch.Tensor:
     """Run DDIM sampling from the final inverted state back to clean latents (N, C, h, w)."""
-    device, dtype = unet.device, unet.dtype
+    device = unet.device
+    predict = predict or unet_predictor(unet, text_embedding)
     timesteps = inversion_timesteps(scheduler, steps).flip(0)  # descending
     alphas = scheduler.alphas_cumprod
     n = inversion.n_frames
@@ -88,11 +104,11 @@ def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: torc
     total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
     for b in range(0, n, batch_size):
         x = inversion.final[b:b + batch_size].to(device)
-        cond = text_embedding.to(device=device, dtype=dtype).repeat(len(x), 1, 1)
+        frames = torch.arange(b, b + len(x))
         for i, t in enumerate(timesteps):
             a_t = alphas[t]
             a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else scheduler.final_alpha_cumprod
-            eps = unet(x.to(dtype), t.to(device), encoder_hidden_states=cond).sample.float()
+            eps = predict(x, t, frames)
             x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
             x = a_prev ** 0.5 * x0_pred + (1 - a_prev) ** 0.5 * eps
             done += 1

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -66,6 +66,14 @@ class Components:
     tokenizer: Any
     scheduler: Any
     model_id: str  # identity used in cache keys
+    text_encoder_2: Any = None  # SDXL's second text encoder (with projection) and its tokenizer
+    tokenizer_2: Any = None
+    depth_estimator: Any = None  # SD 2 depth: the model's own depth estimator and its processor
+    feature_extractor: Any = None
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("model_id",) and v is not None}
 
 
 def canonical_model_id(model: str) -> str:
@@ -94,6 +102,14 @@ def folder_identity(path: str) -> str:
     return f"folder:{h.hexdigest()[:16]}"
 
 
+def path_identity(path: str) -> str:
+    """Identity of a local file or folder (name, size, modification time; configs by content)."""
+    if os.path.isdir(path):
+        return folder_identity(path)
+    st = os.stat(path)
+    return f"file:{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}"
+
+
 def module_identity(*modules: torch.nn.Module) -> str:
     """Identity of in-memory modules from their classes and weights (for small models)."""
     h = hashlib.sha256()
@@ -105,29 +121,158 @@ def module_identity(*modules: torch.nn.Module) -> str:
     return f"weights:{h.hexdigest()[:16]}"
 
 
-def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and scheduler from a hub id or a local folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+DEPTH_CLASSES = ("StableDiffusionDepth2ImgPipeline",)
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _pipeline_class(class_name: str):
+    import diffusers
+
+    if class_name in SDXL_CLASSES:
+        return diffusers.StableDiffusionXLPipeline
+    if class_name in DEPTH_CLASSES:
+        return diffusers.StableDiffusionDepth2ImgPipeline
+    return diffusers.StableDiffusionPipeline
+
+
+def _no_safety_checker(cls) -> dict[str, Any]:
+    import diffusers
+
+    if cls is diffusers.StableDiffusionPipeline:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {}
+
+
+def _load_single_file(path: str, dtype: torch.dtype, model_config: Optional[str], allow_pickle: bool):
+    """An A1111/civitai-style checkpoint through diffusers' single-file loading."""
+    import diffusers
+
+    lower = path.lower()
+    if lower.endswith(PICKLE_SUFFIXES):
+        if not allow_pickle:
+            raise TokenFlowError(f"'{path}' is a pickle checkpoint, which can run code when loaded; use its "
+                                 f".safetensors version, or pass --allow-pickle if you trust the file")
+    elif not lower.endswith(SAFE_SUFFIXES):
+        raise TokenFlowError(f"model file '{path}' is not a checkpoint; allowed: .safetensors "
+                             f"(or {', '.join(PICKLE_SUFFIXES)} with --allow-pickle)")
+    sdxl = False
+    if lower.endswith(SAFE_SUFFIXES):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+        except Exception as e:
+            raise TokenFlowError(f"cannot read '{path}' as safetensors: {_short(e)}") from None
+    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    kwargs: dict[str, Any] = dict(torch_dtype=dtype, **_no_safety_checker(cls))
+    if model_config:
+        if os.path.isdir(model_config):
+            kwargs["local_files_only"] = True
+        kwargs["config"] = model_config
+    return cls.from_single_file(path, **kwargs)
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'PATH_OR_ID[:SCALE]' -> (path, scale); a tail that is not a number belongs to the path."""
+    path, scale = spec, 1.0
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not path:
+        raise TokenFlowError(f"bad --lora '{spec}': expected PATH_OR_ID[:SCALE]")
+    return path, scale
+
+
+def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
+    """Load LoRAs through diffusers (peft), fuse them at their scales, drop the adapters.
+
+    The fused model is plain again (no adapter layers in the hot path); returns identities
+    of the LoRAs for cache keys.
+    """
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise TokenFlowError("LoRAs need peft: pip install peft") from None
+    names, scales, ids = [], [], []
+    for i, spec in enumerate(specs):
+        path, scale = parse_lora(spec)
+        name = f"tokenflow_lora_{i}"
+        try:
+            if os.path.isfile(path):
+                pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
+                                       adapter_name=name)
+            else:
+                if os.path.sep in path.strip("/").split("/", 1)[-1] or path.startswith((".", "/")):
+                    if not os.path.exists(path):
+                        raise TokenFlowError(f"LoRA '{path}' does not exist")
+                pipe.load_lora_weights(path, adapter_name=name)
+        except TokenFlowError:
+            raise
+        except Exception as e:
+            raise TokenFlowError(f"cannot load LoRA '{path}': {_short(e)}") from None
+        names.append(name)
+        scales.append(scale)
+        ids.append(f"{path_identity(path) if os.path.exists(path) else 'hub:' + path}@{scale:g}")
+    pipe.set_adapters(names, adapter_weights=scales)
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+    return ids
+
+
+def load_components(model: str, device: torch.device, dtype: torch.dtype, *, model_config: Optional[str] = None,
+                    allow_pickle: bool = False, loras: Sequence[str] = ()) -> Components:
+    """Load a Stable Diffusion model: SD 1.x/2.x, SD 2 depth or SDXL.
+
+    ``model`` is a hub id, a local diffusers folder, or a single checkpoint file (``.safetensors``;
+    pickles only with ``allow_pickle``) whose configs come from ``model_config`` (a folder or hub
+    id; default: the family's, inferred by diffusers). ``loras`` are fused in at their scales.
+    """
+    import diffusers
 
     model = canonical_model_id(str(model))
-    is_local = os.path.isdir(model)
-    if not is_local and (os.path.sep in model.strip("/").split("/", 1)[-1] or model.startswith((".", "/"))):
-        raise TokenFlowError(f"model folder '{model}' does not exist")
-    kwargs = {"local_files_only": True} if is_local else {}
+    is_file = os.path.isfile(model)
+    is_local = is_file or os.path.isdir(model)
+    if not is_local and (os.path.sep in model.strip("/").split("/", 1)[-1] or model.startswith((".", "/"))
+                         or model.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)):
+        raise TokenFlowError(f"model '{model}' does not exist")
     try:
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
-        scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
+        if is_file:
+            pipe = _load_single_file(model, dtype, model_config, allow_pickle)
+        else:
+            kwargs = {"local_files_only": True} if is_local else {}
+            class_name = diffusers.DiffusionPipeline.load_config(model, **kwargs).get("_class_name", "")
+            cls = _pipeline_class(class_name)
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, **_no_safety_checker(cls), **kwargs)
+    except TokenFlowError:
+        raise
     except Exception as e:  # diffusers/transformers/hub raise many types for a bad model
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenFlowError(f"cannot load model '{model}': {reason[:300]}") from None
-    for m in (unet, vae, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    identity = folder_identity(model) if is_local else f"hub:{model}"
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, identity)
+        raise TokenFlowError(f"cannot load model '{model}': {_short(e)}") from None
+    identity = path_identity(model) if is_local else f"hub:{model}"
+    if model_config:
+        identity += f"+config:{path_identity(model_config) if os.path.isdir(model_config) else model_config}"
+    if loras:
+        identity += "+lora:" + ",".join(apply_loras(pipe, loras))
+    parts = pipe.components
+    c = Components(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+                   identity, parts.get("text_encoder_2"), parts.get("tokenizer_2"), parts.get("depth_estimator"),
+                   parts.get("feature_extractor") if "depth_estimator" in parts else None)
+    for name, m in c.modules.items():
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval().requires_grad_(False)
+    if dtype == torch.float16 and getattr(c.vae.config, "force_upcast", False):
+        c.vae.to(torch.float32)  # SDXL's VAE overflows in float16
+    return c
 
 
 @torch.no_grad()
@@ -136,6 +281,20 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) ->
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(device))[0]
+
+
+@torch.no_grad()
+def encode_prompt_sdxl(tokenizers, text_encoders, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: both encoders' penultimate hidden states side by side (1, 77, D1+D2), and the
+    second encoder's pooled projection (1, P)."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out = encoder(ids.to(device), output_hidden_states=True)
+        pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
 
 
 @torch.no_grad()

@@ -29,15 +29,17 @@ from tqdm.auto import tqdm
 
 from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
+from .conditioning import (DEFAULT_CONTROLNETS, Conditioning, PromptEmbeds, control_images, estimate_depth,
+                           load_depth_model, model_family, normalise_per_frame)
 from .config import DEFAULT_MODEL, EditConfig
 from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
 from .editors import EDITORS, BaseEditor
 from .errors import TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
-from .inversion import Inversion, ddim_invert, ddim_reconstruct, inversion_timesteps, psnr
+from .inversion import Inversion, PredictFn, ddim_invert, ddim_reconstruct, inversion_timesteps, psnr
 from .keyframes import make_sampler
-from .models import (Components, decode_latents, encode_frames, encode_prompt, load_components,
-                     module_identity, resolve_device, resolve_dtype)
+from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl,
+                     load_components, module_identity, path_identity, resolve_device, resolve_dtype)
 from .video import Video, fit_frames, read_video, working_size
 
 logger = logging.getLogger(__name__)
@@ -68,14 +70,24 @@ class EditResult:
 class TokenFlowPipeline:
     """TokenFlow on a Stable Diffusion model (diffusers components)."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, model_id: Optional[str] = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, model_id: Optional[str] = None, *,
+                 text_encoder_2=None, tokenizer_2=None, depth_estimator=None, feature_extractor=None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2  # SDXL
+        self.depth_estimator, self.feature_extractor = depth_estimator, feature_extractor  # SD 2 depth
+        self.is_sdxl = text_encoder_2 is not None
+        self.is_depth = unet.config.in_channels == vae.config.latent_channels + 1
+        self.controlnets: dict[str, Any] = {}  # id -> ControlNetModel, loaded when an edit asks
+        # the model's native resolution: the default working area (at least 512 x 512)
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.native_side = max(512, int(unet.config.sample_size) * vae_scale)
         from diffusers import DDIMScheduler
 
         # DDIM for inversion and editing, whatever scheduler the model ships with
         self.scheduler_config = dict(scheduler.config)
         self.scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        self.model_id = model_id or module_identity(unet, vae, text_encoder)
+        self.model_id = model_id or module_identity(*(m for m in (unet, vae, text_encoder, text_encoder_2)
+                                                      if m is not None))
         self.layers = resolve_layers(unet)
         self._device = unet.device  # where the compute runs (the modules may wait on the CPU)
         self.offload = False  # models on the CPU between stages (enable_offload)
@@ -117,7 +129,8 @@ class TokenFlowPipeline:
         return self
 
     def _modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.depth_estimator,
+                            *self.controlnets.values()) if m is not None]
 
     @contextlib.contextmanager
     def _on_device(self, *modules: torch.nn.Module):
@@ -137,12 +150,17 @@ class TokenFlowPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto",
-                        dtype: str | torch.dtype = "auto") -> "TokenFlowPipeline":
-        """Load from a hub id or a local diffusers folder."""
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto", *,
+                        model_config: Optional[str] = None, allow_pickle: bool = False,
+                        loras: tuple[str, ...] | list[str] = ()) -> "TokenFlowPipeline":
+        """Load SD 1.x/2.x, SD 2 depth or SDXL from a hub id, a local diffusers folder or a single
+        checkpoint file (configs from ``model_config``), with LoRAs (``PATH_OR_ID[:SCALE]``) fused in."""
         dev = resolve_device(device)
-        c: Components = load_components(model, dev, resolve_dtype(dtype, dev))
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id)
+        c: Components = load_components(model, dev, resolve_dtype(dtype, dev), model_config=model_config,
+                                        allow_pickle=allow_pickle, loras=loras)
+        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id,
+                   text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                   depth_estimator=c.depth_estimator, feature_extractor=c.feature_extractor)
 
     @classmethod
     def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False) -> "TokenFlowPipeline":
@@ -177,7 +195,7 @@ class TokenFlowPipeline:
                 raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
             frames = frames[:config.max_frames] if config.max_frames else frames
             if config.height or config.width:
-                h, w = working_size(tuple(frames.shape[2:]), config.height, config.width)
+                h, w = working_size(tuple(frames.shape[2:]), config.height, config.width, self.native_side ** 2)
                 if (h, w) != tuple(frames.shape[2:]):
                     frames = torch.nn.functional.interpolate(frames, (h, w), mode="bicubic",
                                                              antialias=True).clamp(0, 1)
@@ -192,12 +210,117 @@ class TokenFlowPipeline:
             video = read_video(video, config.max_frames, config.fps)
         elif config.max_frames:
             video = Video(video.frames[:config.max_frames], video.fps, video.audio_source, video.source)
-        h, w = working_size(video.size, config.height, config.width)
+        h, w = working_size(video.size, config.height, config.width, self.native_side ** 2)
         return fit_frames(video.frames, h, w), video.fps, video.audio_source
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
+        """(1, 77, D) prompt embedding (SDXL: both encoders')."""
+        return self.prompt_embeds(prompt).embeds
+
+    def prompt_embeds(self, prompt: str) -> PromptEmbeds:
+        """The prompt's embedding, with SDXL's pooled embedding."""
+        if self.is_sdxl:
+            with self._on_device(self.text_encoder, self.text_encoder_2):
+                embeds, pooled = encode_prompt_sdxl((self.tokenizer, self.tokenizer_2),
+                                                    (self.text_encoder, self.text_encoder_2), prompt, self.device)
+            return PromptEmbeds(embeds.to(self.dtype), pooled.to(self.dtype))
         with self._on_device(self.text_encoder):
-            return encode_prompt(self.tokenizer, self.text_encoder, prompt, self.device).to(self.dtype)
+            return PromptEmbeds(encode_prompt(self.tokenizer, self.text_encoder, prompt, self.device).to(self.dtype))
+
+    # ------------------------------------------------------------------ conditioning
+    def controlnet_for(self, config: EditConfig):
+        """The ControlNet an edit asks for (``--controlnet``, or the family's default for the control type)."""
+        name = config.controlnet
+        if not name:
+            family = model_family(self.unet)
+            control = config.control if config.control in ("canny", "depth") else None
+            if family is None or control is None:
+                raise TokenFlowError("no default ControlNet for this model or control; give one with --controlnet")
+            name = DEFAULT_CONTROLNETS[family][control]
+        if name not in self.controlnets:
+            from diffusers import ControlNetModel
+
+            local = os.path.exists(name)
+            try:
+                if os.path.isfile(name):
+                    if not name.lower().endswith(".safetensors"):
+                        raise TokenFlowError(f"ControlNet file '{name}' must be .safetensors")
+                    net = ControlNetModel.from_single_file(name, torch_dtype=self.dtype)
+                else:
+                    net = ControlNetModel.from_pretrained(name, torch_dtype=self.dtype,
+                                                          **({"local_files_only": True} if local else {}))
+            except TokenFlowError:
+                raise
+            except Exception as e:
+                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TokenFlowError(f"cannot load ControlNet '{name}': {text[:300]}") from None
+            if net.config.cross_attention_dim != self.unet.config.cross_attention_dim:
+                raise TokenFlowError(f"ControlNet '{name}' is for another model family "
+                                     f"(text width {net.config.cross_attention_dim}, the model's "
+                                     f"{self.unet.config.cross_attention_dim})")
+            net.to("cpu" if self.offload else self.device).eval().requires_grad_(False)
+            self.controlnets[name] = net
+        return name, self.controlnets[name]
+
+    @torch.no_grad()
+    def prepare_conditioning(self, frames: torch.Tensor, config: EditConfig) -> Conditioning:
+        """Per-frame conditions of fitted frames (N, 3, H, W): depth maps, control images, SDXL ids."""
+        cond = Conditioning()
+        h, w = frames.shape[-2:]
+        if self.is_sdxl:
+            cond.time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
+        if self.is_depth:
+            if self.depth_estimator is None:
+                self.depth_estimator, self.feature_extractor = load_depth_model(
+                    config.depth_model or "Intel/dpt-hybrid-midas", "cpu" if self.offload else self.device)
+            with self._on_device(self.depth_estimator):
+                depth = estimate_depth(self.depth_estimator, self.feature_extractor, frames, (h // 8, w // 8))
+            cond.depth = normalise_per_frame(depth, -1.0, 1.0)
+        if config.control:
+            cond.controlnet_id, cond.controlnet = self.controlnet_for(config)
+            if os.path.exists(cond.controlnet_id):
+                cond.controlnet_id = path_identity(cond.controlnet_id)
+            cond.control = control_images(config.control, frames, canny_low=config.canny_low,
+                                          canny_high=config.canny_high, depth_model=config.depth_model,
+                                          device=self.device)
+            cond.control_scale = config.control_scale
+        return cond
+
+    def _predict(self, latents: torch.Tensor, t: torch.Tensor, prompt: PromptEmbeds, frames: torch.Tensor,
+                 conditioning: Optional[Conditioning] = None) -> torch.Tensor:
+        """The one UNet call of the pipeline: latents (M, C, h, w) of ``frames`` (M,) with ``prompt``
+        rows (M) and the per-frame conditions. Returns the noise prediction in float32."""
+        device, dtype = self.device, self.dtype
+        x = latents.to(device=device, dtype=dtype)
+        t = t.to(device)
+        embeds = prompt.embeds.to(device=device, dtype=dtype)
+        kwargs: dict[str, Any] = {}
+        if conditioning is None:
+            conditioning = Conditioning()
+        if conditioning.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": prompt.pooled.to(device=device, dtype=dtype),
+                                           "time_ids": conditioning.time_ids.to(device=device, dtype=dtype)
+                                           .repeat(len(x), 1)}
+        if conditioning.control is not None:
+            net = conditioning.controlnet
+            with self._on_device(net):
+                down, mid = net(x, t, encoder_hidden_states=embeds,
+                                controlnet_cond=conditioning.control[frames.cpu()].to(device=device, dtype=dtype),
+                                conditioning_scale=conditioning.control_scale, return_dict=False,
+                                **({"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs
+                                   else {}))
+            kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = down, mid
+        if conditioning.depth is not None:
+            x = torch.cat([x, conditioning.depth[frames.cpu()].to(device=device, dtype=dtype)], dim=1)
+        return self.unet(x, t, encoder_hidden_states=embeds, **kwargs).sample.float()
+
+    def _predictor(self, prompt: PromptEmbeds, conditioning: Optional[Conditioning]) -> PredictFn:
+        """predict(x, t, frames) for inversion and reconstruction: one prompt for every frame."""
+        def predict(x: torch.Tensor, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+            rows = prompt.rows([0] * len(x))
+            return self._predict(x, t, rows, frames, conditioning)
+
+        return predict
 
     # ------------------------------------------------------------------ inversion
     def editing_timesteps(self, steps: int) -> torch.Tensor:
@@ -208,11 +331,15 @@ class TokenFlowPipeline:
     def invert(self, frames: torch.Tensor, inversion_prompt: str = "", inversion_steps: int = 50,
                steps: int = 50, batch_size: int = 8, cache_dir: Optional[str] = None,
                use_cache: bool = True, progress: bool = True,
-               callback: Optional[ProgressCallback] = None) -> Inversion:
+               callback: Optional[ProgressCallback] = None,
+               conditioning: Optional[Conditioning] = None) -> Inversion:
         """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
 
         With ``use_cache`` the result is read from / written to the inversion cache.
+        ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
         """
+        if conditioning is None and (self.is_sdxl or self.is_depth):
+            conditioning = self.prepare_conditioning(frames, EditConfig())
         keep = self.editing_timesteps(steps)
         inv_ts = inversion_timesteps(self.new_scheduler(), inversion_steps)
         missing = sorted(set(keep.tolist()) - set(inv_ts.tolist()))
@@ -225,7 +352,8 @@ class TokenFlowPipeline:
                                     size=list(frames.shape[-2:]), inversion_steps=inversion_steps,
                                     inversion_prompt=inversion_prompt, keep=keep.tolist(),
                                     scheduler=self.scheduler_config, dtype=str(self.dtype),
-                                    batch_size=batch_size)
+                                    batch_size=batch_size,
+                                    conditioning=conditioning.identity() if conditioning else {})
         if cache is not None:
             cached = cache.load(key, fields)
             if cached is not None:
@@ -233,7 +361,7 @@ class TokenFlowPipeline:
                 return cached
         with self._on_device(self.vae):
             x0 = encode_frames(self.vae, frames, self.vae_batch_size).cpu()
-        cond = self.text_embedding(inversion_prompt)
+        predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning)
         with tqdm(total=inversion_steps * -(-len(frames) // batch_size), desc="Inverting",
                   disable=not progress, leave=False) as bar:
             def report(done: int, total: int) -> None:
@@ -242,8 +370,8 @@ class TokenFlowPipeline:
                     callback("inversion", done, total)
 
             with self._on_device(self.unet):
-                inversion = ddim_invert(self.unet, self.new_scheduler(), x0, cond, inversion_steps, keep.tolist(),
-                                        batch_size, report)
+                inversion = ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
+                                        batch_size, report, predict)
         if cache is not None:
             try:
                 cache.save(key, fields, inversion)
@@ -252,14 +380,17 @@ class TokenFlowPipeline:
         return inversion
 
     def reconstruct(self, inversion: Inversion, inversion_prompt: str = "", inversion_steps: int = 50,
-                    batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+                    batch_size: int = 8, progress: bool = True,
+                    conditioning: Optional[Conditioning] = None) -> torch.Tensor:
         """Decode a DDIM reconstruction from the inverted noise: (N, 3, H, W) in [0, 1]."""
-        cond = self.text_embedding(inversion_prompt)
+        if conditioning is None and (self.is_sdxl or self.is_depth):
+            raise TokenFlowError("reconstructing with this model needs the conditioning of the inversion")
+        predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning)
         with tqdm(total=inversion_steps * -(-inversion.n_frames // batch_size), desc="Reconstructing",
                   disable=not progress, leave=False) as bar:
             with self._on_device(self.unet):
-                latents = ddim_reconstruct(self.unet, self.new_scheduler(), inversion, cond, inversion_steps,
-                                           batch_size, lambda d, t: bar.update(d - bar.n))
+                latents = ddim_reconstruct(self.unet, self.new_scheduler(), inversion, None, inversion_steps,
+                                           batch_size, lambda d, t: bar.update(d - bar.n), predict)
         with self._on_device(self.vae):
             return decode_latents(self.vae, latents, self.vae_batch_size)
 
@@ -267,18 +398,21 @@ class TokenFlowPipeline:
         return psnr(self.reconstruct(inversion, **kwargs), frames)
 
     # ------------------------------------------------------------------ editing
-    def _unet(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-              branches: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
+    def _unet(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: PromptEmbeds | torch.Tensor,
+              branches: tuple[int, ...] = (0, 1, 2), frames: Optional[torch.Tensor] = None,
+              conditioning: Optional[Conditioning] = None) -> torch.Tensor:
         """UNet on F frames of the given branches (0: ``source`` latents, 1 uncond / 2 cond: ``x``),
-        branch-major, each with its row of ``text`` (3, 77, D)."""
+        branch-major, each with its row of ``text`` (3 rows) and the conditions of ``frames``."""
         n = len(x)
+        text = text if isinstance(text, PromptEmbeds) else PromptEmbeds(text)
         latent_input = torch.cat([source if b == 0 else x for b in branches])
-        latent_input = latent_input.to(device=self.device, dtype=self.dtype)
-        embeds = text[list(branches)].to(self.device).repeat_interleave(n, dim=0)  # (len(branches)*F, 77, D)
-        return self.unet(latent_input, t.to(self.device), encoder_hidden_states=embeds).sample.float()
+        rows = [b for b in branches for _ in range(n)]  # (len(branches)*F,)
+        frames = torch.arange(n) if frames is None else frames.cpu()
+        return self._predict(latent_input, t, text.rows(rows), frames.repeat(len(branches)), conditioning)
 
-    def _keyframe_pass(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                       state: TokenFlowState, batch_size: int) -> None:
+    def _keyframe_pass(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: PromptEmbeds | torch.Tensor,
+                       state: TokenFlowState, batch_size: int, keyframes: torch.Tensor,
+                       conditioning: Optional[Conditioning] = None) -> None:
         """Extended attention on the keyframes; only the layers' caches are kept.
 
         One UNet call on all three branches while that is no bigger than a propagation batch
@@ -291,18 +425,19 @@ class TokenFlowPipeline:
             split = len(x) > batch_size
         try:
             if not split:
-                self._unet(x, source, t, text)
+                self._unet(x, source, t, text, frames=keyframes, conditioning=conditioning)
                 return
             for branch in range(3):
                 state.keyframe_branch = branch
-                self._unet(x, source, t, text, branches=(branch,))
+                self._unet(x, source, t, text, branches=(branch,), frames=keyframes, conditioning=conditioning)
         finally:
             state.keyframe_branch, state.features = None, None
 
     @torch.no_grad()
     def denoise_step(self, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
-                     state: TokenFlowState, scheduler, text: torch.Tensor, config: EditConfig,
-                     qk_injection: bool, feature_injection: bool) -> torch.Tensor:
+                     state: TokenFlowState, scheduler, text: PromptEmbeds | torch.Tensor, config: EditConfig,
+                     qk_injection: bool, feature_injection: bool,
+                     conditioning: Optional[Conditioning] = None) -> torch.Tensor:
         """One TokenFlow step: keyframe pass, propagation passes, guidance, DDIM step.
 
         x, source: (N, C, h, w) float32 (any device); keyframes (K,). Returns x at the next timestep
@@ -315,7 +450,7 @@ class TokenFlowPipeline:
         state.cache_device = torch.device("cpu") if offload else None
         if tokenflow:
             # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
-            self._keyframe_pass(x[keyframes], source[keyframes], t, text, state, batch_size)
+            self._keyframe_pass(x[keyframes], source[keyframes], t, text, state, batch_size, keyframes, conditioning)
         # 3. all frames, batch by batch: propagation (TokenFlow), or the baselines'
         # per-frame attention (none) or joint attention within the batch (extended)
         state.set_mode({"none": "plain", "extended": "extended"}.get(config.propagation, "propagate"))
@@ -332,7 +467,8 @@ class TokenFlowPipeline:
                 state.keyframe_ids = rows.tolist()
                 state.blend = not bool((weights == 1).all())
                 state.slots, state.weights = slots.to(self.device), weights.to(self.device)
-            noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text)
+            noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text,
+                               frames=torch.arange(b, min(b + batch_size, n)), conditioning=conditioning)
             # 4. classifier-free guidance, DDIM step
             _, uncond, cond = noise.chunk(3)
             guided = uncond + config.guidance_scale * (cond - uncond)
@@ -360,10 +496,13 @@ class TokenFlowPipeline:
         with timer("read"):
             frames, fps, audio = self.load_video(video, config)
         n = len(frames)
+        with timer("conditioning"):
+            conditioning = self.prepare_conditioning(frames, config)
         with timer("inversion"):
             if inversion is None:
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
-                                        config.inversion_batch(), cache_dir, use_cache, progress, callback)
+                                        config.inversion_batch(), cache_dir, use_cache, progress, callback,
+                                        conditioning)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
 
@@ -376,9 +515,9 @@ class TokenFlowPipeline:
                                  f"invert with the same --steps as the edit")
         generator = torch.Generator().manual_seed(config.seed)
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule)
-        text = torch.cat([self.text_embedding(config.inversion_prompt),
-                          self.text_embedding(config.negative_prompt),
-                          self.text_embedding(config.prompt)])  # (3, 77, D)
+        text = PromptEmbeds.cat([self.prompt_embeds(config.inversion_prompt),
+                                 self.prompt_embeds(config.negative_prompt),
+                                 self.prompt_embeds(config.prompt)])  # 3 rows: source, uncond, cond
         x = editor.start_latents(inversion, scheduler, timesteps[0], generator).float()
         latents = [x.clone()] if return_latents else None
         keyframe_log: list[list[int]] = []
@@ -391,7 +530,7 @@ class TokenFlowPipeline:
                 keyframe_log.append(keyframes.tolist())
                 qk, feat = editor.injection(i, config.steps)
                 x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
-                                      config, qk, feat)
+                                      config, qk, feat, conditioning)
                 if latents is not None:
                     latents.append(x.clone())
                 if callback:
