@@ -181,6 +181,11 @@ def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="tokenflow: %(message)s", stream=sys.stderr)
     logging.getLogger("tokenflow").setLevel(logging.WARNING if quiet else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # library deprecation notices are for us, not for the person running the command
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         import diffusers
         import transformers

@@ -124,7 +124,8 @@ def normalise_per_frame(depth: torch.Tensor, low: float, high: float) -> torch.T
     """Scale every frame's map to [low, high] (a flat map becomes ``low``)."""
     d_min = depth.amin(dim=(1, 2, 3), keepdim=True)
     d_max = depth.amax(dim=(1, 2, 3), keepdim=True)
-    return low + (high - low) * (depth - d_min) / (d_max - d_min).clamp(min=1e-8)
+    span = d_max - d_min
+    return low + (high - low) * (depth - d_min) / torch.where(span > 0, span, torch.ones_like(span))
 
 
 def load_depth_model(model_id: str, device: torch.device):

@@ -104,6 +104,9 @@ class EditConfig:
                 raise TokenFlowError(f"{name.replace('_', '-')} must be an integer in [0, 1000], got {value!r}")
         if self.canny_low > self.canny_high:
             raise TokenFlowError(f"canny-low ({self.canny_low}) must not exceed canny-high ({self.canny_high})")
+        if self.control and self.control not in ("canny", "depth") and not os.path.exists(self.control):
+            raise TokenFlowError(f"--control must be canny or depth, or a folder or video of condition "
+                                 f"images; '{self.control}' is neither")
         if self.editor == "controlnet" and not self.control:
             raise TokenFlowError("the controlnet editor needs --control canny|depth|PATH")
         if self.editor == "sdedit" and self.sdedit_steps() < 1:

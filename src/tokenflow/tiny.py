@@ -191,3 +191,110 @@ def save_tiny_model(out_dir: str | os.PathLike, seed: int = 0, full_size: bool =
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return out_dir
+
+
+# SDXL's layout (no attention at the highest resolution, several transformer layers per block,
+# two text encoders side by side, size/crop conditioning added to the time embedding), tiny widths.
+SDXL_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 32, 64),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 2),
+    norm_num_groups=8,
+    cross_attention_dim=64,  # the two text encoders' widths, 32 + 32
+    attention_head_dim=(2, 2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text + six time ids
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = dict(  # stabilityai/stable-diffusion-xl-base-1.0
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+DPT_CONFIG: dict[str, Any] = dict(
+    image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=4,
+    backbone_out_indices=[0, 1, 2, 3], num_attention_heads=4, intermediate_size=37,
+    neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, is_hybrid=False)
+
+
+def _text_encoder(seed: int, vocab: dict[str, int], with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    torch.manual_seed(seed)
+    return cls(CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                              eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"], **TEXT_CONFIG))
+
+
+def build_tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """A tiny SDXL: UNet with text_time conditioning, two text encoders (the second with projection)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True))
+        text_encoder = _text_encoder(seed + 2, vocab)
+        text_encoder_2 = _text_encoder(seed + 3, vocab, with_projection=True)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer, tokenizer_2=build_tokenizer(),
+                scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG))
+
+
+def build_tiny_depth_estimator(seed: int = 0):
+    """A tiny DPT depth estimator and its image processor (32x32 input)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(DPTConfig(**DPT_CONFIG)).eval().requires_grad_(False)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    return model, processor
+
+
+def build_tiny_controlnet(unet, seed: int = 0):
+    """A ControlNet shaped like ``unet`` (its encoder copied, zero convs random so it acts)."""
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+        for name, p in net.named_parameters():  # zero-initialised outputs would make it a no-op
+            if "controlnet_" in name and "cond_embedding" not in name:
+                torch.nn.init.normal_(p, std=0.02)
+    return net.eval().requires_grad_(False)
+
+
+def save_tiny_variant(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> str:
+    """Write a tiny SDXL (``sdxl``) or SD 2 depth (``depth``) model as a diffusers folder."""
+    from diffusers import (DDIMScheduler, StableDiffusionDepth2ImgPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    out_dir = os.fspath(out_dir)
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed))
+    elif kind == "depth":
+        c = build_tiny_components(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 5)
+            unet = UNet2DConditionModel(**dict(UNET_CONFIG, in_channels=5)).eval()
+        depth_estimator, processor = build_tiny_depth_estimator(seed + 6)
+        pipe = StableDiffusionDepth2ImgPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                                unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+                                                depth_estimator=depth_estimator, feature_extractor=processor)
+    else:
+        raise ValueError(f"unknown tiny model kind '{kind}'; allowed: sdxl, depth")
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
