@@ -101,6 +101,7 @@ def main() -> int:
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.to(dtype)
     probe = Probe(pipe)
+    loaded_mb = peak_memory_mb(pipe.device)  # the model alone: what the workload adds is above this
     t0 = time.perf_counter()
     video = read_video(args.input)
     # loop the clip to the frame count asked for
@@ -132,6 +133,7 @@ def main() -> int:
         "share_in_unet_vae_end_to_end": (unet_inv + unet_kf + unet_prop + s["vae_encode"] + s["vae_decode"])
         / max(read_s + total_edit + write_s, 1e-9),
         "peak_memory_mb": peak_memory_mb(pipe.device),
+        "memory_after_model_load_mb": loaded_mb,
     }
     width = max(len(k) for k in figures["seconds"])
     print(f"workload: {args.frames} frames {args.width}x{args.height}, {args.inversion_steps} inversion + "
@@ -142,7 +144,7 @@ def main() -> int:
         print(f"  {k:<{width}}  {v:8.2f} s")
     print(f"share of editing time in the UNet: {figures['share_in_unet_vae_of_editing']:.1%}; "
           f"end to end in UNet+VAE: {figures['share_in_unet_vae_end_to_end']:.1%}")
-    print(f"peak memory: {figures['peak_memory_mb']:.0f} MB")
+    print(f"peak memory: {figures['peak_memory_mb']:.0f} MB (after loading the model: {loaded_mb:.0f} MB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
