@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import TokenFlowError
+from .models import short_error
 
 CONTROL_TYPES = ("canny", "depth")
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
@@ -138,8 +139,7 @@ def load_depth_model(model_id: str, device: torch.device):
         model = AutoModelForDepthEstimation.from_pretrained(model_id, **kwargs)
         processor = AutoImageProcessor.from_pretrained(model_id, **kwargs)
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenFlowError(f"cannot load depth model '{model_id}': {text[:300]}") from None
+        raise TokenFlowError(f"cannot load depth model '{model_id}': {short_error(e)}") from None
     return model.to(device).eval().requires_grad_(False), processor
 
 

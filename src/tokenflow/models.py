@@ -127,7 +127,8 @@ SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
 DEPTH_CLASSES = ("StableDiffusionDepth2ImgPipeline",)
 
 
-def _short(e: Exception) -> str:
+def short_error(e: Exception) -> str:
+    """The first line of an exception's message (or its type), at most 300 characters."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
@@ -170,7 +171,7 @@ def _load_single_file(path: str, dtype: torch.dtype, model_config: Optional[str]
             with safe_open(path, framework="pt") as f:
                 sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
         except Exception as e:
-            raise TokenFlowError(f"cannot read '{path}' as safetensors: {_short(e)}") from None
+            raise TokenFlowError(f"cannot read '{path}' as safetensors: {short_error(e)}") from None
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
     kwargs: dict[str, Any] = dict(torch_dtype=dtype, **_no_safety_checker(cls))
     if model_config:
@@ -220,7 +221,7 @@ def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
         except TokenFlowError:
             raise
         except Exception as e:
-            raise TokenFlowError(f"cannot load LoRA '{path}': {_short(e)}") from None
+            raise TokenFlowError(f"cannot load LoRA '{path}': {short_error(e)}") from None
         names.append(name)
         scales.append(scale)
         ids.append(f"{path_identity(path) if os.path.exists(path) else 'hub:' + path}@{scale:g}")
@@ -257,7 +258,7 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
     except TokenFlowError:
         raise
     except Exception as e:  # diffusers/transformers/hub raise many types for a bad model
-        raise TokenFlowError(f"cannot load model '{model}': {_short(e)}") from None
+        raise TokenFlowError(f"cannot load model '{model}': {short_error(e)}") from None
     identity = path_identity(model) if is_local else f"hub:{model}"
     if model_config:
         identity += f"+config:{path_identity(model_config) if os.path.isdir(model_config) else model_config}"

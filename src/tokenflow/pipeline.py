@@ -39,7 +39,8 @@ from .injection import resolve_layers, tokenflow_hooks
 from .inversion import Inversion, PredictFn, ddim_invert, ddim_reconstruct, inversion_timesteps, psnr
 from .keyframes import make_sampler
 from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl,
-                     load_components, module_identity, path_identity, resolve_device, resolve_dtype)
+                     load_components, module_identity, path_identity, resolve_device, resolve_dtype,
+                     short_error)
 from .video import Video, fit_frames, read_video, working_size
 
 logger = logging.getLogger(__name__)
@@ -252,8 +253,7 @@ class TokenFlowPipeline:
             except TokenFlowError:
                 raise
             except Exception as e:
-                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise TokenFlowError(f"cannot load ControlNet '{name}': {text[:300]}") from None
+                raise TokenFlowError(f"cannot load ControlNet '{name}': {short_error(e)}") from None
             if net.config.cross_attention_dim != self.unet.config.cross_attention_dim:
                 raise TokenFlowError(f"ControlNet '{name}' is for another model family "
                                      f"(text width {net.config.cross_attention_dim}, the model's "
