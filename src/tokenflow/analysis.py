@@ -37,7 +37,7 @@ def highest_resolution_decoder_layer(layers) -> str:
 
 @torch.no_grad()
 def capture_features(pipe, inversion: Inversion, timestep: int, prompt: str = "", layer: str | None = None,
-                     batch_size: int = 8) -> tuple[torch.Tensor, str]:
+                     batch_size: int = 8, conditioning=None) -> tuple[torch.Tensor, str]:
     """Tokens fed to ``layer``'s self-attention (N, L, D) when the UNet denoises x_t of every frame."""
     layer = layer or highest_resolution_decoder_layer(pipe.layers)
     module = dict(pipe.unet.named_modules()).get(layer)
@@ -47,12 +47,12 @@ def capture_features(pipe, inversion: Inversion, timestep: int, prompt: str = ""
     handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].float().cpu()))
     try:
         x_t = inversion.latents[timestep]
-        cond = pipe.text_embedding(prompt)
+        embeds = pipe.prompt_embeds(prompt)
         t = torch.tensor(timestep)
         with pipe._on_device(pipe.unet):
             for b in range(0, len(x_t), batch_size):
-                x = x_t[b:b + batch_size].to(device=pipe.device, dtype=pipe.dtype)
-                pipe.unet(x, t.to(pipe.device), encoder_hidden_states=cond.repeat(len(x), 1, 1))
+                x = x_t[b:b + batch_size]
+                pipe._predict(x, t, embeds.rows([0] * len(x)), torch.arange(b, b + len(x)), conditioning)
     finally:
         handle.remove()
     return torch.cat(captured), layer
@@ -71,8 +71,8 @@ def pca_rgb(features: torch.Tensor) -> np.ndarray:
 
 
 def analyze_features(pipe, inversion: Inversion, latent_hw: tuple[int, int], timestep: int, prompt: str = "",
-                     layer: str | None = None) -> FeatureAnalysis:
-    feats, layer = capture_features(pipe, inversion, timestep, prompt, layer)
+                     layer: str | None = None, conditioning=None) -> FeatureAnalysis:
+    feats, layer = capture_features(pipe, inversion, timestep, prompt, layer, conditioning=conditioning)
     n, length, dim = feats.shape
     h, w = latent_hw
     scale = int(round((h * w / length) ** 0.5))

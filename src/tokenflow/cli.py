@@ -363,10 +363,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.layer and args.layer not in pipe.layers.self_attention:
         raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
     frames, fps, _ = pipe.load_video(video, config)
-    inversion = _cached_inversion(pipe, frames, config, run, args)
+    conditioning = pipe.prepare_conditioning(frames, config)
+    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
     timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
     analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
-                                config.inversion_prompt, args.layer)
+                                config.inversion_prompt, args.layer, conditioning)
     frames_u8 = to_uint8(frames)
     rebuild = nearest_neighbour_rebuild(frames_u8, analysis.features, args.source_frame, target)
     summary = write_figures(args.output, frames_u8, fps, analysis, rebuild, args.source_frame, target)
