@@ -49,7 +49,7 @@ def capture_features(pipe, inversion: Inversion, timestep: int, prompt: str = ""
         x_t = inversion.latents[timestep]
         embeds = pipe.prompt_embeds(prompt)
         t = torch.tensor(timestep)
-        with pipe._on_device(pipe.unet):
+        with pipe._on_device(*pipe._denoisers()):
             for b in range(0, len(x_t), batch_size):
                 x = x_t[b:b + batch_size]
                 pipe._predict(x, t, embeds.rows([0] * len(x)), torch.arange(b, b + len(x)), conditioning)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
-from .conditioning import (DEFAULT_CONTROLNETS, Conditioning, PromptEmbeds, control_images, estimate_depth,
+from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
 from .config import DEFAULT_MODEL, EditConfig
 from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
@@ -128,6 +128,10 @@ class TokenFlowPipeline:
             if isinstance(module, (ResnetBlock2D, FeedForward)):
                 module.compile(backend=backend, mode=mode, dynamic=False)
         return self
+
+    def _denoisers(self) -> list[torch.nn.Module]:
+        """What a denoising stage runs: the UNet and any loaded ControlNet (moved once per stage)."""
+        return [self.unet, *self.controlnets.values()]
 
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.depth_estimator,
@@ -272,7 +276,7 @@ class TokenFlowPipeline:
         if self.is_depth:
             if self.depth_estimator is None:
                 self.depth_estimator, self.feature_extractor = load_depth_model(
-                    config.depth_model or "Intel/dpt-hybrid-midas", "cpu" if self.offload else self.device)
+                    config.depth_model or DEFAULT_DEPTH_MODEL, "cpu" if self.offload else self.device)
             with self._on_device(self.depth_estimator):
                 depth = estimate_depth(self.depth_estimator, self.feature_extractor, frames, (h // 8, w // 8))
             cond.depth = normalise_per_frame(depth, -1.0, 1.0)
@@ -302,13 +306,12 @@ class TokenFlowPipeline:
                                            "time_ids": conditioning.time_ids.to(device=device, dtype=dtype)
                                            .repeat(len(x), 1)}
         if conditioning.control is not None:
-            net = conditioning.controlnet
-            with self._on_device(net):
-                down, mid = net(x, t, encoder_hidden_states=embeds,
-                                controlnet_cond=conditioning.control[frames.cpu()].to(device=device, dtype=dtype),
-                                conditioning_scale=conditioning.control_scale, return_dict=False,
-                                **({"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs
-                                   else {}))
+            net = conditioning.controlnet  # on the device for the stage (see _denoisers)
+            down, mid = net(x, t, encoder_hidden_states=embeds,
+                            controlnet_cond=conditioning.control[frames.cpu()].to(device=device, dtype=dtype),
+                            conditioning_scale=conditioning.control_scale, return_dict=False,
+                            **({"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs
+                               else {}))
             kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = down, mid
         if conditioning.depth is not None:
             x = torch.cat([x, conditioning.depth[frames.cpu()].to(device=device, dtype=dtype)], dim=1)
@@ -369,7 +372,7 @@ class TokenFlowPipeline:
                 if callback:
                     callback("inversion", done, total)
 
-            with self._on_device(self.unet):
+            with self._on_device(*self._denoisers()):
                 inversion = ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
                                         batch_size, report, predict)
         if cache is not None:
@@ -388,7 +391,7 @@ class TokenFlowPipeline:
         predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning)
         with tqdm(total=inversion_steps * -(-inversion.n_frames // batch_size), desc="Reconstructing",
                   disable=not progress, leave=False) as bar:
-            with self._on_device(self.unet):
+            with self._on_device(*self._denoisers()):
                 latents = ddim_reconstruct(self.unet, self.new_scheduler(), inversion, None, inversion_steps,
                                            batch_size, lambda d, t: bar.update(d - bar.n), predict)
         with self._on_device(self.vae):
@@ -522,7 +525,7 @@ class TokenFlowPipeline:
         latents = [x.clone()] if return_latents else None
         keyframe_log: list[list[int]] = []
         state = TokenFlowState(n_branches=3)
-        with timer("editing"), self._on_device(self.unet), tokenflow_hooks(self.unet, state, self.layers):
+        with timer("editing"), self._on_device(*self._denoisers()), tokenflow_hooks(self.unet, state, self.layers):
             for i, t in enumerate(tqdm(timesteps, desc="Editing", disable=not progress, leave=False)):
                 # 1. keyframes (the baselines have none)
                 keyframes = sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
