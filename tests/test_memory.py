@@ -114,6 +114,22 @@ def test_offload_slicing_and_tiling_switches(frames_small):
     assert not torch.equal(tiled.frames, ref.frames)
 
 
+def test_released_text_encoder_gives_the_same_edit(frames_small):
+    """The command encodes its prompts up front and frees the text encoder before the UNet runs."""
+    from tokenflow.errors import TokenFlowError
+
+    pipe = TokenFlowPipeline.from_tiny(seed=0)
+    kwargs = dict(steps=2, inversion_steps=2, batch_size=4, use_cache=False, progress=False, height=48, width=64)
+    ref = pipe.edit(frames_small, "a robot", **kwargs)
+    config = EditConfig(prompt="a robot")
+    pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, "a robot"])
+    assert pipe.text_encoder is None and all(m is not pipe.text_encoder for m in pipe._modules())
+    again = pipe.edit(frames_small, "a robot", **kwargs)
+    assert torch.equal(again.frames, ref.frames)
+    with pytest.raises(TokenFlowError, match="'a cat' was not among them"):
+        pipe.edit(frames_small, "a cat", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def frames_small():
     return moving_frames(6, 48, 64, seed=1).astype(np.uint8)

@@ -277,6 +277,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise TokenFlowError(f"frames folder '{run['frames_dir']}' is a file")
     video = read_input()  # bad input fails before the model loads
     pipe = _load_pipeline(run)
+    pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
     result = pipe.edit(video, config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
                        progress=not args.quiet)
     _finish(pipe, result, output, run, started)
@@ -287,7 +288,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, read_input = _settings_and_input(args, "tokenflow invert INPUT")
     video = read_input()
-    pipe = _load_pipeline(run)
+    pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
     frames, _, _ = pipe.load_video(video, config)
     conditioning = pipe.prepare_conditioning(frames, config)
     inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
@@ -359,7 +360,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             raise TokenFlowError(f"{name} must be in [0, {n - 1}], got {value}")
     if not 0 <= args.timestep < 1000:
         raise TokenFlowError(f"timestep must be in [0, 999], got {args.timestep}")
-    pipe = _load_pipeline(run)
+    pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
     if args.layer and args.layer not in pipe.layers.self_attention:
         raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
     frames, fps, _ = pipe.load_video(video, config)
