@@ -42,6 +42,9 @@ def run(cmd: list[str], env: dict[str, str], log: str) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
+_DEFAULT_OFFICIAL = os.path.expanduser("~/.cache/tokenflow-ref/work/tokenflow")
+
+
 def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -50,8 +53,10 @@ def main() -> int:
     ap.add_argument("--harness", default=os.path.join(here, "..", "..", "shared", "harness"))
     ap.add_argument("--refpy", default=os.path.expanduser("~/.cache/tokenflow-ref/venv/bin/python"),
                     help="python of the reference venv (harness setup_refenv.sh)")
-    ap.add_argument("--official", default=os.environ.get("TOKENFLOW_OFFICIAL_DIR"),
-                    help="extracted official TokenFlow checkout")
+    ap.add_argument("--official", default=os.environ.get("TOKENFLOW_OFFICIAL_DIR", _DEFAULT_OFFICIAL if
+                                                        os.path.isdir(_DEFAULT_OFFICIAL) else None),
+                    help="extracted official TokenFlow checkout (default: where the harness's "
+                         "setup_refenv.sh puts it)")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=192, help="not equal to height: the official code "

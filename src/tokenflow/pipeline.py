@@ -531,6 +531,7 @@ class TokenFlowPipeline:
                                         conditioning)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
+        del frames  # the pixels are not needed past the inversion: long videos keep only latents
 
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(config.steps)
