@@ -319,8 +319,11 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 10) -> torch.Te
     """latents (N, C, h, w) -> float32 frames (N, 3, 8h, 8w) in [0, 1] on the CPU."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
-    out = []
+    out = None  # filled batch by batch: no list of batches concatenated at the end (2x the video)
     for i in range(0, len(latents), batch_size):
         z = (1 / vae.config.scaling_factor) * latents[i:i + batch_size].to(device=device, dtype=dtype)
-        out.append((vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).cpu())
-    return torch.cat(out)
+        frames = (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).cpu()
+        if out is None:
+            out = torch.empty(len(latents), *frames.shape[1:])
+        out[i:i + len(frames)] = frames
+    return out

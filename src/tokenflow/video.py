@@ -141,13 +141,22 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1], with no full-size temporaries."""
+    n, h, w, _ = frames.shape
+    out = torch.empty(n, 3, h, w)
+    out.copy_(torch.from_numpy(np.asarray(frames)).permute(0, 3, 1, 2))
+    return out.div_(255)
 
 
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3), rounded."""
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(frames: torch.Tensor, chunk: int = 16) -> np.ndarray:
+    """float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3), rounded; a few frames at a time, so a
+    long video needs no float temporaries of its full size."""
+    n, _, h, w = frames.shape
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i in range(0, n, chunk):
+        part = (frames[i:i + chunk].clamp(0, 1) * 255).round().to(torch.uint8)
+        out[i:i + chunk] = part.permute(0, 2, 3, 1).cpu().numpy()
+    return out
 
 
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
