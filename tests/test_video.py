@@ -128,3 +128,16 @@ def test_video_without_audio_writes_without_audio(tmp_path):
     out = write_video(tmp_path / "b.mkv", v.frames, v.fps, v.audio_source)
     with av.open(out) as c:
         assert not c.streams.audio
+
+
+def test_frame_conversions_work_in_pieces_and_keep_the_values():
+    """uint8 <-> float without full-video temporaries gives what the one-shot formulas give."""
+    import torch
+
+    from tokenflow.video import to_tensor, to_uint8
+
+    f = torch.rand(37, 3, 8, 16, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # out of range too
+    whole = (f.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(to_uint8(f, chunk=5), whole)  # 37 frames: the last piece is short
+    u = np.random.default_rng(0).integers(0, 256, (4, 8, 16, 3), dtype=np.uint8)[:, ::-1]  # negative strides
+    assert torch.equal(to_tensor(u), torch.from_numpy(u.copy()).permute(0, 3, 1, 2).float() / 255)

@@ -144,7 +144,7 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1], with no full-size temporaries."""
     n, h, w, _ = frames.shape
     out = torch.empty(n, 3, h, w)
-    out.copy_(torch.from_numpy(np.asarray(frames)).permute(0, 3, 1, 2))
+    out.copy_(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))
     return out.div_(255)
 
 
