@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -138,7 +138,6 @@ def build_tokenizer():
 def build_tiny_components(seed: int = 0, full_size: bool = False) -> TinyComponents:
     """Build the components; weights depend only on ``seed`` (the global RNG is left as it was)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_cfg, vae_cfg, text_cfg = dict(UNET_CONFIG), dict(VAE_CONFIG), dict(TEXT_CONFIG)
     if full_size:
@@ -154,10 +153,7 @@ def build_tiny_components(seed: int = 0, full_size: bool = False) -> TinyCompone
         unet = UNet2DConditionModel(**unet_cfg)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**vae_cfg)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"], **text_cfg))
+        text_encoder = _text_encoder(seed + 2, vocab, config=text_cfg)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
@@ -224,13 +220,16 @@ DPT_CONFIG: dict[str, Any] = dict(
     neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, is_hybrid=False)
 
 
-def _text_encoder(seed: int, vocab: dict[str, int], with_projection: bool = False):
+def _text_encoder(seed: int, vocab: dict[str, int], with_projection: bool = False,
+                  config: Optional[dict[str, Any]] = None):
+    """A CLIP text encoder over the tiny vocabulary, seeded (``config``: TEXT_CONFIG by default)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     torch.manual_seed(seed)
     return cls(CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
-                              eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"], **TEXT_CONFIG))
+                              eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"],
+                              **(config or TEXT_CONFIG)))
 
 
 def build_tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
