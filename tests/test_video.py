@@ -116,9 +116,12 @@ def test_folder_with_unreadable_or_mismatched_frames(tmp_path):
     (tmp_path / "1.png").write_bytes(b"not a png")
     with pytest.raises(TokenFlowError, match="cannot read frame"):
         read_video(tmp_path)
-    Image.fromarray(moving_frames(1, 32, 24)[0]).save(tmp_path / "1.png")
-    with pytest.raises(TokenFlowError, match="first frame"):
-        read_video(tmp_path)
+    # a frame of another size is fitted to the first one's (with a warning), not an error
+    other = moving_frames(1, 32, 24)[0]
+    Image.fromarray(other).save(tmp_path / "1.png")
+    v = read_video(tmp_path)
+    assert v.frames.shape == (2, 16, 24, 3)
+    assert np.array_equal(v.frames[1], np.asarray(Image.fromarray(other).resize((24, 16), Image.Resampling.LANCZOS)))
 
 
 def test_video_without_audio_writes_without_audio(tmp_path):

@@ -17,13 +17,14 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Optional, Sequence
 
 from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, load_config_file,
-                     save_settings)
-from .errors import TokenFlowError
+                     save_settings, validate_run)
+from .errors import Interrupted, OutOfMemory, TokenFlowError
 
 EXIT_USAGE = 2
 DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")
@@ -69,6 +70,9 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default: float16 on cuda)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
+    p.add_argument("--no-resume", action="store_true", default=None,
+                   help="start over: ignore the checkpoints of an interrupted run of the same command "
+                        "(default: resume from them)")
     p.add_argument("--offload", action="store_true",
                    help="keep the models on the CPU and bring each to the GPU only for its stage")
     p.add_argument("--vae-slicing", action="store_true", help="encode/decode one frame at a time")
@@ -174,7 +178,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         config = EditConfig(**edit)
     except TypeError as e:
         raise TokenFlowError(f"bad settings: {e}") from None
-    return config.validate(), run
+    return config.validate(), validate_run(run)
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -235,61 +239,114 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     from .video import write_frames, write_video
 
     frames = result.uint8()
-    write_video(output, frames, result.fps, result.audio_source)
+    write_video(output, frames, result.fps, result.audio_source, audio_start=result.audio_start)
     if run.get("frames_dir"):
         write_frames(run["frames_dir"], frames)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": run.get("input"),
                 "model": run.get("model") or DEFAULT_MODEL, "device": str(pipe.device),
                 "dtype": str(pipe.dtype).replace("torch.", ""), **result.config.to_dict()}
     save_settings(_settings_path(output), settings)
+    result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
     n, _, h, w = result.frames.shape
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
-    print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s ({stages}) -> {output}")
+    resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
+    print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s ({stages}{resumed}) -> {output}")
 
 
 def _settings_and_input(args: argparse.Namespace, usage: str):
-    """Settings, run keys, and the input video, read before any model loads so bad input fails fast."""
-    from .video import read_video
+    """Settings, run keys, and a probe of the input (header and first frame), before any model
+    loads so that bad input fails fast; frames are decoded later, fitted one at a time."""
+    from .models import resolve_device, resolve_dtype
+    from .preflight import check_local_paths
+    from .video import probe_video
 
     config, run = resolve_settings(args)
     if not run.get("input"):
         raise TokenFlowError(f"no input given: {usage}")
-    return config, run, lambda: read_video(run["input"], config.max_frames, config.fps)
+    device = resolve_device(run.get("device") or "auto")
+    resolve_dtype(run.get("dtype") or "auto", device)
+    check_local_paths(config, run)
+    _check_steps(config)
+    return config, run, probe_video(run["input"])
+
+
+def _check_steps(config: EditConfig) -> None:
+    """--steps and --inversion-steps against the usual SD schedule (the model's is checked again)."""
+    from diffusers import DDIMScheduler
+
+    from .keyframes import ScheduledKeyframes
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    scheduler.set_timesteps(config.steps)
+    keep = set(scheduler.timesteps.tolist())
+    scheduler.set_timesteps(config.inversion_steps)
+    missing = sorted(keep - set(scheduler.timesteps.tolist()), reverse=True)
+    if missing:
+        raise TokenFlowError(
+            f"--inversion-steps {config.inversion_steps} does not reach the editing timesteps {missing[:3]}... "
+            f"of --steps {config.steps}; use a multiple of the editing steps (e.g. {config.steps}, "
+            f"{config.steps * 10})")
+    if config.keyframe_schedule:
+        ScheduledKeyframes.from_json(config.keyframe_schedule)  # readable and well formed
+
+
+def _check_schedule_frames(config: EditConfig, n_frames: Optional[int]) -> None:
+    """The keyframe schedule fits the frames the input declares (checked again on the real count)."""
+    if not config.keyframe_schedule or not n_frames:
+        return
+    from .editors import EDITORS as EDITOR_CLASSES
+    from .keyframes import ScheduledKeyframes
+    import torch
+
+    n = min(n_frames, config.max_frames or n_frames)
+    steps = len(EDITOR_CLASSES[config.editor](config).select_timesteps(torch.arange(config.steps)))
+    ScheduledKeyframes.from_json(config.keyframe_schedule).check(steps, n, config.batch_size)
 
 
 def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace,
                       conditioning=None):
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                        config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
-                       conditioning=conditioning or pipe.prepare_conditioning(frames, config))
+                       conditioning=conditioning or pipe.prepare_conditioning(frames, config),
+                       resume=not run.get("no_resume"))
+
+
+def _cache_root(run: dict[str, Any]) -> str:
+    from .cache import default_cache_dir
+
+    return run.get("cache_dir") or default_cache_dir()
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    config, run, read_input = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
+    config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     if not config.prompt:
         raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
-    from .video import check_output_path
+    from .preflight import check_free_space, check_no_overwrite, protected_paths
+    from .video import check_frames_dir, check_output_path
 
     output = check_output_path(run.get("output") or _default_output(run["input"]))
-    check_output_path(_settings_path(output), extensions=None)
-    if run.get("frames_dir") and os.path.isfile(run["frames_dir"]):
-        raise TokenFlowError(f"frames folder '{run['frames_dir']}' is a file")
-    video = read_input()  # bad input fails before the model loads
+    settings_path = check_output_path(_settings_path(output), extensions=None)
+    frames_dir = run.get("frames_dir")
+    if frames_dir:
+        check_frames_dir(frames_dir)
+    check_no_overwrite([output, settings_path], frames_dir,
+                       protected_paths(run["input"], getattr(args, "config", None), config, run))
+    _check_schedule_frames(config, info.n_frames)
+    check_free_space(info, config, output, frames_dir, _cache_root(run))
     pipe = _load_pipeline(run)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
-    result = pipe.edit(video, config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
-                       progress=not args.quiet)
+    result = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
+                       progress=not args.quiet, resume=not run.get("no_resume"))
     _finish(pipe, result, output, run, started)
     return 0
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    config, run, read_input = _settings_and_input(args, "tokenflow invert INPUT")
-    video = read_input()
+    config, run, _ = _settings_and_input(args, "tokenflow invert INPUT")
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
-    frames, _, _ = pipe.load_video(video, config)
+    frames = pipe.load_video(run["input"], config).frames
     conditioning = pipe.prepare_conditioning(frames, config)
     inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
     n, _, h, w = frames.shape
@@ -349,21 +406,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_features, nearest_neighbour_rebuild, write_figures
     from .video import to_uint8
 
-    config, run, read_input = _settings_and_input(args, "tokenflow analyze INPUT")
+    config, run, info = _settings_and_input(args, "tokenflow analyze INPUT")
     if os.path.isfile(args.output):
         raise TokenFlowError(f"output folder '{args.output}' is a file")
-    video = read_input()
-    n = len(video.frames)
-    target = n - 1 if args.target_frame is None else args.target_frame
-    for name, value in (("source-frame", args.source_frame), ("target-frame", target)):
-        if not 0 <= value < n:
-            raise TokenFlowError(f"{name} must be in [0, {n - 1}], got {value}")
+
+    def check_frames(n: int) -> int:
+        target = n - 1 if args.target_frame is None else args.target_frame
+        for name, value in (("source-frame", args.source_frame), ("target-frame", target)):
+            if not 0 <= value < n:
+                raise TokenFlowError(f"{name} must be in [0, {n - 1}], got {value}")
+        return target
+
+    if info.n_frames:  # what the input declares, now; the frames read, below
+        check_frames(min(info.n_frames, config.max_frames or info.n_frames))
     if not 0 <= args.timestep < 1000:
         raise TokenFlowError(f"timestep must be in [0, 999], got {args.timestep}")
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
     if args.layer and args.layer not in pipe.layers.self_attention:
         raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
-    frames, fps, _ = pipe.load_video(video, config)
+    frames, fps, _, _ = pipe.load_video(run["input"], config)
+    n = len(frames)
+    target = check_frames(n)
     conditioning = pipe.prepare_conditioning(frames, config)
     inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
     timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
@@ -387,6 +450,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise TokenFlowError(f"port must be in 1..65535, got {args.port}")
+    from .preflight import check_port
+
+    check_port(args.host, args.port)  # before the model loads, not after
     if args.max_upload_mb <= 0 or args.max_frames < 1 or args.max_side < 8:
         raise TokenFlowError("limits must be positive (max-upload-mb > 0, max-frames >= 1, max-side >= 8)")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -423,8 +489,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    command = None
+    previous = _handle_sigterm()
     try:
         args = parser.parse_args(argv)
+        command = args.command
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
@@ -432,12 +501,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
                     "ui": cmd_ui, "demo": cmd_demo}
         return commands[args.command](args)
+    except OutOfMemory as e:
+        print(f"tokenflow: error: {e}", file=sys.stderr)
+        return 1
     except TokenFlowError as e:
         print(f"tokenflow: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("tokenflow: interrupted", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("tokenflow: error: out of host memory: lower --height/--width or --max-frames", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write or read the helpers did not wrap: still one line, nothing half-written
+        where = f" ('{e.filename}')" if getattr(e, "filename", None) else ""
+        print(f"tokenflow: error: {TokenFlowError((e.strerror or str(e) or type(e).__name__) + where)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        hint = ("; finished work is checkpointed: run the same command again to resume (--no-resume "
+                "starts over)") if command in RESUMABLE else ""
+        print(f"tokenflow: interrupted ({name}){hint}", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+RESUMABLE = ("edit", "invert", "analyze")
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _handle_sigterm():
+    """SIGTERM (timeout, cluster schedulers) ends the run like Ctrl-C: temporaries removed, one line."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 if __name__ == "__main__":

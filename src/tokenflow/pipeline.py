@@ -17,11 +17,14 @@ and the features that Plug-and-Play injects.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -29,19 +32,20 @@ from tqdm.auto import tqdm
 
 from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
+from .checkpoints import Checkpointer, CheckpointStore, checkpoint_root, key_of
 from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
 from .config import DEFAULT_MODEL, EditConfig
 from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
 from .editors import EDITORS, BaseEditor
-from .errors import TokenFlowError
+from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
 from .inversion import Inversion, PredictFn, ddim_invert, ddim_reconstruct, inversion_timesteps, psnr
-from .keyframes import make_sampler
-from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl,
-                     load_components, module_identity, path_identity, resolve_device, resolve_dtype,
-                     short_error)
-from .video import Video, fit_frames, read_video, working_size
+from .keyframes import ScheduledKeyframes, make_sampler
+from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl, free_memory,
+                     is_out_of_memory, load_components, module_identity, path_identity, resolve_device,
+                     resolve_dtype, short_error)
+from .video import Video, fit_frames, read_video, to_tensor, working_size
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +65,28 @@ class EditResult:
     latents: Optional[list[torch.Tensor]] = None  # before the first step and after every step
     seconds: dict[str, float] = field(default_factory=dict)
     audio_source: Optional[str] = None
+    audio_start: float = 0.0  # seconds into audio_source where the first frame starts
+    resumed_from: int = 0  # editing steps a checkpoint of an interrupted run had done
+    checkpoint: Optional[tuple[CheckpointStore, str]] = None  # the edit's checkpoint, while kept
 
     def uint8(self) -> np.ndarray:
         from .video import to_uint8
 
         return to_uint8(self.frames)
+
+    def discard_checkpoint(self) -> None:
+        """Remove the edit's resume checkpoint: call once the result is safely written."""
+        if self.checkpoint is not None:
+            store, name = self.checkpoint
+            store.remove(name)
+            self.checkpoint = None
+
+
+class FittedVideo(NamedTuple):
+    frames: torch.Tensor  # (N, 3, H, W) float32 in [0, 1]
+    fps: float
+    audio_source: Optional[str]
+    audio_start: float = 0.0
 
 
 class TokenFlowPipeline:
@@ -95,6 +116,10 @@ class TokenFlowPipeline:
         self.offload_cache: Optional[bool] = None  # keyframe caches on the CPU; None: when not on the CPU
         self.split_keyframe_pass: Optional[bool] = None  # None: split when keyframes > batch size
         self.vae_batch_size = 10  # frames per VAE call (the official 10); 1 is "VAE slicing"
+        # frames per UNet call in the propagation pass; None: the batch size. Lowered when the
+        # device runs out of memory (frames are independent there: same result up to rounding)
+        self.propagation_chunk: Optional[int] = None
+        self._stage = ""  # the part of a step that runs now, for out-of-memory recovery
         self._kept_prompts: Optional[dict[str, PromptEmbeds]] = None  # set by release_text_encoders
 
     # ------------------------------------------------------------------ memory options
@@ -210,31 +235,39 @@ class TokenFlowPipeline:
         return DDIMScheduler.from_config(self.scheduler_config)
 
     # ------------------------------------------------------------------ inputs
-    def load_video(self, video: VideoInput, config: EditConfig) -> tuple[torch.Tensor, float, Optional[str]]:
-        """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps, and the audio source."""
+    def working_size(self, source_hw: tuple[int, int], config: EditConfig) -> tuple[int, int]:
+        """The size a source of ``source_hw`` (H, W) is edited at under ``config``."""
+        return working_size(source_hw, config.height, config.width, self.native_side ** 2)
+
+    def load_video(self, video: VideoInput, config: EditConfig) -> FittedVideo:
+        """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps and the audio.
+
+        A path is decoded and fitted frame by frame: reading never holds the source's resolution.
+        """
         if isinstance(video, torch.Tensor):
             frames = video.float()
             if frames.ndim != 4 or frames.shape[1] != 3:
                 raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
             frames = frames[:config.max_frames] if config.max_frames else frames
             if config.height or config.width:
-                h, w = working_size(tuple(frames.shape[2:]), config.height, config.width, self.native_side ** 2)
+                h, w = self.working_size(tuple(frames.shape[2:]), config)
                 if (h, w) != tuple(frames.shape[2:]):
                     frames = torch.nn.functional.interpolate(frames, (h, w), mode="bicubic",
                                                              antialias=True).clamp(0, 1)
             if frames.shape[2] % 8 or frames.shape[3] % 8:
                 raise TokenFlowError(f"frame size {frames.shape[3]}x{frames.shape[2]} is not a multiple of 8")
-            return frames, float(config.fps or 10.0), None
+            return FittedVideo(frames, float(config.fps or 10.0), None)
         if isinstance(video, np.ndarray):
             if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
                 raise TokenFlowError(f"frame array must be uint8 (N, H, W, 3), got {video.dtype} {video.shape}")
             video = Video(video[:config.max_frames] if config.max_frames else video, float(config.fps or 10.0))
-        elif not isinstance(video, Video):
-            video = read_video(video, config.max_frames, config.fps)
+        elif not isinstance(video, Video):  # decoded at the working size
+            video = read_video(video, config.max_frames, config.fps, size=lambda hw: self.working_size(hw, config))
+            return FittedVideo(to_tensor(video.frames), video.fps, video.audio_source, video.start_time)
         elif config.max_frames:
-            video = Video(video.frames[:config.max_frames], video.fps, video.audio_source, video.source)
-        h, w = working_size(video.size, config.height, config.width, self.native_side ** 2)
-        return fit_frames(video.frames, h, w), video.fps, video.audio_source
+            video = dataclasses.replace(video, frames=video.frames[:config.max_frames])
+        h, w = self.working_size(video.size, config)
+        return FittedVideo(fit_frames(video.frames, h, w), video.fps, video.audio_source, video.start_time)
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """(1, 77, D) prompt embedding (SDXL: both encoders')."""
@@ -354,18 +387,8 @@ class TokenFlowPipeline:
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.clone()
 
-    def invert(self, frames: torch.Tensor, inversion_prompt: str = "", inversion_steps: int = 50,
-               steps: int = 50, batch_size: int = 8, cache_dir: Optional[str] = None,
-               use_cache: bool = True, progress: bool = True,
-               callback: Optional[ProgressCallback] = None,
-               conditioning: Optional[Conditioning] = None) -> Inversion:
-        """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
-
-        With ``use_cache`` the result is read from / written to the inversion cache.
-        ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
-        """
-        if conditioning is None and (self.is_sdxl or self.is_depth):
-            conditioning = self.prepare_conditioning(frames, EditConfig())
+    def check_steps(self, steps: int, inversion_steps: int) -> None:
+        """The inversion must pass through every editing timestep (cheap: no model call)."""
         keep = self.editing_timesteps(steps)
         inv_ts = inversion_timesteps(self.new_scheduler(), inversion_steps)
         missing = sorted(set(keep.tolist()) - set(inv_ts.tolist()))
@@ -373,6 +396,23 @@ class TokenFlowPipeline:
             raise TokenFlowError(
                 f"--inversion-steps {inversion_steps} does not reach the editing timesteps {missing[:3]}... "
                 f"of --steps {steps}; use a multiple of the editing steps (e.g. {steps}, {steps * 10})")
+
+    def invert(self, frames: torch.Tensor, inversion_prompt: str = "", inversion_steps: int = 50,
+               steps: int = 50, batch_size: int = 8, cache_dir: Optional[str] = None,
+               use_cache: bool = True, progress: bool = True,
+               callback: Optional[ProgressCallback] = None,
+               conditioning: Optional[Conditioning] = None, resume: bool = False) -> Inversion:
+        """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
+
+        With ``use_cache`` the result is read from / written to the inversion cache. With
+        ``resume``, every finished batch of frames is checkpointed beside the cache, and a run
+        interrupted midway picks up from its last finished batch.
+        ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
+        """
+        if conditioning is None and (self.is_sdxl or self.is_depth):
+            conditioning = self.prepare_conditioning(frames, EditConfig())
+        self.check_steps(steps, inversion_steps)
+        keep = self.editing_timesteps(steps)
         cache = InversionCache(cache_dir) if use_cache else None
         key, fields = inversion_key(frames=frames_digest(frames), model=self.model_id,
                                     size=list(frames.shape[-2:]), inversion_steps=inversion_steps,
@@ -384,25 +424,42 @@ class TokenFlowPipeline:
             cached = cache.load(key, fields)
             if cached is not None:
                 logger.info("inversion cache hit: %s", cache.entry(key))
+                cached.key = key
                 return cached
-        with self._on_device(self.vae):
-            x0 = encode_frames(self.vae, frames, self.vae_batch_size).cpu()
+        saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key) if resume else None
+        x0 = saver.load_tensor("inversion", "x0") if saver else None
+        if x0 is None:
+            x0 = self._vae(lambda bs: encode_frames(self.vae, frames, bs).cpu(), "encoding")
+            if saver:
+                saver.save("inversion", "x0", {"x0": x0})
         predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning)
-        with tqdm(total=inversion_steps * -(-len(frames) // batch_size), desc="Inverting",
-                  disable=not progress, leave=False) as bar:
+        n = len(frames)
+
+        def restore(first: int):
+            found = saver.find_rows(first) if saver else None
+            if found is not None:
+                logger.info("resuming the inversion at frame %d of %d", found[0], n)
+            return found
+
+        with tqdm(total=inversion_steps, desc="Inverting", unit="step", disable=not progress, leave=False,
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]") as bar:
             def report(done: int, total: int) -> None:
-                bar.update(done - bar.n)
+                bar.update(done / n - bar.n)
                 if callback:
                     callback("inversion", done, total)
 
             with self._on_device(*self._denoisers()):
                 inversion = ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
-                                        batch_size, report, predict)
+                                        batch_size, report, predict, restore=restore,
+                                        on_batch=saver.save_rows if saver else None)
+        inversion.key = key
         if cache is not None:
             try:
                 cache.save(key, fields, inversion)
-            except OSError as e:
+            except (OSError, TokenFlowError) as e:
                 logger.warning("could not write the inversion cache at %s: %s", cache.entry(key), e)
+        if saver:
+            saver.remove("inversion")
         return inversion
 
     def reconstruct(self, inversion: Inversion, inversion_prompt: str = "", inversion_steps: int = 50,
@@ -476,14 +533,19 @@ class TokenFlowPipeline:
         state.cache_device = torch.device("cpu") if offload else None
         if tokenflow:
             # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
+            self._stage = "keyframe pass"
             self._keyframe_pass(x[keyframes], source[keyframes], t, text, state, batch_size, keyframes, conditioning)
         # 3. all frames, batch by batch: propagation (TokenFlow), or the baselines'
-        # per-frame attention (none) or joint attention within the batch (extended)
+        # per-frame attention (none) or joint attention within the batch (extended). Frames are
+        # independent except under extended attention, so a batch may run in smaller chunks.
+        self._stage = "propagation pass"
         state.set_mode({"none": "plain", "extended": "extended"}.get(config.propagation, "propagate"))
         out = torch.empty(x.shape, dtype=torch.float32)
-        for b in range(0, n, batch_size):
+        chunk = batch_size if config.propagation == "extended" else min(batch_size,
+                                                                         self.propagation_chunk or batch_size)
+        for b in range(0, n, chunk):
             if tokenflow:
-                frames = torch.arange(b, min(b + batch_size, n))
+                frames = torch.arange(b, min(b + chunk, n))
                 slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
                 # per-batch facts computed once here, on the CPU, not in every attention layer
                 rows = slots.unique()
@@ -493,42 +555,97 @@ class TokenFlowPipeline:
                 state.keyframe_ids = rows.tolist()
                 state.blend = not bool((weights == 1).all())
                 state.slots, state.weights = slots.to(self.device), weights.to(self.device)
-            noise = self._unet(x[b:b + batch_size], source[b:b + batch_size], t, text,
-                               frames=torch.arange(b, min(b + batch_size, n)), conditioning=conditioning)
+            noise = self._unet(x[b:b + chunk], source[b:b + chunk], t, text,
+                               frames=torch.arange(b, min(b + chunk, n)), conditioning=conditioning)
             # 4. classifier-free guidance, DDIM step
             _, uncond, cond = noise.chunk(3)
             guided = uncond + config.guidance_scale * (cond - uncond)
-            x_b = x[b:b + batch_size].to(device=self.device, dtype=torch.float32)
-            out[b:b + batch_size] = scheduler.step(guided, t.to(self.device), x_b).prev_sample.cpu()
+            x_b = x[b:b + chunk].to(device=self.device, dtype=torch.float32)
+            out[b:b + chunk] = scheduler.step(guided, t.to(self.device), x_b).prev_sample.cpu()
         state.cache.clear()
         state.cache_rows = None
         return out
 
+    # ------------------------------------------------------------------ out of memory
+    def _vae(self, run: Callable[[int], torch.Tensor], what: str) -> torch.Tensor:
+        """A VAE pass ``run(frames per call)``; out of memory, it is retried with half the frames."""
+        while True:
+            try:
+                return run(self.vae_batch_size)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+            if self.vae_batch_size <= 1:
+                raise OutOfMemory(f"out of memory {what} frames even one at a time: use --vae-tiling, "
+                                  f"or lower --height/--width")
+            self.vae_batch_size = max(1, self.vae_batch_size // 2)
+            logger.warning("out of memory %s frames; retrying %d frames at a time", what, self.vae_batch_size)
+            free_memory(self.device)
+
+    def _relieve_step(self, config: EditConfig, n_keyframes: int) -> None:
+        """After an out-of-memory error in an editing step: lower what the failing part holds at
+        once, or give up with the setting to change. Results stay the same up to float rounding."""
+        stage = self._stage
+        if stage == "keyframe pass" and self.split_keyframe_pass is not True:
+            self.split_keyframe_pass = True
+            logger.warning("out of memory in the keyframe pass; retrying one branch at a time")
+        elif stage == "keyframe pass":
+            raise OutOfMemory(f"out of memory in the keyframe pass ({n_keyframes} keyframes) even one branch "
+                              f"at a time: lower --height/--width, raise --batch-size (fewer keyframes), "
+                              f"or use --offload")
+        elif config.propagation == "extended":
+            raise OutOfMemory(f"out of memory attending across {config.batch_size} frames: lower --batch-size "
+                              f"or --height/--width")
+        elif (self.propagation_chunk or config.batch_size) > 1:
+            self.propagation_chunk = max(1, (self.propagation_chunk or config.batch_size) // 2)
+            logger.warning("out of memory in the propagation pass; retrying %d frames per UNet call",
+                           self.propagation_chunk)
+        else:
+            raise OutOfMemory("out of memory in the propagation pass even one frame per UNet call: lower "
+                              "--height/--width, or use --offload")
+        free_memory(self.device)
+
+    def edit_key(self, inversion_key: str, config: EditConfig) -> str:
+        """Identity of an edit's result: the inversion, every setting, the model and its numerics."""
+        schedule = None
+        if config.keyframe_schedule:
+            with open(config.keyframe_schedule, "rb") as f:
+                schedule = hashlib.sha256(f.read()).hexdigest()
+        return key_of(kind="edit", inversion=inversion_key, config=config.to_dict(), schedule=schedule,
+                      model=self.model_id, dtype=str(self.dtype), device=self.device.type)
+
     @torch.no_grad()
     def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
              inversion: Optional[Inversion] = None, cache_dir: Optional[str] = None, use_cache: bool = True,
-             return_latents: bool = False, progress: bool = True,
+             return_latents: bool = False, progress: bool = True, resume: bool = False,
              callback: Optional[ProgressCallback] = None, **overrides: Any) -> EditResult:
         """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
 
         Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
+        With ``resume``, the inversion and the editing loop are checkpointed beside the cache
+        (``cache_dir``), and a run of the same edit after an interruption continues from the last
+        checkpoint with the same result; call ``result.discard_checkpoint()`` once it is saved.
         """
         config = (config or EditConfig()).replace(**overrides)
         if prompt is not None:
             config = config.replace(prompt=prompt)
         config.validate()
         editor: BaseEditor = EDITORS[config.editor](config)
+        self.check_steps(config.steps, config.inversion_steps)
         timer = _Timer()
         with timer("read"):
-            frames, fps, audio = self.load_video(video, config)
+            frames, fps, audio, audio_start = self.load_video(video, config)
         n = len(frames)
+        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule)
+        if isinstance(sampler, ScheduledKeyframes):  # a bad schedule fails now, not after the inversion
+            sampler.check(len(editor.select_timesteps(self.editing_timesteps(config.steps))), n, config.batch_size)
         with timer("conditioning"):
             conditioning = self.prepare_conditioning(frames, config)
         with timer("inversion"):
             if inversion is None:
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                         config.inversion_batch(), cache_dir, use_cache, progress, callback,
-                                        conditioning)
+                                        conditioning, resume=resume)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
         del frames  # the pixels are not needed past the inversion: long videos keep only latents
@@ -541,32 +658,95 @@ class TokenFlowPipeline:
             raise TokenFlowError(f"the inversion has no latents at timesteps {missing[:3]}; "
                                  f"invert with the same --steps as the edit")
         generator = torch.Generator().manual_seed(config.seed)
-        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule)
         text = PromptEmbeds.cat([self.prompt_embeds(config.inversion_prompt),
                                  self.prompt_embeds(config.negative_prompt),
                                  self.prompt_embeds(config.prompt)])  # 3 rows: source, uncond, cond
         x = editor.start_latents(inversion, scheduler, timesteps[0], generator).float()
         latents = [x.clone()] if return_latents else None
         keyframe_log: list[list[int]] = []
+        saver = None
+        if resume and inversion.key and not return_latents:
+            saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)),
+                                                  self.edit_key(inversion.key, config)), sampler)
+            restored = saver.restore(len(timesteps))
+            if restored is not None:
+                x, keyframe_log = restored
+        first = len(keyframe_log)
         state = TokenFlowState(n_branches=3)
         with timer("editing"), self._on_device(*self._denoisers()), tokenflow_hooks(self.unet, state, self.layers):
-            for i, t in enumerate(tqdm(timesteps, desc="Editing", disable=not progress, leave=False)):
+            bar = tqdm(range(first, len(timesteps)), desc="Editing", unit="step", initial=first,
+                       total=len(timesteps), disable=not progress, leave=False)
+            for i in bar:
+                t = timesteps[i]
+                started = time.perf_counter()
                 # 1. keyframes (the baselines have none)
                 keyframes = sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
                     else torch.empty(0, dtype=torch.long)
                 keyframe_log.append(keyframes.tolist())
                 qk, feat = editor.injection(i, config.steps)
-                x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
-                                      config, qk, feat, conditioning)
+                while True:  # 2.-4., retried with smaller UNet batches when the device runs out of memory
+                    try:
+                        x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
+                                              config, qk, feat, conditioning)
+                        break
+                    except Exception as e:
+                        if not is_out_of_memory(e):
+                            raise
+                        state.cache.clear()
+                    self._relieve_step(config, len(keyframes))
+                bar.set_postfix_str(f"{n / (time.perf_counter() - started):.2f} frames/s", refresh=False)
+                if saver:
+                    saver.after_step(x, keyframe_log, len(timesteps), time.perf_counter() - started)
                 if latents is not None:
                     latents.append(x.clone())
                 if callback:
                     callback("editing", i + 1, len(timesteps))
         with timer("decode"):
             with self._on_device(self.vae):
-                edited = decode_latents(self.vae, x, self.vae_batch_size)
+                edited = self._vae(lambda bs: decode_latents(self.vae, x, bs), "decoding")
         return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
-                          latents, timer.seconds, audio)
+                          latents, timer.seconds, audio, audio_start, first,
+                          saver.handle() if saver else None)
+
+
+class _EditCheckpoints:
+    """The editing loop's checkpoint: the latents after a step, the sampler's generator and the
+    keyframes drawn. Saved every few steps, as often as keeps its cost under 2% of the steps'."""
+
+    OVERHEAD = 0.02
+
+    def __init__(self, checkpointer: Checkpointer, sampler):
+        self.checkpointer, self.sampler = checkpointer, sampler
+        self.every, self.since = 1, 0
+
+    def restore(self, total: int) -> Optional[tuple[torch.Tensor, list[list[int]]]]:
+        found = self.checkpointer.load("edit")
+        if found is None:
+            return None
+        tensors, meta = found
+        keyframe_log = meta.get("keyframes", [])
+        if meta.get("total") != total or not 0 < len(keyframe_log) <= total:
+            return None
+        if "generator" in tensors and hasattr(self.sampler, "set_state"):
+            self.sampler.set_state(tensors["generator"])
+        logger.info("resuming the edit after step %d of %d", len(keyframe_log), total)
+        return tensors["x"], keyframe_log
+
+    def after_step(self, x: torch.Tensor, keyframe_log: list[list[int]], total: int, step_seconds: float) -> None:
+        self.since += 1
+        if self.since < self.every and len(keyframe_log) < total:
+            return
+        started = time.perf_counter()
+        tensors = {"x": x}
+        if hasattr(self.sampler, "get_state"):
+            tensors["generator"] = self.sampler.get_state()
+        self.checkpointer.save("edit", None, tensors, {"keyframes": keyframe_log, "total": total})
+        cost = time.perf_counter() - started
+        self.since = 0
+        self.every = max(1, math.ceil(cost / (self.OVERHEAD * max(step_seconds, 1e-9))))
+
+    def handle(self) -> tuple[CheckpointStore, str]:
+        return self.checkpointer.store, self.checkpointer.name("edit")
 
 
 class _Timer:

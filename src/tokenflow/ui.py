@@ -55,7 +55,7 @@ class EditorSession:
     def run(self, video: Optional[str], prompt: str, *, progress: Optional[ProgressFn] = None,
             random_seed: bool = False, **settings: Any) -> tuple[str, str, str]:
         """Edit; returns (edited video path, settings YAML path, a status line)."""
-        from .video import read_video, working_size, write_video
+        from .video import probe_video, working_size, write_video
 
         started = time.perf_counter()
         path = self.check_upload(video)
@@ -72,17 +72,17 @@ class EditorSession:
             if not settings.get(side):
                 settings[side] = None
         config = EditConfig(prompt=prompt.strip(), **settings).validate()
-        clip = read_video(path, config.max_frames, config.fps)
-        h, w = working_size(clip.size, config.height, config.width)
+        info = probe_video(path)  # frames are decoded at the working size inside the edit
+        h, w = self.pipe.working_size(info.size, config)
         if max(h, w) > self.limits.max_side:
             raise TokenFlowError(f"size {w}x{h}: this page edits at most {self.limits.max_side} pixels a side")
         # one job at a time per model: a second visitor waits here, never shares the UNet mid-edit
         with self.lock:
-            result = self.pipe.edit(clip, config=config, cache_dir=self.cache_dir, progress=False,
+            result = self.pipe.edit(path, config=config, cache_dir=self.cache_dir, progress=False,
                                     callback=_progress_adapter(progress))
         stem = f"tokenflow-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16 ** 6):06x}"
         out = os.path.join(self.output_dir, stem + ".mp4")
-        write_video(out, result.uint8(), result.fps, result.audio_source)
+        write_video(out, result.uint8(), result.fps, result.audio_source, audio_start=result.audio_start)
         yaml_path = os.path.join(self.output_dir, stem + ".yaml")
         save_settings(yaml_path, {"model": self.model_name, **result.config.to_dict()})
         n, _, fh, fw = result.frames.shape

@@ -7,19 +7,23 @@ temporary file beside the target and rename it, so the output path never holds h
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .atomic import atomic_path
+from .atomic import TMP_NAME_EXTRA, atomic_dir, atomic_path
 from .errors import TokenFlowError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".mkv")
@@ -29,84 +33,229 @@ NOT_VIDEO_FORMATS = ("tty",)
 
 @dataclass
 class Video:
-    frames: np.ndarray  # (N, H, W, 3) uint8
+    frames: np.ndarray  # (N, H, W, 3) uint8, upright
     fps: float
     audio_source: Optional[str] = None  # a file whose first audio stream belongs to the frames
     source: str = ""
+    start_time: float = 0.0  # seconds: the first frame's time in the source; audio is cut from there
+    source_size: Optional[tuple[int, int]] = None  # (H, W) of the source's upright frames, before fitting
 
     @property
     def size(self) -> tuple[int, int]:
         return int(self.frames.shape[1]), int(self.frames.shape[2])
 
 
+@dataclass
+class VideoInfo:
+    """What :func:`probe_video` learns without decoding the whole input."""
+
+    size: tuple[int, int]  # (H, W) of the first frame, upright
+    n_frames: Optional[int]  # frames the container declares (files in a folder); None if it does not say
+    fps: float
+    has_audio: bool
+
+
+# size=: keep the source size, a fixed (H, W), or a function of the first frame's (H, W)
+SizeSpec = Union[None, tuple[int, int], Callable[[tuple[int, int]], tuple[int, int]]]
+
+
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
-               fps: Optional[float] = None) -> Video:
-    """Read a video file (anything PyAV decodes) or a folder of images in natural order.
-
-    ``fps`` applies to frame folders (a video keeps its own); ``max_frames`` keeps the first frames.
-    """
-    path = os.fspath(path)
+def _check_input(path: str, max_frames: Optional[int]) -> None:
     if max_frames is not None and max_frames < 1:
         raise TokenFlowError(f"frame limit must be at least 1, got {max_frames}")
     if not os.path.exists(path):
         raise TokenFlowError(f"input '{path}' does not exist")
+
+
+def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
+               fps: Optional[float] = None, size: SizeSpec = None) -> Video:
+    """Read a video file (anything PyAV decodes) or a folder of images in natural order.
+
+    Frames come out upright (a phone video's rotation and a photo's EXIF orientation applied)
+    as 8-bit RGB whatever the source's pixel format. ``size`` fits every frame as it is
+    decoded, so reading holds no more than the working size of the video, never the source's
+    resolution, and a stream whose resolution changes midway still gives frames of one size.
+    ``fps`` applies to frame folders (a video keeps its own); ``max_frames`` keeps the first frames.
+    """
+    path = os.fspath(path)
+    _check_input(path, max_frames)
     if os.path.isdir(path):
-        return _read_folder(path, max_frames, fps)
-    return _read_file(path, max_frames)
+        return _read_folder(path, max_frames, fps, size)
+    return _read_file(path, max_frames, size)
 
 
-def _read_folder(path: str, max_frames: Optional[int], fps: Optional[float]) -> Video:
-    names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)),
-                   key=_natural_key)
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Size, declared frame count, fps and audio of an input, from its first frame and header:
+    cheap, so bad input fails before any model loads."""
+    path = os.fspath(path)
+    _check_input(path, None)
+    if os.path.isdir(path):
+        names = _frame_names(path)
+        first = _read_image(os.path.join(path, names[0]))
+        return VideoInfo(first.shape[:2], len(names), DEFAULT_FOLDER_FPS, False)
+    with _open_video(path) as (container, stream):
+        declared = _declared_frames(container, stream)
+        try:
+            frame = next(container.decode(stream), None)
+        except Exception as e:
+            raise _unreadable(path, e) from None
+        if frame is None:
+            raise TokenFlowError(f"input '{path}' has no video frames")
+        return VideoInfo(_upright(frame).shape[:2], declared, _rate(stream), bool(container.streams.audio))
+
+
+class _Fitter:
+    """Resizes each frame to the size ``spec`` gives for the first frame; warns once when a
+    frame's own size differs from the first one's."""
+
+    def __init__(self, spec: SizeSpec, source: str):
+        self.spec, self.source = spec, source
+        self.first: Optional[tuple[int, int]] = None
+        self.target: Optional[tuple[int, int]] = None
+        self.warned = False
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        hw = tuple(frame.shape[:2])
+        if self.first is None:
+            self.first = hw
+            spec = self.spec
+            self.target = tuple(spec(hw)) if callable(spec) else (tuple(spec) if spec else hw)
+        elif hw != self.first and not self.warned:
+            self.warned = True
+            logger.warning("'%s' changes size midway (%dx%d, then %dx%d): every frame is fitted to %dx%d",
+                           self.source, self.first[1], self.first[0], hw[1], hw[0], self.target[1], self.target[0])
+        return resize_frame(frame, *self.target)
+
+
+def _frame_names(path: str) -> list[str]:
+    names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
+                    and os.path.isfile(os.path.join(path, n))), key=_natural_key)
     if not names:
         raise TokenFlowError(f"folder '{path}' has no frames (allowed: {', '.join(IMAGE_EXTENSIONS)})")
+    return names
+
+
+def _read_folder(path: str, max_frames: Optional[int], fps: Optional[float], size: SizeSpec) -> Video:
+    names = _frame_names(path)
     names = names[:max_frames] if max_frames else names
-    frames = []
-    for name in names:
-        file = os.path.join(path, name)
-        try:
-            with Image.open(file) as im:
-                frames.append(np.asarray(im.convert("RGB")))
-        except Exception as e:  # PIL raises many types for bad files
-            raise TokenFlowError(f"cannot read frame '{file}': {type(e).__name__}: {e}") from None
-        if frames[-1].shape != frames[0].shape:
-            raise TokenFlowError(f"frame '{file}' is {frames[-1].shape[1]}x{frames[-1].shape[0]} "
-                                 f"but the first frame is {frames[0].shape[1]}x{frames[0].shape[0]}")
-    return Video(np.stack(frames), float(fps or DEFAULT_FOLDER_FPS), None, path)
+    fit = _Fitter(size, path)
+    frames = [fit(_read_image(os.path.join(path, name))) for name in names]
+    return Video(np.stack(frames), float(fps or DEFAULT_FOLDER_FPS), None, path, 0.0, fit.first)
 
 
-def _read_file(path: str, max_frames: Optional[int]) -> Video:
+def _read_image(file: str) -> np.ndarray:
+    try:
+        with Image.open(file) as im:
+            return image_to_rgb8(im)
+    except TokenFlowError:
+        raise
+    except Exception as e:  # PIL raises many types for bad files
+        raise TokenFlowError(f"cannot read frame '{file}': {type(e).__name__}: {short_message(e)}") from None
+
+
+def image_to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any image Pillow opens -> upright uint8 (H, W, 3).
+
+    16-bit and 32-bit integer images (depth maps, VFX exports: Pillow's ``I;16`` and ``I``) are
+    scaled from 0..65535, float images (``F``) from 0..1; palette, CMYK, grey and alpha modes
+    go through Pillow's conversion (alpha dropped). EXIF orientation is applied.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
+        gray = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode in ("P", "PA") and "transparency" in im.info or im.mode == "PA":
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"))
+
+
+def short_message(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "corrupt or unsupported"
+
+
+def _unreadable(path: str, e: BaseException) -> TokenFlowError:
+    return TokenFlowError(f"cannot read '{path}' as a video: {type(e).__name__}: {short_message(e)}")
+
+
+@contextlib.contextmanager
+def _open_video(path: str):
     import av
 
     if os.path.getsize(path) == 0:
         raise TokenFlowError(f"input '{path}' is an empty file")
-    frames = []
     try:
-        with av.open(path) as container:
-            # ffmpeg renders any text file as a "video" through its tty (ANSI art) demuxer
-            if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
-                raise TokenFlowError(f"cannot read '{path}' as a video: it has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS)
-            has_audio = bool(container.streams.audio)
+        container = av.open(path)
+    except Exception as e:  # av raises InvalidDataError and friends
+        raise _unreadable(path, e) from None
+    try:
+        # ffmpeg renders any text file as a "video" through its tty (ANSI art) demuxer
+        if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
+            raise TokenFlowError(f"cannot read '{path}' as a video: it has no video stream")
+        yield container, container.streams.video[0]
+    finally:
+        container.close()
+
+
+def _rate(stream) -> float:
+    return float(stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS))
+
+
+def _declared_frames(container, stream) -> Optional[int]:
+    """The frame count the header gives, else one estimated from its duration; None if neither."""
+    if stream.frames:
+        return int(stream.frames)
+    if stream.duration and stream.time_base:
+        return int(round(float(stream.duration * stream.time_base) * _rate(stream)))
+    if container.duration:
+        return int(round(container.duration / 1_000_000 * _rate(stream)))
+    return None
+
+
+def _upright(frame) -> np.ndarray:
+    """A decoded frame as RGB, turned by its display matrix (phones store portrait clips sideways)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as ffmpeg displays it
+    turns = int(round(rotation / 90)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _read_file(path: str, max_frames: Optional[int], size: SizeSpec) -> Video:
+    frames, start, error = [], 0.0, None
+    fit = _Fitter(size, path)
+    with _open_video(path) as (container, stream):
+        declared = _declared_frames(container, stream)
+        has_audio = bool(container.streams.audio)
+        try:
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                if not frames and frame.time is not None:
+                    start = float(frame.time)
+                frames.append(fit(_upright(frame)))
                 if max_frames and len(frames) >= max_frames:
                     break
-    except TokenFlowError:
-        raise
-    except Exception as e:  # av raises InvalidDataError and friends
-        if not frames:
-            raise TokenFlowError(f"cannot read '{path}' as a video: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else 'corrupt or unsupported'}") from None
-        # a truncated tail: keep the frames that decoded
+        except Exception as e:  # a damaged tail: keep what decoded, say so below
+            if not frames:
+                raise _unreadable(path, e) from None
+            error = e
+        rate = _rate(stream)
     if not frames:
         raise TokenFlowError(f"input '{path}' has no video frames")
-    return Video(np.stack(frames), float(rate), path if has_audio else None, path)
+    wanted = min(declared, max_frames) if declared and max_frames else declared
+    if error is not None or (wanted and not _close(len(frames), wanted)):
+        logger.warning("'%s' looks truncated or damaged: read %d frames, the container declares %s%s; "
+                       "editing the frames that were read", path, len(frames), declared or "no count",
+                       f" ({type(error).__name__}: {short_message(error)})" if error else "")
+    return Video(np.stack(frames), rate, path if has_audio else None, path, start, fit.first)
+
+
+def _close(read: int, declared: int) -> bool:
+    """Frame counts estimated from durations are off by a frame or two."""
+    return read >= declared - max(2, declared // 50)
 
 
 def default_size(height: int, width: int, area: int = 512 * 512, multiple: int = 64) -> tuple[int, int]:
@@ -132,12 +281,18 @@ def working_size(source_hw: tuple[int, int], height: Optional[int] = None,
     return int(height), int(width)
 
 
+def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (height, width, 3) with Pillow's LANCZOS; unchanged if same size."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.LANCZOS))
+
+
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 (N, H, W, 3) -> (N, height, width, 3) with Pillow's LANCZOS; unchanged if same size."""
     if frames.shape[1:3] == (height, width):
         return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.LANCZOS))
-                     for f in frames])
+    return np.stack([resize_frame(f, height, width) for f in frames])
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -165,26 +320,42 @@ def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 
 def check_output_path(path: str | os.PathLike, extensions=VIDEO_OUTPUT_EXTENSIONS) -> str:
-    """Fail early, before any work, if ``path`` cannot be written."""
+    """Fail early, before any work, if ``path`` cannot be written (nor its temporary beside it)."""
     path = os.fspath(path)
     if extensions and not path.lower().endswith(extensions):
         raise TokenFlowError(f"output '{path}' must end in {', '.join(extensions)}")
     if os.path.isdir(path):
         raise TokenFlowError(f"output '{path}' is a folder")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise TokenFlowError(f"cannot write output '{path}': folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    check_writable_name(path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         raise TokenFlowError(f"cannot write output '{path}': permission denied")
     return path
 
 
+def check_writable_name(path: str) -> None:
+    """The parent folder exists and is writable; the name and its temporary fit the file system."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise TokenFlowError(f"cannot write output '{path}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise TokenFlowError(f"cannot write output '{path}': permission denied")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    name = os.path.basename(os.path.abspath(path)).encode("utf-8", "surrogateescape")
+    if len(name) + TMP_NAME_EXTRA > name_max:
+        raise TokenFlowError(f"output name '{os.path.basename(path)[:40]}...' is too long "
+                             f"({len(name)} bytes; at most {name_max - TMP_NAME_EXTRA} here)")
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
-                audio_source: Optional[str] = None, crf: int = 18) -> str:
+                audio_source: Optional[str] = None, crf: int = 18, audio_start: float = 0.0) -> str:
     """Write uint8 (N, H, W, 3) frames as H.264 yuv420p at ``fps``, atomically.
 
     The first audio stream of ``audio_source`` is copied (or re-encoded to AAC where the
-    container cannot hold its codec), cut at the end of the video.
+    container cannot hold its codec) from ``audio_start`` seconds (the first frame's time in
+    the source) for as long as the video lasts, shifted to start with the first frame.
     """
     import av
 
@@ -200,7 +371,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
             out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         out.mux(stream.encode())
         if audio is not None:
-            _copy_audio(audio, out, duration=len(frames) / float(rate))
+            _copy_audio(audio, out, audio_start, len(frames) / float(rate))
     return path
 
 
@@ -232,37 +403,61 @@ def _open_audio(source: Optional[str], out) -> Optional[_Audio]:
     return _Audio(container, stream, out_stream, True)
 
 
-def _copy_audio(audio: _Audio, out, duration: float) -> None:
+def _copy_audio(audio: _Audio, out, start: float, duration: float) -> None:
+    """Audio in [start, start + duration) of the source, shifted so ``start`` becomes 0."""
     try:
         if audio.transcode:
             for frame in audio.container.decode(audio.stream):
-                if frame.time is not None and frame.time >= duration:
+                if frame.time is not None and frame.time < start:
+                    continue
+                if frame.time is not None and frame.time >= start + duration:
                     break
                 frame.pts = None
                 out.mux(audio.out_stream.encode(frame))
             out.mux(audio.out_stream.encode())
             return
+        shift = None
         for packet in audio.container.demux(audio.stream):
-            if packet.dts is None:
+            if packet.dts is None or packet.pts is None:
                 continue
-            if packet.pts is not None and float(packet.pts * packet.time_base) >= duration:
+            time = float(packet.pts * packet.time_base)
+            if time < start:
+                continue
+            if time >= start + duration:
                 break
+            if shift is None:
+                shift = int(round(start / packet.time_base))
+            packet.pts -= shift
+            packet.dts -= shift
             packet.stream = audio.out_stream
             out.mux(packet)
     finally:
         audio.container.close()
 
 
-def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> str:
-    """Write uint8 frames as ``00000.png, ...`` into ``folder``; each file lands atomically."""
+FRAME_NAME = re.compile(r"\d{5}\.png\Z")
+
+
+def frames_replaceable(name: str) -> bool:
+    """What a frames folder may hold to be replaced whole: frames an earlier run wrote."""
+    return bool(FRAME_NAME.match(name))
+
+
+def check_frames_dir(folder: str | os.PathLike) -> str:
+    """Fail early if ``folder`` cannot take the frames: a file, or a folder of the user's own files."""
+    from .atomic import check_replaceable_dir
+
     folder = os.fspath(folder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise TokenFlowError(f"frames folder '{folder}' is a file")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise TokenFlowError(f"cannot create frames folder '{folder}': {e.strerror}") from None
-    for i, frame in enumerate(frames):
-        with atomic_path(os.path.join(folder, f"{i:05d}.png")) as tmp:
-            Image.fromarray(frame).save(tmp, format="PNG")
+    check_writable_name(folder)
+    check_replaceable_dir(os.path.abspath(folder), frames_replaceable)
+    return folder
+
+
+def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> str:
+    """Write uint8 frames as ``00000.png, ...`` into ``folder``, atomically as a whole: they go
+    into a temporary folder beside it that then takes its place (an earlier run's frames go)."""
+    folder = check_frames_dir(folder)
+    with atomic_dir(folder, frames_replaceable) as tmp:
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(os.path.join(tmp, f"{i:05d}.png"), format="PNG")
     return folder

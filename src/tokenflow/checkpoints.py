@@ -1,0 +1,159 @@
+"""Checkpoints that let a long job resume: a partly done inversion and the editing loop.
+
+They live next to the inversion cache (``<cache root>/checkpoints/``), one safetensors file
+each, written atomically (:func:`tokenflow.atomic.atomic_path`) with the sha256 of its
+tensors and the key it belongs to in its metadata. A file that does not verify is ignored
+and the work redone, never trusted. Keys hash everything the result depends on, so a
+checkpoint is only ever picked up by the run that would have produced it.
+
+- ``inversion-<key>/x0`` and ``inversion-<key>/frames-<start>-<end>``: the clean latents and
+  each finished batch of frames (all kept timesteps); removed when the inversion is complete.
+- ``edit-<key>``: the latents after the last checkpointed step, the keyframe sampler's
+  generator state and the keyframes drawn so far; removed once the output is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+
+from .atomic import atomic_path
+from .cache import default_cache_dir
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def checkpoint_root(cache_dir: Optional[str] = None) -> str:
+    return os.path.join(os.fspath(cache_dir) if cache_dir else default_cache_dir(), "checkpoints")
+
+
+def key_of(**fields: Any) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    """Named checkpoints under one folder; ``save`` is atomic, ``load`` verifies."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name + ".safetensors")
+
+    def save(self, name: str, key: str, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None) -> str:
+        from safetensors.torch import save_file
+
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        metadata = {"key": key, "sha256": tensors_digest(tensors), "meta": json.dumps(meta or {})}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        return path
+
+    def load(self, name: str, key: str) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+        """The tensors and meta saved under ``name`` for ``key``; None if absent or not verified."""
+        from safetensors import safe_open
+
+        path = self.path(name)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if metadata.get("key") != key:
+                raise ValueError("it belongs to other settings")
+            if metadata.get("sha256") != tensors_digest(tensors):
+                raise ValueError("its contents do not match their checksum")
+            return tensors, json.loads(metadata.get("meta") or "{}")
+        except Exception as e:  # a damaged file is redone, never trusted
+            logger.warning("ignoring checkpoint %s (%s)", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return None
+
+    def remove(self, name: str) -> None:
+        """Remove a checkpoint file, or a folder of them."""
+        path, folder = self.path(name), os.path.join(self.root, name)
+        try:
+            if os.path.isfile(path):
+                os.remove(path)
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+        except OSError as e:
+            logger.warning("could not remove checkpoint %s: %s", path, e.strerror or e)
+        try:  # the folder goes with its last checkpoint
+            os.rmdir(self.root)
+        except OSError:
+            pass
+
+
+class Checkpointer:
+    """One job's checkpoints (``inversion-<key>/...``, ``edit-<key>``). Writing one never fails
+    the job: a full disk or another OS error warns once and the job goes on without them."""
+
+    def __init__(self, store: CheckpointStore, key: str):
+        self.store, self.key, self.disabled = store, key, False
+
+    def name(self, kind: str, part: Optional[str] = None) -> str:
+        return f"{kind}-{self.key}" + (f"/{part}" if part else "")
+
+    def save(self, kind: str, part: Optional[str], tensors: dict[str, torch.Tensor],
+             meta: Optional[dict] = None) -> bool:
+        if self.disabled:
+            return False
+        from .errors import TokenFlowError
+
+        try:
+            self.store.save(self.name(kind, part), self.key, tensors, meta)
+            return True
+        except (OSError, TokenFlowError) as e:
+            self.disabled = True
+            logger.warning("could not write a checkpoint in %s (%s); going on without: an interruption "
+                           "from here on means starting over", self.store.root, e)
+            return False
+
+    def load(self, kind: str, part: Optional[str] = None) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+        return self.store.load(self.name(kind, part), self.key)
+
+    def load_tensor(self, kind: str, part: str) -> Optional[torch.Tensor]:
+        found = self.load(kind, part)
+        return None if found is None else found[0].get(part)
+
+    def save_rows(self, first: int, end: int, rows: dict[int, torch.Tensor]) -> None:
+        """A finished batch of an inversion: frames [first, end) at every kept timestep."""
+        self.save("inversion", f"frames-{first:06d}-{end:06d}", {f"t{t:04d}": v for t, v in rows.items()})
+
+    def find_rows(self, first: int) -> Optional[tuple[int, dict[int, torch.Tensor]]]:
+        """The batch of an inversion that starts at frame ``first``, if an earlier run finished it."""
+        folder = os.path.join(self.store.root, self.name("inversion"))
+        prefix = f"frames-{first:06d}-"
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".safetensors"))
+        except OSError:
+            return None
+        for file in names:
+            part = file[:-len(".safetensors")]
+            found = self.load("inversion", part)
+            if found is not None:
+                return int(part[len(prefix):]), {int(k[1:]): v for k, v in found[0].items()}
+        return None
+
+    def remove(self, kind: str) -> None:
+        self.store.remove(self.name(kind))

@@ -1,0 +1,158 @@
+"""Checks that run before any model loads, so a run that cannot finish fails in a second, not
+after an hour: outputs that would overwrite an input, names too long for the file system,
+disks too full for the result, settings or files that are wrong.
+
+Everything here is cheap: the input is probed (header and first frame), nothing is decoded
+in full and no model is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Iterable, Optional
+
+from .config import EditConfig
+from .errors import TokenFlowError
+from .models import check_exists, parse_lora
+from .video import VideoInfo, working_size
+
+logger = logging.getLogger(__name__)
+
+# rough upper bounds of what a run writes, in bytes per output pixel
+VIDEO_BYTES_PER_PIXEL = 1.0  # H.264 at crf 18 stays far below (raw yuv420p is 1.5)
+PNG_BYTES_PER_PIXEL = 3.0  # PNG never needs much more than raw RGB
+MARGIN = 1 << 20
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def same_path(a: str, b: str) -> bool:
+    """The same file or folder, through symlinks, relative paths and hard links."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def inside(path: str, folder: str) -> bool:
+    """``path`` lies in ``folder`` (or is it)."""
+    p, f = _real(path), _real(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def protected_paths(input_path: Optional[str], config_file: Optional[str], config: EditConfig,
+                    run: dict) -> list[str]:
+    """Every local file or folder a run reads: none of them may be written to."""
+    paths = [input_path, config_file, config.keyframe_schedule, config.controlnet, config.depth_model,
+             run.get("model"), run.get("model_config")]
+    if config.control not in (None, "canny", "depth"):
+        paths.append(config.control)
+    loras = run.get("lora") or []
+    for spec in [loras] if isinstance(loras, str) else loras:
+        paths.append(parse_lora(spec)[0])
+    return [p for p in paths if p and os.path.exists(os.path.expanduser(p))]
+
+
+def check_no_overwrite(files: Iterable[str], folder: Optional[str], protected: Iterable[str]) -> None:
+    """Refuse an output file that is an input, and a frames folder that is or holds an input
+    (or an output file: replacing the folder would take it along)."""
+    protected = list(protected)
+    files = [f for f in files if f]
+    for out in files:
+        for p in protected:
+            if same_path(out, p):
+                raise TokenFlowError(f"output '{out}' is the input '{p}'; writing it would destroy the "
+                                     f"input: choose another output name")
+    if folder:
+        for p in protected + files:
+            if inside(p, folder):
+                what = "the input" if p in protected else "the output"
+                raise TokenFlowError(f"frames folder '{folder}' holds {what} '{p}', which writing the "
+                                     f"frames would replace: choose another --frames-dir")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _free(path: str) -> tuple[int, float]:
+    """(device id, free bytes) of the file system that will hold ``path``."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return os.stat(folder).st_dev, shutil.disk_usage(folder).free
+
+
+def check_free_space(info: VideoInfo, config: EditConfig, output: Optional[str], frames_dir: Optional[str],
+                     cache_root: Optional[str], area: int = 512 * 512, latent_channels: int = 4) -> None:
+    """Enough free space for the output (an error if not) and for the cache and checkpoints
+    (a warning: they are skipped when they cannot be written). A rough bound from the declared
+    frame count and the working size; nothing when the container does not say how long it is."""
+    n = info.n_frames
+    if config.max_frames:
+        n = min(n, config.max_frames) if n else config.max_frames
+    if not n:
+        return
+    h, w = working_size(info.size, config.height, config.width, area)
+    needs: dict[int, list] = {}
+    for path, size in ((output, n * h * w * VIDEO_BYTES_PER_PIXEL),
+                       (frames_dir, n * h * w * PNG_BYTES_PER_PIXEL)):
+        if path:
+            dev, free = _free(path)
+            entry = needs.setdefault(dev, [0.0, free, path])
+            entry[0] += size + MARGIN
+    for need, free, path in needs.values():
+        if need > free:
+            raise TokenFlowError(f"not enough free space for the output at '{path}': about {_human(need)} "
+                                 f"needed, {_human(free)} free")
+    if cache_root:
+        latent = n * latent_channels * (h // 8) * (w // 8) * 4
+        # inversion cache (kept timesteps + x0 + final) + its checkpoints while it runs + the edit's
+        need = latent * (2 * (config.steps + 2) + 1)
+        dev, free = _free(cache_root)
+        if dev in needs:
+            free -= needs[dev][0]
+        if need > free:
+            logger.warning("the inversion cache and resume checkpoints need about %s in '%s' and only %s is "
+                           "free: they will be skipped if the disk fills", _human(need), cache_root, _human(free))
+
+
+def check_local_paths(config: EditConfig, run: dict) -> None:
+    """Paths given for models, LoRAs and ControlNets exist (a hub id is looked up later)."""
+    check_exists("model", run.get("model"))
+    check_exists("model config", run.get("model_config"))
+    check_exists("ControlNet", config.controlnet)
+    check_exists("depth model", config.depth_model)
+    loras = run.get("lora") or []
+    for spec in [loras] if isinstance(loras, str) else loras:
+        check_exists("LoRA", parse_lora(spec)[0])
+    if config.keyframe_schedule and not os.path.isfile(config.keyframe_schedule):
+        raise TokenFlowError(f"keyframe schedule '{config.keyframe_schedule}' does not exist")
+
+
+def check_port(host: str, port: int) -> None:
+    """The web page's address can be listened on (not taken by another server)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise TokenFlowError(f"cannot listen on host '{host}': {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise TokenFlowError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server may use "
+                                 f"it; choose another --port)") from None
