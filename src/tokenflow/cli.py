@@ -71,8 +71,8 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
     p.add_argument("--no-resume", action="store_true", default=None,
-                   help="start over: ignore the checkpoints of an interrupted run of the same command "
-                        "(default: resume from them)")
+                   help="start over instead of resuming from the checkpoints of an interrupted run of "
+                        "the same command (default: resume)")
     p.add_argument("--offload", action="store_true",
                    help="keep the models on the CPU and bring each to the GPU only for its stage")
     p.add_argument("--vae-slicing", action="store_true", help="encode/decode one frame at a time")
@@ -308,7 +308,7 @@ def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], arg
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                        config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
                        conditioning=conditioning or pipe.prepare_conditioning(frames, config),
-                       resume=not run.get("no_resume"))
+                       checkpoint=True, restart=bool(run.get("no_resume")))
 
 
 def _cache_root(run: dict[str, Any]) -> str:
@@ -337,7 +337,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(run)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
     result = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
-                       progress=not args.quiet, resume=not run.get("no_resume"))
+                       progress=not args.quiet, checkpoint=True, restart=bool(run.get("no_resume")))
     _finish(pipe, result, output, run, started)
     return 0
 

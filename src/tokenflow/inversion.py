@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from .errors import OutOfMemory
 from .models import free_memory, is_out_of_memory
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,11 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
                 if progress:
                     progress(b * len(timesteps) + (i + 1) * (end - b), total)
         except Exception as e:
-            if not is_out_of_memory(e) or end - b == 1:
+            if not is_out_of_memory(e):
                 raise
+            if end - b == 1:
+                raise OutOfMemory("out of memory inverting even one frame at a time: lower --height/--width, "
+                                  "or use --offload") from None
             batch_size = max(1, (end - b) // 2)
             logger.warning("out of memory inverting %d frames at once; retrying with %d", end - b, batch_size)
             del e

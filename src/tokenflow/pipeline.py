@@ -401,12 +401,13 @@ class TokenFlowPipeline:
                steps: int = 50, batch_size: int = 8, cache_dir: Optional[str] = None,
                use_cache: bool = True, progress: bool = True,
                callback: Optional[ProgressCallback] = None,
-               conditioning: Optional[Conditioning] = None, resume: bool = False) -> Inversion:
+               conditioning: Optional[Conditioning] = None, checkpoint: bool = False,
+               restart: bool = False) -> Inversion:
         """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
 
         With ``use_cache`` the result is read from / written to the inversion cache. With
-        ``resume``, every finished batch of frames is checkpointed beside the cache, and a run
-        interrupted midway picks up from its last finished batch.
+        ``checkpoint``, every finished batch of frames is checkpointed beside the cache, and a run
+        interrupted midway picks up from its last finished batch (unless ``restart``).
         ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
         """
         if conditioning is None and (self.is_sdxl or self.is_depth):
@@ -426,8 +427,8 @@ class TokenFlowPipeline:
                 logger.info("inversion cache hit: %s", cache.entry(key))
                 cached.key = key
                 return cached
-        saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key) if resume else None
-        x0 = saver.load_tensor("inversion", "x0") if saver else None
+        saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key) if checkpoint else None
+        x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None
         if x0 is None:
             x0 = self._vae(lambda bs: encode_frames(self.vae, frames, bs).cpu(), "encoding")
             if saver:
@@ -436,7 +437,7 @@ class TokenFlowPipeline:
         n = len(frames)
 
         def restore(first: int):
-            found = saver.find_rows(first) if saver else None
+            found = saver.find_rows(first) if saver and not restart else None
             if found is not None:
                 logger.info("resuming the inversion at frame %d of %d", found[0], n)
             return found
@@ -617,14 +618,15 @@ class TokenFlowPipeline:
     @torch.no_grad()
     def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
              inversion: Optional[Inversion] = None, cache_dir: Optional[str] = None, use_cache: bool = True,
-             return_latents: bool = False, progress: bool = True, resume: bool = False,
-             callback: Optional[ProgressCallback] = None, **overrides: Any) -> EditResult:
+             return_latents: bool = False, progress: bool = True, checkpoint: bool = False,
+             restart: bool = False, callback: Optional[ProgressCallback] = None, **overrides: Any) -> EditResult:
         """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
 
         Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
-        With ``resume``, the inversion and the editing loop are checkpointed beside the cache
+        With ``checkpoint``, the inversion and the editing loop are checkpointed beside the cache
         (``cache_dir``), and a run of the same edit after an interruption continues from the last
-        checkpoint with the same result; call ``result.discard_checkpoint()`` once it is saved.
+        checkpoint with the same result (``restart`` ignores them); call
+        ``result.discard_checkpoint()`` once the result is saved.
         """
         config = (config or EditConfig()).replace(**overrides)
         if prompt is not None:
@@ -645,7 +647,7 @@ class TokenFlowPipeline:
             if inversion is None:
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                         config.inversion_batch(), cache_dir, use_cache, progress, callback,
-                                        conditioning, resume=resume)
+                                        conditioning, checkpoint=checkpoint, restart=restart)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
         del frames  # the pixels are not needed past the inversion: long videos keep only latents
@@ -665,10 +667,10 @@ class TokenFlowPipeline:
         latents = [x.clone()] if return_latents else None
         keyframe_log: list[list[int]] = []
         saver = None
-        if resume and inversion.key and not return_latents:
+        if checkpoint and inversion.key and not return_latents:
             saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)),
                                                   self.edit_key(inversion.key, config)), sampler)
-            restored = saver.restore(len(timesteps))
+            restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored
         first = len(keyframe_log)
