@@ -348,7 +348,7 @@ def encode_frames(vae, frames: torch.Tensor, batch_size: int = 10,
     for i in range(0, len(frames), batch_size):
         x = frames[i:i + batch_size].to(device=device, dtype=dtype) * 2 - 1
         out.append(vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor)
-    return torch.cat(out)
+    return torch.cat(out).contiguous()  # one memory layout whatever the VAE gives: results must not depend on it
 
 
 @torch.no_grad()
