@@ -309,7 +309,7 @@ BAD = {
     "missing ControlNet": (["--editor", "controlnet", "--control", "canny", "--controlnet", "cn/model.safetensors"],
                            "ControlNet 'cn/model.safetensors' does not exist"),
     "missing model file": (["--model", "models/x.safetensors"], "model 'models/x.safetensors' does not exist"),
-    "steps mismatch": (["--steps", "30", "--inversion-steps", "50"], "does not reach"),
+    "steps mismatch": (["--steps", "30", "--inversion-steps", "50"], "use e.g. --inversion-steps 90"),
     "schedule missing": (["--keyframe-schedule", "none.json"], "does not exist"),
     "schedule bad json": (["--keyframe-schedule", "{bad_json}"], "cannot read keyframe schedule"),
     "schedule wrong frames": (["--keyframe-schedule", "{short_schedule}"], "keyframe schedule step 1"),

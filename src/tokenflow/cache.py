@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -107,3 +108,75 @@ class InversionCache:
         with atomic_path(manifest_path) as tmp, open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
         return folder
+
+
+@dataclass
+class CacheEntry:
+    """One thing in the cache folder: an inversion, or a resume checkpoint."""
+
+    kind: str  # "inversion", "edit checkpoint" or "inversion checkpoint"
+    key: str
+    path: str
+    bytes: int
+    modified: float  # seconds since the epoch
+    frames: Optional[int] = None
+    size: Optional[tuple[int, int]] = None  # (H, W) of the frames
+    model: str = ""
+    prompt: str = ""
+
+
+def _bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _modified(path: str) -> float:
+    if os.path.isfile(path):
+        return os.path.getmtime(path)
+    times = [os.path.getmtime(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files]
+    return max(times, default=os.path.getmtime(path))
+
+
+def list_entries(root: Optional[str] = None) -> list[CacheEntry]:
+    """The inversions and checkpoints under ``root`` (default: the user's cache), newest first."""
+    root = os.fspath(root) if root else default_cache_dir()
+    entries: list[CacheEntry] = []
+    if not os.path.isdir(root):
+        return entries
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name == "checkpoints" and os.path.isdir(path):
+            for item in sorted(os.listdir(path)):
+                kind, _, key = item.partition("-")
+                if kind in ("edit", "inversion") and key:
+                    sub = os.path.join(path, item)
+                    entries.append(CacheEntry(f"{kind} checkpoint", key.split(".")[0], sub, _bytes(sub),
+                                              _modified(sub)))
+            continue
+        if not os.path.isdir(path) or name.startswith("."):
+            continue
+        entry = CacheEntry("inversion", name, path, _bytes(path), _modified(path))
+        try:
+            with open(os.path.join(path, "manifest.json")) as f:
+                manifest = json.load(f)
+            n, _, h, w = manifest["shape"]
+            entry.frames, entry.size = int(n), (int(h) * 8, int(w) * 8)
+            entry.model = str(manifest["fields"].get("model", ""))
+            entry.prompt = str(manifest["fields"].get("inversion_prompt", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.kind = "inversion (incomplete)"
+        entries.append(entry)
+    return sorted(entries, key=lambda e: e.modified, reverse=True)
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    """Remove an entry: renamed out of the way first, so nothing ever reads half of one."""
+    import shutil
+
+    doomed = os.path.join(os.path.dirname(entry.path), f".removing-{os.getpid()}-{os.path.basename(entry.path)}")
+    os.rename(entry.path, doomed)
+    if os.path.isdir(doomed):
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        os.remove(doomed)

@@ -27,6 +27,7 @@ from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RU
 from .errors import Interrupted, OutOfMemory, TokenFlowError
 
 EXIT_USAGE = 2
+logger = logging.getLogger("tokenflow.cli")
 DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")
 # The demo's settings: small enough for two CPU cores in well under two minutes.
 DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a wolf", max_frames=16,
@@ -38,12 +39,16 @@ class _Parser(argparse.ArgumentParser):
         raise TokenFlowError(f"{message} (see '{self.prog} --help')")
 
 
-def _edit_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by edit and invert; defaults are None so a config file can fill them."""
+def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
+    """Options shared by edit, invert and analyze; defaults are None so a config file can fill them.
+    For edit, the prompt and the output come right after the input."""
     p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
+    if edit:
+        p.add_argument("-p", "--prompt", help="what the edited video should show (required)")
+        p.add_argument("-o", "--output", help="output video (.mp4/.mov/.mkv; default INPUT-tokenflow.mp4)")
     p.add_argument("--config", help="YAML settings: our keys or the official config_pnp/config_sdedit keys")
-    p.add_argument("--model", help=f"hub id, local diffusers folder or single .safetensors checkpoint "
-                                   f"(SD 1.x/2.x, SD 2 depth, SDXL; default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"hub id, local diffusers folder, single .safetensors checkpoint (SD 1.x/2.x, "
+                                   f"SD 2 depth, SDXL), or 'tiny' (a tiny random model; default {DEFAULT_MODEL})")
     p.add_argument("--model-config", help="configs for a single-file --model: a diffusers folder or hub id "
                                           "(default: the family's, inferred from the weights)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -60,14 +65,23 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
                                          "(default Intel/dpt-hybrid-midas)")
     p.add_argument("--inversion-prompt", help='prompt describing the source video (default "")')
     p.add_argument("--height", type=int, help="working height, a multiple of 8 (default: ~512x512 area, aspect kept)")
-    p.add_argument("--width", type=int, help="working width, a multiple of 8")
-    p.add_argument("--max-frames", type=int, help="edit only the first N frames")
+    p.add_argument("--width", type=int, help="working width, a multiple of 8 (default: ~512x512 area, aspect kept)")
+    p.add_argument("--fit", help="when --height and --width change the aspect: stretch, crop (centre) or pad "
+                                 "(black bars) (default stretch, as the official code)")
+    p.add_argument("--max-frames", type=int, help="edit at most N frames (default: all)")
+    p.add_argument("--start-frame", type=int, help="first frame to edit (default 0)")
+    p.add_argument("--start-time", type=float, help="first frame to edit, in seconds (default 0)")
+    p.add_argument("--every", "--frame-stride", dest="frame_stride", type=int,
+                   help="keep every N-th frame (default 1); the output's frame rate is divided by N")
     p.add_argument("--fps", type=float, help="frame rate of a frame folder (a video keeps its own; default 10)")
     p.add_argument("--steps", type=int, help="DDIM editing steps (default 50)")
-    p.add_argument("--inversion-steps", type=int, help="DDIM inversion steps (default 50)")
+    p.add_argument("--inversion-steps", type=int, help="DDIM inversion steps (default 50, or the smallest "
+                                                       "multiple of --steps above it that passes every editing step)")
     p.add_argument("--batch-size", type=int, help="frames per keyframe interval and UNet batch (default 8)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default: float16 on cuda)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, then mps, "
+                                                  "then cpu)")
+    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
+                                                 "cuda, float32 elsewhere)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
     p.add_argument("--no-resume", action="store_true", default=None,
@@ -91,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     edit = sub.add_parser("edit", help="edit a video from a text prompt")
-    _edit_options(edit)
-    edit.add_argument("-p", "--prompt", help="what the edited video should show")
-    edit.add_argument("-o", "--output", help="output video (.mp4/.mov/.mkv; default INPUT-tokenflow.mp4)")
+    _edit_options(edit, edit=True)
     edit.add_argument("--editor", help=f"base image editor: {', '.join(EDITORS)} (default pnp)")
     edit.add_argument("--negative-prompt", help="negative prompt (default: the official one)")
     edit.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5)")
@@ -114,15 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
     ev.add_argument("--source", required=True, help="the source video or frame folder")
     ev.add_argument("--edited", required=True, action="append", help="an edited video or folder (repeatable)")
-    ev.add_argument("--prompt", help="the edit prompt, for CLIP-T")
-    ev.add_argument("--json", help="write the results as JSON")
-    ev.add_argument("--csv", help="write the results as CSV")
-    ev.add_argument("--plot", help="draw per-frame warp error of every edited video as PNG")
+    ev.add_argument("-p", "--prompt", help="the edit prompt, for CLIP-T (required unless --no-clip)")
+    ev.add_argument("--json", help="write the results as JSON (default: none)")
+    ev.add_argument("--csv", help="write the results as CSV (default: none)")
+    ev.add_argument("--plot", help="draw per-frame warp error of every edited video as PNG (default: none)")
     ev.add_argument("--no-clip", action="store_true", help="skip the CLIP scores (no weights needed)")
     ev.add_argument("--clip-model", default=None, help="CLIP model id or folder (default openai/clip-vit-large-patch14)")
-    ev.add_argument("--max-frames", type=int, help="evaluate only the first N frames")
-    ev.add_argument("--fps", type=float, help="frame rate of frame folders")
-    ev.add_argument("--device", default=None, help="device for CLIP (default auto)")
+    ev.add_argument("--max-frames", type=int, help="evaluate only the first N frames (default: all)")
+    ev.add_argument("--fps", type=float, help="frame rate of frame folders (default 10)")
+    ev.add_argument("--device", default=None, help="device for CLIP: auto, cpu, cuda or mps (default auto)")
 
     an = sub.add_parser("analyze", help="pictures of the diffusion features (the paper's Figures 2 and 3)")
     _edit_options(an)
@@ -137,14 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--model", default=None, help=f"hub id or local folder (default {DEFAULT_MODEL}); "
                                                   "'tiny' for the built-in tiny random model")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
     ui.add_argument("--share", action="store_true", help="ask Gradio for a public link (off by default)")
-    ui.add_argument("--device", default=None)
-    ui.add_argument("--dtype", default=None)
-    ui.add_argument("--cache-dir", help="inversion cache folder")
-    ui.add_argument("--max-upload-mb", type=float, default=200.0)
-    ui.add_argument("--max-frames", type=int, default=120)
-    ui.add_argument("--max-side", type=int, default=1024, help="largest working height or width")
+    ui.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    ui.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
+                                                  "cuda, float32 elsewhere)")
+    ui.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
+    ui.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload (default %(default)s MB)")
+    ui.add_argument("--max-frames", type=int, default=120, help="most frames a visitor may edit (default %(default)s)")
+    ui.add_argument("--max-side", type=int, default=1024, help="largest working height or width "
+                                                                "(default %(default)s)")
+
+    cache = sub.add_parser("cache", help="list or clear the inversion cache and resume checkpoints")
+    cache.add_argument("action", choices=("list", "clear"), help="list: what is cached, with sizes; clear: remove")
+    cache.add_argument("--cache-dir", help="the cache folder (default ~/.cache/tokenflow/inversions)")
+    cache.add_argument("--older-than", type=float, help="clear: only entries unused for more than DAYS days "
+                                                        "(default: all)")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a bundled clip with a tiny random model")
     demo.add_argument("-o", "--output", default="tokenflow-demo.mp4", help="output video (default %(default)s)")
@@ -155,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 _ARG_TO_FIELD = {"prompt", "inversion_prompt", "negative_prompt", "editor", "steps", "inversion_steps",
                  "guidance_scale", "pnp_attn_t", "pnp_f_t", "sdedit_start", "batch_size", "propagation",
                  "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps", "control",
+                 "fit", "start_frame", "start_time", "frame_stride",
                  "controlnet", "control_scale", "canny_low", "canny_high", "depth_model"}
 
 
@@ -166,6 +187,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         loaded = load_config_file(args.config)
         edit.update(loaded.edit)
         run.update(loaded.run)
+    from_config = dict(run)
     for name in _ARG_TO_FIELD:
         value = getattr(args, name, None)
         if value is not None:
@@ -178,7 +200,26 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         config = EditConfig(**edit)
     except TypeError as e:
         raise TokenFlowError(f"bad settings: {e}") from None
-    return config.validate(), validate_run(run)
+    config.validate()
+    if "inversion_steps" not in edit and config.steps != config.inversion_steps:
+        from .inversion import choose_inversion_steps, missing_timesteps
+
+        if missing_timesteps(config.steps, config.inversion_steps):
+            chosen = choose_inversion_steps(config.steps, config.inversion_steps)
+            logger.warning("--inversion-steps %d chosen for --steps %d (the inversion must pass through every "
+                           "editing timestep)", chosen, config.steps)
+            config = config.replace(inversion_steps=chosen)
+    run = validate_run(run)
+    device = run.get("device")
+    if device and device == from_config.get("device") and device != "auto":
+        from .models import resolve_device
+
+        try:
+            resolve_device(device)
+        except TokenFlowError:  # a config written on another machine: use what this one has
+            logger.warning("the config asks for device '%s', which is not available here; using auto", device)
+            run["device"] = "auto"
+    return config, run
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -211,9 +252,19 @@ def _settings_path(output: str) -> str:
     return os.path.splitext(output)[0] + ".yaml"
 
 
+TINY = "tiny"  # --model tiny: the tiny random model built in code (checks the machinery; output is noise)
+
+
 def _load_pipeline(run: dict[str, Any]):
     from .pipeline import TokenFlowPipeline
 
+    if run.get("model") == TINY:
+        if run.get("lora") or run.get("model_config"):
+            raise TokenFlowError("--model tiny takes no --lora or --model-config")
+        from .models import resolve_device
+
+        return apply_runtime_options(TokenFlowPipeline.from_tiny(seed=0, device=str(resolve_device(
+            run.get("device") or "auto"))), run)
     loras = run.get("lora") or []
     pipe = TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
                                              dtype=run.get("dtype") or "auto", model_config=run.get("model_config"),
@@ -244,13 +295,19 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
         write_frames(run["frames_dir"], frames)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": run.get("input"),
                 "model": run.get("model") or DEFAULT_MODEL, "device": str(pipe.device),
-                "dtype": str(pipe.dtype).replace("torch.", ""), **result.config.to_dict()}
+                "dtype": str(pipe.dtype).replace("torch.", ""),
+                **{k: run[k] for k in ("model_config", "lora") if run.get(k)}, **result.config.to_dict()}
     save_settings(_settings_path(output), settings)
     result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
     n, _, h, w = result.frames.shape
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
+    from .video import aspect_note
+
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
-    print(f"{label} {n} frames at {w}x{h} in {time.perf_counter() - started:.1f}s ({stages}{resumed}) -> {output}")
+    aspect = aspect_note(result.source_size, (h, w), result.config.fit)
+    aspect = f" ({aspect})" if aspect else ""
+    print(f"{label} {n} frames at {w}x{h}{aspect} in {time.perf_counter() - started:.1f}s ({stages}{resumed}) "
+          f"-> {output}")
 
 
 def _settings_and_input(args: argparse.Namespace, usage: str):
@@ -272,33 +329,28 @@ def _settings_and_input(args: argparse.Namespace, usage: str):
 
 def _check_steps(config: EditConfig) -> None:
     """--steps and --inversion-steps against the usual SD schedule (the model's is checked again)."""
-    from diffusers import DDIMScheduler
-
+    from .inversion import missing_timesteps, steps_error
     from .keyframes import ScheduledKeyframes
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
-    scheduler.set_timesteps(config.steps)
-    keep = set(scheduler.timesteps.tolist())
-    scheduler.set_timesteps(config.inversion_steps)
-    missing = sorted(keep - set(scheduler.timesteps.tolist()), reverse=True)
+    missing = missing_timesteps(config.steps, config.inversion_steps)
     if missing:
-        raise TokenFlowError(
-            f"--inversion-steps {config.inversion_steps} does not reach the editing timesteps {missing[:3]}... "
-            f"of --steps {config.steps}; use a multiple of the editing steps (e.g. {config.steps}, "
-            f"{config.steps * 10})")
+        raise steps_error(config.steps, config.inversion_steps, missing)
     if config.keyframe_schedule:
         ScheduledKeyframes.from_json(config.keyframe_schedule)  # readable and well formed
 
 
-def _check_schedule_frames(config: EditConfig, n_frames: Optional[int]) -> None:
+def _check_schedule_frames(config: EditConfig, info) -> None:
     """The keyframe schedule fits the frames the input declares (checked again on the real count)."""
-    if not config.keyframe_schedule or not n_frames:
+    from .preflight import expected_frames
+
+    n = expected_frames(info, config)
+    if not config.keyframe_schedule or not n:
         return
-    from .editors import EDITORS as EDITOR_CLASSES
-    from .keyframes import ScheduledKeyframes
     import torch
 
-    n = min(n_frames, config.max_frames or n_frames)
+    from .editors import EDITORS as EDITOR_CLASSES
+    from .keyframes import ScheduledKeyframes
+
     steps = len(EDITOR_CLASSES[config.editor](config).select_timesteps(torch.arange(config.steps)))
     ScheduledKeyframes.from_json(config.keyframe_schedule).check(steps, n, config.batch_size)
 
@@ -332,7 +384,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         check_frames_dir(frames_dir)
     check_no_overwrite([output, settings_path], frames_dir,
                        protected_paths(run["input"], getattr(args, "config", None), config, run))
-    _check_schedule_frames(config, info.n_frames)
+    _check_schedule_frames(config, info)
     check_free_space(info, config, output, frames_dir, _cache_root(run))
     pipe = _load_pipeline(run)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
@@ -417,14 +469,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 raise TokenFlowError(f"{name} must be in [0, {n - 1}], got {value}")
         return target
 
-    if info.n_frames:  # what the input declares, now; the frames read, below
-        check_frames(min(info.n_frames, config.max_frames or info.n_frames))
+    from .preflight import expected_frames
+
+    if expected_frames(info, config):  # what the input declares, now; the frames read, below
+        check_frames(expected_frames(info, config))
     if not 0 <= args.timestep < 1000:
         raise TokenFlowError(f"timestep must be in [0, 999], got {args.timestep}")
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
     if args.layer and args.layer not in pipe.layers.self_attention:
         raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
-    frames, fps, _, _ = pipe.load_video(run["input"], config)
+    frames, fps = pipe.load_video(run["input"], config)[:2]
     n = len(frames)
     target = check_frames(n)
     conditioning = pipe.prepare_conditioning(frames, config)
@@ -456,17 +510,54 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.max_frames < 1 or args.max_side < 8:
         raise TokenFlowError("limits must be positive (max-upload-mb > 0, max-frames >= 1, max-side >= 8)")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if args.model == "tiny":
-        from .pipeline import TokenFlowPipeline
-
-        pipe, name = TokenFlowPipeline.from_tiny(), "tiny random model (built in code; output is noise)"
-    else:
-        run = {"model": args.model, "device": args.device, "dtype": args.dtype}
-        pipe, name = _load_pipeline(run), args.model or DEFAULT_MODEL
+    pipe = _load_pipeline({"model": args.model, "device": args.device, "dtype": args.dtype})
+    name = ("tiny random model (built in code; output is noise)" if args.model == TINY
+            else args.model or DEFAULT_MODEL)
     session = EditorSession(pipe, name, Limits(args.max_upload_mb, args.max_frames, args.max_side),
                             cache_dir=args.cache_dir)
     print(f"tokenflow ui: http://{args.host}:{args.port} ({name})", flush=True)
     launch(session, args.host, args.port, args.share)
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import default_cache_dir, list_entries, remove_entry
+
+    root = args.cache_dir or default_cache_dir()
+    if args.older_than is not None and (args.older_than != args.older_than or args.older_than < 0):
+        raise TokenFlowError(f"--older-than must be a number of days >= 0, got {args.older_than}")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise TokenFlowError(f"cache folder '{root}' is a file")
+    entries = list_entries(root)
+    now = time.time()
+    if args.action == "list":
+        if not entries:
+            print(f"the cache at {root} is empty")
+            return 0
+        print(f"{'kind':<22} {'key':<12} {'size':>9} {'age':>7}  {'frames':>6}  {'WxH':>9}  model, inversion prompt")
+        for e in entries:
+            wh = f"{e.size[1]}x{e.size[0]}" if e.size else "-"
+            print(f"{e.kind:<22} {e.key[:12]:<12} {_human_bytes(e.bytes):>9} {(now - e.modified) / 86400:>6.1f}d  "
+                  f"{e.frames or '-':>6}  {wh:>9}  {e.model}{', ' + repr(e.prompt) if e.prompt else ''}")
+        print(f"{len(entries)} entries, {_human_bytes(sum(e.bytes for e in entries))} in {root}")
+        return 0
+    cutoff = None if args.older_than is None else now - args.older_than * 86400
+    doomed = [e for e in entries if cutoff is None or e.modified < cutoff]
+    for e in doomed:
+        try:
+            remove_entry(e)
+        except OSError as err:
+            raise TokenFlowError(f"cannot remove '{e.path}': {err.strerror or err}") from None
+    print(f"removed {len(doomed)} of {len(entries)} entries, {_human_bytes(sum(e.bytes for e in doomed))} "
+          f"freed in {root}")
     return 0
 
 
@@ -482,8 +573,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe = TokenFlowPipeline.from_tiny(seed=0, device="cpu")
     config = EditConfig(**DEMO_SETTINGS).validate()
     result = pipe.edit(DEMO_CLIP, config=config, use_cache=False, progress=not args.quiet)
-    _finish(pipe, result, output, {"input": DEMO_CLIP, "model": "tiny random (built in code)"}, started,
-            label="demo: edited")
+    _finish(pipe, result, output, {"input": DEMO_CLIP, "model": TINY}, started, label="demo: edited")
     return 0
 
 
@@ -499,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         _configure_logging(getattr(args, "quiet", False))
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
-                    "ui": cmd_ui, "demo": cmd_demo}
+                    "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache}
         return commands[args.command](args)
     except OutOfMemory as e:
         print(f"tokenflow: error: {e}", file=sys.stderr)

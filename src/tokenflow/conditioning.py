@@ -133,8 +133,9 @@ def load_depth_model(model_id: str, device: torch.device):
     """A transformers depth-estimation model and its processor, from a hub id or folder."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    local = os.path.isdir(model_id)
-    kwargs = {"local_files_only": True} if local else {}
+    from .models import hub_kwargs
+
+    kwargs = hub_kwargs(model_id, "depth model")
     try:
         model = AutoModelForDepthEstimation.from_pretrained(model_id, **kwargs)
         processor = AutoImageProcessor.from_pretrained(model_id, **kwargs)

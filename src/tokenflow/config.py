@@ -19,6 +19,7 @@ EDITORS = ("pnp", "sdedit", "controlnet")
 # frame" baseline); extended: extended attention across all frames of each batch (joint-attention ablation)
 PROPAGATIONS = ("original", "paper", "none", "extended")
 KEYFRAME_SAMPLERS = ("random", "fixed")
+FITS = ("stretch", "crop", "pad")  # how frames meet a working size of another aspect
 SDEDIT_NOISES = ("ddim", "random")
 # Sane upper bounds: a value past these is a typo, and would end in an out-of-memory error
 # (or hours of work) instead of a message.
@@ -61,6 +62,10 @@ class EditConfig:
     height: Optional[int] = None  # working size; None: keep aspect, ~512x512 in area
     width: Optional[int] = None
     max_frames: Optional[int] = None
+    fit: str = "stretch"  # another aspect: stretch (the official code's), crop (centre) or pad (black bars)
+    start_frame: int = 0  # first frame edited
+    start_time: Optional[float] = None  # or the first frame at or after this time, in seconds
+    frame_stride: int = 1  # every N-th frame from there (the frame rate is divided by N)
     fps: Optional[float] = None  # for frame folders; a video keeps its own
     inversion_batch_size: Optional[int] = None  # frames per UNet call in inversion (default batch_size)
     control: Optional[str] = None  # ControlNet condition: canny, depth, or a folder/video of images
@@ -99,11 +104,19 @@ class EditConfig:
             raise TokenFlowError(f"sdedit-start must be in (0, 1], got {shown(self.sdedit_start)}")
         if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
             raise TokenFlowError(f"guidance-scale must be a finite number, got {shown(self.guidance_scale)}")
+        bounded_int("frame_stride", 1000)
+        if isinstance(self.start_frame, bool) or not isinstance(self.start_frame, int) \
+                or not 0 <= self.start_frame <= MAX_FRAMES:
+            raise TokenFlowError(f"start-frame must be an integer in [0, {MAX_FRAMES}], got {shown(self.start_frame)}")
+        if self.start_time is not None and (not _is_number(self.start_time) or not 0 <= self.start_time < 1e7):
+            raise TokenFlowError(f"start-time must be a number of seconds >= 0, got {shown(self.start_time)}")
+        if self.start_time is not None and self.start_frame:
+            raise TokenFlowError("give --start-frame or --start-time, not both")
         if self.fps is not None and (not _is_number(self.fps) or not 0 < self.fps < 1000):
             raise TokenFlowError(f"fps must be a number in (0, 1000), got {shown(self.fps)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise TokenFlowError(f"seed must be an integer in [0, 2^63 - 1], got {shown(self.seed)}")
-        for name, allowed in (("editor", EDITORS), ("propagation", PROPAGATIONS),
+        for name, allowed in (("editor", EDITORS), ("propagation", PROPAGATIONS), ("fit", FITS),
                               ("keyframes", KEYFRAME_SAMPLERS), ("sdedit_noise", SDEDIT_NOISES)):
             if getattr(self, name) not in allowed:
                 raise TokenFlowError(f"unknown {_flag(name)} {shown(getattr(self, name))}; "
@@ -277,6 +290,7 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
     if not isinstance(data, dict):
         raise TokenFlowError(f"config '{path}' must be a mapping of keys to values")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("tokenflow", None)  # the version that wrote a settings file (tokenflow edit --config out.yaml)
     if OFFICIAL_MARKERS & set(data) and not ({"steps", "editor"} & set(data)):
         return _official_to_ours(data, path)
     unknown = sorted(set(data) - FIELDS - RUN_KEYS)

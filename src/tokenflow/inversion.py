@@ -70,6 +70,43 @@ def inversion_timesteps(scheduler, steps: int) -> torch.Tensor:
     return scheduler.timesteps.flip(0).clone()
 
 
+def standard_scheduler():
+    """DDIM as Stable Diffusion 1.x/2.x configure it: for checks before a model is loaded."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, steps_offset=1, timestep_spacing="leading", clip_sample=False,
+                         set_alpha_to_one=False)
+
+
+def missing_timesteps(steps: int, inversion_steps: int, scheduler=None) -> list[int]:
+    """Editing timesteps of a ``steps`` schedule that an ``inversion_steps`` inversion does not pass."""
+    scheduler = scheduler or standard_scheduler()
+    scheduler.set_timesteps(steps)
+    keep = set(scheduler.timesteps.tolist())
+    return sorted(keep - set(inversion_timesteps(scheduler, inversion_steps).tolist()), reverse=True)
+
+
+def steps_error(steps: int, inversion_steps: int, missing: list[int], scheduler=None):
+    from .errors import TokenFlowError
+
+    good = choose_inversion_steps(steps, inversion_steps, scheduler)
+    return TokenFlowError(f"--inversion-steps {inversion_steps} does not pass the editing timesteps "
+                          f"{missing[:3]}... of --steps {steps}; use e.g. --inversion-steps {good}, or leave "
+                          f"it out to have one chosen")
+
+
+def choose_inversion_steps(steps: int, default: int = 50, scheduler=None, limit: int = 1000) -> int:
+    """The smallest multiple of ``steps`` that is at least ``default`` and passes every editing
+    timestep (``steps`` itself always does, so that is the last resort)."""
+    scheduler = scheduler or standard_scheduler()
+    first = steps * max(1, -(-default // steps))
+    for candidate in range(first, limit + 1, steps):
+        if not missing_timesteps(steps, candidate, scheduler):
+            return candidate
+    return steps
+
+
 @torch.no_grad()
 def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torch.Tensor], steps: int,
                 keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None,

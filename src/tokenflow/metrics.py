@@ -125,9 +125,12 @@ class ClipScorer:
     def from_pretrained(cls, model_id: str = DEFAULT_CLIP, device: str = "cpu") -> "ClipScorer":
         from transformers import CLIPModel, CLIPTokenizer
 
+        from .models import hub_kwargs
+
+        kwargs = hub_kwargs(model_id, "CLIP model")
         try:
-            model = CLIPModel.from_pretrained(model_id)
-            tokenizer = CLIPTokenizer.from_pretrained(model_id)
+            model = CLIPModel.from_pretrained(model_id, **kwargs)
+            tokenizer = CLIPTokenizer.from_pretrained(model_id, **kwargs)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TokenFlowError(f"cannot load CLIP model '{model_id}': {reason[:200]} (use --no-clip offline)") from None

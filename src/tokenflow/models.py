@@ -150,6 +150,69 @@ def check_exists(what: str, name: Optional[str]) -> None:
         raise TokenFlowError(f"{what} '{name}' does not exist")
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a snapshot of ``repo_id`` is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import constants
+
+        folder = os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "snapshots")
+        return os.path.isdir(folder) and any(os.scandir(folder))
+    except Exception:
+        return False
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """One quick TCP connect to the hub's endpoint (once per process); True behind a proxy."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True, host
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host], host
+
+
+def hub_kwargs(name: str, what: str) -> dict[str, Any]:
+    """How to load ``name`` (a local folder or a hub id) without hanging when there is no network.
+
+    A local folder or a cached id with ``HF_HUB_OFFLINE=1`` loads from disk; an id the hub cannot be
+    reached for loads from the cache with a notice, or fails at once, with the cause and the way out,
+    instead of diffusers' and transformers' retry loops.
+    """
+    if os.path.exists(name):
+        return {"local_files_only": True}
+    check_exists(what, name)
+    from huggingface_hub import constants
+
+    cached = _in_hub_cache(name)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise TokenFlowError(f"{what} '{name}' is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                                 f"download it once while online, or give a local folder")
+        return {"local_files_only": True}
+    reachable, host = _hub_reachable()
+    if reachable:
+        return {}
+    if cached:
+        logger.warning("the hub (%s) cannot be reached; using the cached copy of %s '%s'", host, what, name)
+        return {"local_files_only": True}
+    raise TokenFlowError(f"cannot reach the hub ({host}) to download {what} '{name}', and it is not in the local "
+                         f"cache: connect to the internet, give a local folder (or a .safetensors file), or set "
+                         f"HF_HUB_OFFLINE=1 to use cached models only")
+
+
 def short_error(e: Exception) -> str:
     """The first line of an exception's message (or its type), at most 300 characters."""
     text = str(e).strip()
@@ -198,8 +261,7 @@ def _load_single_file(path: str, dtype: torch.dtype, model_config: Optional[str]
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
     kwargs: dict[str, Any] = dict(torch_dtype=dtype, **_no_safety_checker(cls))
     if model_config:
-        if os.path.isdir(model_config):
-            kwargs["local_files_only"] = True
+        kwargs.update(hub_kwargs(model_config, "model config"))
         kwargs["config"] = model_config
     return cls.from_single_file(path, **kwargs)
 
@@ -271,7 +333,7 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
         if is_file:
             pipe = _load_single_file(model, dtype, model_config, allow_pickle)
         else:
-            kwargs = {"local_files_only": True} if is_local else {}
+            kwargs = hub_kwargs(model, "model")
             class_name = diffusers.DiffusionPipeline.load_config(model, **kwargs).get("_class_name", "")
             cls = _pipeline_class(class_name)
             pipe = cls.from_pretrained(model, torch_dtype=dtype, **_no_safety_checker(cls), **kwargs)

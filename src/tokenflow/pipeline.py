@@ -40,12 +40,13 @@ from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
 from .editors import EDITORS, BaseEditor
 from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
-from .inversion import Inversion, PredictFn, ddim_invert, ddim_reconstruct, inversion_timesteps, psnr
+from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, inversion_timesteps,
+                        missing_timesteps, psnr, steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
 from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl, free_memory,
                      is_out_of_memory, load_components, module_identity, path_identity, resolve_device,
                      resolve_dtype, short_error)
-from .video import Video, fit_frames, read_video, to_tensor, working_size
+from .video import Selection, Video, fit_frames, read_video, to_tensor, working_size
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class EditResult:
     audio_source: Optional[str] = None
     audio_start: float = 0.0  # seconds into audio_source where the first frame starts
     resumed_from: int = 0  # editing steps a checkpoint of an interrupted run had done
+    source_size: Optional[tuple[int, int]] = None  # (H, W) of the source frames, before fitting
     checkpoint: Optional[tuple[CheckpointStore, str]] = None  # the edit's checkpoint, while kept
 
     def uint8(self) -> np.ndarray:
@@ -87,6 +89,7 @@ class FittedVideo(NamedTuple):
     fps: float
     audio_source: Optional[str]
     audio_start: float = 0.0
+    source_size: Optional[tuple[int, int]] = None  # (H, W) before fitting
 
 
 class TokenFlowPipeline:
@@ -243,31 +246,41 @@ class TokenFlowPipeline:
         """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps and the audio.
 
         A path is decoded and fitted frame by frame: reading never holds the source's resolution.
+        The frames kept follow ``config``'s start, stride and frame limit.
         """
+        select = Selection(config.max_frames, config.start_frame, config.start_time, config.frame_stride)
         if isinstance(video, torch.Tensor):
             frames = video.float()
             if frames.ndim != 4 or frames.shape[1] != 3:
                 raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
-            frames = frames[:config.max_frames] if config.max_frames else frames
+            fps = float(config.fps or 10.0)
+            frames = select.apply(frames, fps)
+            source_hw = tuple(frames.shape[2:])
             if config.height or config.width:
-                h, w = self.working_size(tuple(frames.shape[2:]), config)
-                if (h, w) != tuple(frames.shape[2:]):
+                h, w = self.working_size(source_hw, config)
+                if (h, w) != source_hw:
                     frames = torch.nn.functional.interpolate(frames, (h, w), mode="bicubic",
                                                              antialias=True).clamp(0, 1)
             if frames.shape[2] % 8 or frames.shape[3] % 8:
                 raise TokenFlowError(f"frame size {frames.shape[3]}x{frames.shape[2]} is not a multiple of 8")
-            return FittedVideo(frames, float(config.fps or 10.0), None)
+            return FittedVideo(frames, fps / config.frame_stride, None, 0.0, source_hw)
         if isinstance(video, np.ndarray):
             if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
                 raise TokenFlowError(f"frame array must be uint8 (N, H, W, 3), got {video.dtype} {video.shape}")
-            video = Video(video[:config.max_frames] if config.max_frames else video, float(config.fps or 10.0))
+            video = Video(video, float(config.fps or 10.0))
         elif not isinstance(video, Video):  # decoded at the working size
-            video = read_video(video, config.max_frames, config.fps, size=lambda hw: self.working_size(hw, config))
-            return FittedVideo(to_tensor(video.frames), video.fps, video.audio_source, video.start_time)
-        elif config.max_frames:
-            video = dataclasses.replace(video, frames=video.frames[:config.max_frames])
+            video = read_video(video, config.max_frames, config.fps, size=lambda hw: self.working_size(hw, config),
+                               start_frame=config.start_frame, start_time=config.start_time,
+                               stride=config.frame_stride, fit=config.fit)
+            return FittedVideo(to_tensor(video.frames), video.fps, video.audio_source, video.start_time,
+                               video.source_size)
+        first = select.first(video.fps)
+        frames = select.apply(video.frames, video.fps)
+        if not len(frames):
+            raise TokenFlowError(f"the video has {len(video.frames)} frames: none from the start asked for")
         h, w = self.working_size(video.size, config)
-        return FittedVideo(fit_frames(video.frames, h, w), video.fps, video.audio_source, video.start_time)
+        return FittedVideo(fit_frames(frames, h, w, config.fit), video.fps / config.frame_stride, video.audio_source,
+                           video.start_time + first / video.fps, video.source_size or video.size)
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """(1, 77, D) prompt embedding (SDXL: both encoders')."""
@@ -301,15 +314,15 @@ class TokenFlowPipeline:
         if name not in self.controlnets:
             from diffusers import ControlNetModel
 
-            local = os.path.exists(name)
             try:
                 if os.path.isfile(name):
                     if not name.lower().endswith(".safetensors"):
                         raise TokenFlowError(f"ControlNet file '{name}' must be .safetensors")
                     net = ControlNetModel.from_single_file(name, torch_dtype=self.dtype)
                 else:
-                    net = ControlNetModel.from_pretrained(name, torch_dtype=self.dtype,
-                                                          **({"local_files_only": True} if local else {}))
+                    from .models import hub_kwargs
+
+                    net = ControlNetModel.from_pretrained(name, torch_dtype=self.dtype, **hub_kwargs(name, "ControlNet"))
             except TokenFlowError:
                 raise
             except Exception as e:
@@ -389,13 +402,9 @@ class TokenFlowPipeline:
 
     def check_steps(self, steps: int, inversion_steps: int) -> None:
         """The inversion must pass through every editing timestep (cheap: no model call)."""
-        keep = self.editing_timesteps(steps)
-        inv_ts = inversion_timesteps(self.new_scheduler(), inversion_steps)
-        missing = sorted(set(keep.tolist()) - set(inv_ts.tolist()))
+        missing = missing_timesteps(steps, inversion_steps, self.new_scheduler())
         if missing:
-            raise TokenFlowError(
-                f"--inversion-steps {inversion_steps} does not reach the editing timesteps {missing[:3]}... "
-                f"of --steps {steps}; use a multiple of the editing steps (e.g. {steps}, {steps * 10})")
+            raise steps_error(steps, inversion_steps, missing, self.new_scheduler())
 
     def invert(self, frames: torch.Tensor, inversion_prompt: str = "", inversion_steps: int = 50,
                steps: int = 50, batch_size: int = 8, cache_dir: Optional[str] = None,
@@ -443,9 +452,12 @@ class TokenFlowPipeline:
             return found
 
         with tqdm(total=inversion_steps, desc="Inverting", unit="step", disable=not progress, leave=False,
-                  bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]") as bar:
-            def report(done: int, total: int) -> None:
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]") as bar:
+            started = time.perf_counter()
+
+            def report(done: int, total: int) -> None:  # done: frame-steps; the bar counts steps
                 bar.update(done / n - bar.n)
+                bar.set_postfix_str(f"{done / max(time.perf_counter() - started, 1e-9):.2f} frames/s", refresh=False)
                 if callback:
                     callback("inversion", done, total)
 
@@ -636,7 +648,7 @@ class TokenFlowPipeline:
         self.check_steps(config.steps, config.inversion_steps)
         timer = _Timer()
         with timer("read"):
-            frames, fps, audio, audio_start = self.load_video(video, config)
+            frames, fps, audio, audio_start, source_size = self.load_video(video, config)
         n = len(frames)
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule)
         if isinstance(sampler, ScheduledKeyframes):  # a bad schedule fails now, not after the inversion
@@ -707,7 +719,7 @@ class TokenFlowPipeline:
             with self._on_device(self.vae):
                 edited = self._vae(lambda bs: decode_latents(self.vae, x, bs), "decoding")
         return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
-                          latents, timer.seconds, audio, audio_start, first,
+                          latents, timer.seconds, audio, audio_start, first, source_size,
                           saver.handle() if saver else None)
 
 

@@ -93,14 +93,21 @@ def _free(path: str) -> tuple[int, float]:
     return os.stat(folder).st_dev, shutil.disk_usage(folder).free
 
 
+def expected_frames(info: VideoInfo, config: EditConfig) -> Optional[int]:
+    """How many frames an edit of ``info``'s input will have, from what the input declares."""
+    if not info.n_frames:
+        return config.max_frames
+    first = round(config.start_time * info.fps) if config.start_time is not None else config.start_frame
+    n = len(range(first, info.n_frames, config.frame_stride))
+    return min(n, config.max_frames) if config.max_frames else n
+
+
 def check_free_space(info: VideoInfo, config: EditConfig, output: Optional[str], frames_dir: Optional[str],
                      cache_root: Optional[str], area: int = 512 * 512, latent_channels: int = 4) -> None:
     """Enough free space for the output (an error if not) and for the cache and checkpoints
     (a warning: they are skipped when they cannot be written). A rough bound from the declared
     frame count and the working size; nothing when the container does not say how long it is."""
-    n = info.n_frames
-    if config.max_frames:
-        n = min(n, config.max_frames) if n else config.max_frames
+    n = expected_frames(info, config)
     if not n:
         return
     h, w = working_size(info.size, config.height, config.width, area)

@@ -70,21 +70,45 @@ def _check_input(path: str, max_frames: Optional[int]) -> None:
         raise TokenFlowError(f"input '{path}' does not exist")
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which frames of a source to take: from ``start_frame`` (or the first at ``start_time``
+    seconds), every ``stride``-th, at most ``max_frames``."""
+
+    max_frames: Optional[int] = None
+    start_frame: int = 0
+    start_time: Optional[float] = None
+    stride: int = 1
+
+    def first(self, fps: float) -> int:
+        """The first frame's index, for sources whose frames are evenly spaced (folders, arrays)."""
+        return int(math.ceil(self.start_time * fps - 1e-6)) if self.start_time is not None else self.start_frame
+
+    def apply(self, frames, fps: float):
+        """Select from a sequence of evenly spaced frames (an array or a list)."""
+        kept = frames[self.first(fps)::self.stride]
+        return kept[:self.max_frames] if self.max_frames else kept
+
+
 def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
-               fps: Optional[float] = None, size: SizeSpec = None) -> Video:
+               fps: Optional[float] = None, size: SizeSpec = None, *, start_frame: int = 0,
+               start_time: Optional[float] = None, stride: int = 1, fit: str = "stretch") -> Video:
     """Read a video file (anything PyAV decodes) or a folder of images in natural order.
 
     Frames come out upright (a phone video's rotation and a photo's EXIF orientation applied)
     as 8-bit RGB whatever the source's pixel format. ``size`` fits every frame as it is
-    decoded, so reading holds no more than the working size of the video, never the source's
-    resolution, and a stream whose resolution changes midway still gives frames of one size.
-    ``fps`` applies to frame folders (a video keeps its own); ``max_frames`` keeps the first frames.
+    decoded (``fit``: stretch, crop or pad when the aspect differs), so reading holds no more
+    than the working size of the video, never the source's resolution, and a stream whose
+    resolution changes midway still gives frames of one size. ``fps`` applies to frame folders
+    (a video keeps its own, divided by ``stride``); the frames kept start at ``start_frame`` (or
+    ``start_time`` seconds), every ``stride``-th, at most ``max_frames``.
     """
     path = os.fspath(path)
     _check_input(path, max_frames)
+    select = Selection(max_frames, start_frame, start_time, stride)
     if os.path.isdir(path):
-        return _read_folder(path, max_frames, fps, size)
-    return _read_file(path, max_frames, size)
+        return _read_folder(path, select, fps, size, fit)
+    return _read_file(path, select, size, fit)
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -111,8 +135,8 @@ class _Fitter:
     """Resizes each frame to the size ``spec`` gives for the first frame; warns once when a
     frame's own size differs from the first one's."""
 
-    def __init__(self, spec: SizeSpec, source: str):
-        self.spec, self.source = spec, source
+    def __init__(self, spec: SizeSpec, source: str, fit: str = "stretch"):
+        self.spec, self.source, self.fit = spec, source, fit
         self.first: Optional[tuple[int, int]] = None
         self.target: Optional[tuple[int, int]] = None
         self.warned = False
@@ -127,7 +151,7 @@ class _Fitter:
             self.warned = True
             logger.warning("'%s' changes size midway (%dx%d, then %dx%d): every frame is fitted to %dx%d",
                            self.source, self.first[1], self.first[0], hw[1], hw[0], self.target[1], self.target[0])
-        return resize_frame(frame, *self.target)
+        return resize_frame(frame, *self.target, fit=self.fit)
 
 
 def _frame_names(path: str) -> list[str]:
@@ -138,12 +162,14 @@ def _frame_names(path: str) -> list[str]:
     return names
 
 
-def _read_folder(path: str, max_frames: Optional[int], fps: Optional[float], size: SizeSpec) -> Video:
-    names = _frame_names(path)
-    names = names[:max_frames] if max_frames else names
-    fit = _Fitter(size, path)
+def _read_folder(path: str, select: Selection, fps: Optional[float], size: SizeSpec, fit_mode: str) -> Video:
+    rate = float(fps or DEFAULT_FOLDER_FPS)
+    names = select.apply(_frame_names(path), rate)
+    if not names:
+        raise TokenFlowError(f"folder '{path}' has no frames from the start asked for")
+    fit = _Fitter(size, path, fit_mode)
     frames = [fit(_read_image(os.path.join(path, name))) for name in names]
-    return Video(np.stack(frames), float(fps or DEFAULT_FOLDER_FPS), None, path, 0.0, fit.first)
+    return Video(np.stack(frames), rate / select.stride, None, path, 0.0, fit.first)
 
 
 def _read_image(file: str) -> np.ndarray:
@@ -225,16 +251,29 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
-def _read_file(path: str, max_frames: Optional[int], size: SizeSpec) -> Video:
-    frames, start, error = [], 0.0, None
-    fit = _Fitter(size, path)
+def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
+    frames, start, error, index, first = [], 0.0, None, -1, None
+    max_frames = select.max_frames
+    fit = _Fitter(size, path, fit_mode)
     with _open_video(path) as (container, stream):
         declared = _declared_frames(container, stream)
         has_audio = bool(container.streams.audio)
+        origin = None
         try:
             for frame in container.decode(stream):
-                if not frames and frame.time is not None:
-                    start = float(frame.time)
+                index += 1
+                time = frame.time
+                origin = time if origin is None else origin
+                if first is None:  # the first frame kept: by index, or by time from the stream's start
+                    if select.start_time is not None:
+                        if time is not None and time - (origin or 0.0) < select.start_time - 1e-6:
+                            continue
+                    elif index < select.start_frame:
+                        continue
+                    first = index
+                    start = float(time) if time is not None else 0.0
+                if (index - first) % select.stride:
+                    continue
                 frames.append(fit(_upright(frame)))
                 if max_frames and len(frames) >= max_frames:
                     break
@@ -244,13 +283,17 @@ def _read_file(path: str, max_frames: Optional[int], size: SizeSpec) -> Video:
             error = e
         rate = _rate(stream)
     if not frames:
+        if index >= 0:
+            raise TokenFlowError(f"input '{path}' has {index + 1} frames: none from the start asked for")
         raise TokenFlowError(f"input '{path}' has no video frames")
+    if declared and (first or select.stride > 1):  # what the selection should have given
+        declared = len(range(first or 0, declared, select.stride))
     wanted = min(declared, max_frames) if declared and max_frames else declared
     if error is not None or (wanted and not _close(len(frames), wanted)):
         logger.warning("'%s' looks truncated or damaged: read %d frames, the container declares %s%s; "
                        "editing the frames that were read", path, len(frames), declared or "no count",
                        f" ({type(error).__name__}: {short_message(error)})" if error else "")
-    return Video(np.stack(frames), rate, path if has_audio else None, path, start, fit.first)
+    return Video(np.stack(frames), rate / select.stride, path if has_audio else None, path, start, fit.first)
 
 
 def _close(read: int, declared: int) -> bool:
@@ -281,18 +324,38 @@ def working_size(source_hw: tuple[int, int], height: Optional[int] = None,
     return int(height), int(width)
 
 
-def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (height, width, 3) with Pillow's LANCZOS; unchanged if same size."""
-    if frame.shape[:2] == (height, width):
+def resize_frame(frame: np.ndarray, height: int, width: int, fit: str = "stretch") -> np.ndarray:
+    """uint8 (H, W, 3) -> (height, width, 3) with Pillow's LANCZOS; unchanged if same size.
+
+    Another aspect is stretched, centre-cropped (``crop``) or letterboxed in black (``pad``).
+    """
+    h, w = frame.shape[:2]
+    if (h, w) == (height, width):
         return frame
-    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.LANCZOS))
+    image = Image.fromarray(frame)
+    if fit == "crop" and h * width != w * height:
+        if w * height > h * width:  # too wide: keep the middle columns
+            keep = h * width / height
+            box = ((w - keep) / 2, 0, (w + keep) / 2, h)
+        else:
+            keep = w * height / width
+            box = (0, (h - keep) / 2, w, (h + keep) / 2)
+        return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))
+    if fit == "pad" and h * width != w * height:
+        scale = min(height / h, width / w)
+        inner_h, inner_w = max(1, round(h * scale)), max(1, round(w * scale))
+        out = np.zeros((height, width, 3), np.uint8)
+        top, left = (height - inner_h) // 2, (width - inner_w) // 2
+        out[top:top + inner_h, left:left + inner_w] = image.resize((inner_w, inner_h), Image.Resampling.LANCZOS)
+        return out
+    return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS))
 
 
-def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, height: int, width: int, fit: str = "stretch") -> np.ndarray:
     """uint8 (N, H, W, 3) -> (N, height, width, 3) with Pillow's LANCZOS; unchanged if same size."""
     if frames.shape[1:3] == (height, width):
         return frames
-    return np.stack([resize_frame(f, height, width) for f in frames])
+    return np.stack([resize_frame(f, height, width, fit) for f in frames])
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -314,9 +377,21 @@ def to_uint8(frames: torch.Tensor, chunk: int = 16) -> np.ndarray:
     return out
 
 
-def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+def fit_frames(frames: np.ndarray, height: int, width: int, fit: str = "stretch") -> torch.Tensor:
     """Resize to the working size and convert to the float tensor the models take."""
-    return to_tensor(resize_frames(frames, height, width))
+    return to_tensor(resize_frames(frames, height, width, fit))
+
+
+def aspect_note(source_hw: Optional[tuple[int, int]], hw: tuple[int, int], fit: str) -> str:
+    """A few words when the working size has another aspect than the source ('' otherwise)."""
+    if not source_hw:
+        return ""
+    (sh, sw), (h, w) = source_hw, hw
+    if abs(sw / sh - w / h) <= 0.01 * (w / h):
+        return ""
+    done = {"stretch": "stretched", "crop": "centre-cropped", "pad": "padded"}[fit]
+    tip = "; --fit crop or pad keeps the aspect" if fit == "stretch" else ""
+    return f"{done} from {sw}x{sh}{tip}"
 
 
 def check_output_path(path: str | os.PathLike, extensions=VIDEO_OUTPUT_EXTENSIONS) -> str:
