@@ -46,7 +46,8 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     if edit:
         p.add_argument("-p", "--prompt", help="what the edited video should show (required)")
         p.add_argument("-o", "--output", help="output video (.mp4/.mov/.mkv; default INPUT-tokenflow.mp4)")
-    p.add_argument("--config", help="YAML settings: our keys or the official config_pnp/config_sdedit keys")
+    p.add_argument("--config", help="YAML settings: our keys (e.g. the OUTPUT.yaml an edit writes) or the official "
+                                          "config_pnp/config_sdedit keys; the command line wins (default: none)")
     p.add_argument("--model", help=f"hub id, local diffusers folder, single .safetensors checkpoint (SD 1.x/2.x, "
                                    f"SD 2 depth, SDXL), or 'tiny' (a tiny random model; default {DEFAULT_MODEL})")
     p.add_argument("--model-config", help="configs for a single-file --model: a diffusers folder or hub id "
@@ -54,8 +55,9 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow a pickle checkpoint (.ckpt/.pt/.bin) as --model; pickles can run code")
     p.add_argument("--lora", action="append", help="LoRA file, folder or hub id, optionally :SCALE "
-                                                   "(repeatable; fused into the model)")
-    p.add_argument("--control", help="ControlNet condition: canny, depth, or a folder/video of condition images")
+                                                   "(repeatable; fused into the model; default: none)")
+    p.add_argument("--control", help="ControlNet condition: canny, depth, or a folder/video of condition images "
+                                        "(default: none)")
     p.add_argument("--controlnet", help="ControlNet id, folder or .safetensors (default: the family's "
                                         "ControlNet 1.1 for --control canny/depth)")
     p.add_argument("--control-scale", type=float, help="ControlNet conditioning scale (default 1.0)")
@@ -114,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--sdedit-start", type=float, help="SDEdit: fraction of the schedule to run (default 0.9)")
     edit.add_argument("--propagation", help=f"{', '.join(PROPAGATIONS)} (default original: the official code's)")
     edit.add_argument("--keyframes", help=f"keyframe sampler: {', '.join(KEYFRAME_SAMPLERS)} (default random)")
-    edit.add_argument("--keyframe-schedule", help="JSON file with the keyframes of every step")
+    edit.add_argument("--keyframe-schedule", help="JSON file with the keyframes of every step (default: drawn)")
     edit.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
-    edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder")
+    edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder (default: none)")
 
     inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
     _edit_options(inv)
@@ -124,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run a DDIM reconstruction and report its PSNR (as many UNet calls again)")
 
     ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
-    ev.add_argument("--source", required=True, help="the source video or frame folder")
-    ev.add_argument("--edited", required=True, action="append", help="an edited video or folder (repeatable)")
+    ev.add_argument("--source", required=True, help="the source video or frame folder (required)")
+    ev.add_argument("--edited", required=True, action="append", help="an edited video or folder (required; repeatable)")
     ev.add_argument("-p", "--prompt", help="the edit prompt, for CLIP-T (required unless --no-clip)")
     ev.add_argument("--json", help="write the results as JSON (default: none)")
     ev.add_argument("--csv", help="write the results as CSV (default: none)")
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("-o", "--output", default="tokenflow-analysis", help="output folder (default %(default)s)")
     an.add_argument("--timestep", type=int, default=201,
                     help="diffusion timestep of the features; the nearest kept one is used (default 201)")
-    an.add_argument("--source-frame", type=int, default=0, help="Figure 2: frame the target is rebuilt from")
+    an.add_argument("--source-frame", type=int, default=0, help="Figure 2: frame the target is rebuilt from (default 0)")
     an.add_argument("--target-frame", type=int, default=None, help="Figure 2: frame to rebuild (default: the last)")
     an.add_argument("--layer", default=None, help="self-attention layer (default: highest-resolution decoder layer)")
 
@@ -211,7 +213,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
             config = config.replace(inversion_steps=chosen)
     run = validate_run(run)
     device = run.get("device")
-    if device and device == from_config.get("device") and device != "auto":
+    if device and getattr(args, "device", None) is None and device == from_config.get("device") and device != "auto":
         from .models import resolve_device
 
         try:

@@ -1,0 +1,214 @@
+"""What a new user tries first works: the command's defaults, settings files, help, subsets of a
+clip, the cache, the Python API's diffusers conventions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tokenflow.cli import build_parser, main
+from tokenflow.inversion import choose_inversion_steps, missing_timesteps
+
+from conftest import moving_frames, write_clip
+from test_reliability import audio_seconds, one_error_line
+
+SMALL = ["--height", "32", "--width", "48", "-q"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("steps", [20, 30, 7, 50, 64])
+def test_inversion_steps_are_chosen_to_pass_every_editing_step(steps):
+    chosen = choose_inversion_steps(steps)
+    assert chosen % steps == 0 and not missing_timesteps(steps, chosen)
+    assert chosen >= 50 or chosen == steps
+    # the smallest such multiple
+    assert all(missing_timesteps(steps, m) for m in range(max(steps, 50 // steps * steps), chosen, steps)
+               if m >= 50)
+
+
+def test_steps_alone_pick_inversion_steps_and_say_so(tmp_path, capsys, caplog):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
+    with caplog.at_level("WARNING", logger="tokenflow"):
+        code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "tiny", "-o", tmp_path / "o.mp4",
+                                 "--steps", "3", "--max-frames", "2", "--no-cache", *SMALL)
+    assert code == 0, err
+    chosen = choose_inversion_steps(3)
+    assert chosen == 102 and f"--inversion-steps {chosen} chosen for --steps 3" in caplog.text
+    settings = yaml.safe_load((tmp_path / "o.yaml").read_text())
+    assert settings["inversion_steps"] == chosen and settings["model"] == "tiny"
+    # both given and disagreeing: still the error
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "tiny", "--steps", "3",
+                           "--inversion-steps", "50", *SMALL)
+    assert code == 2 and f"--inversion-steps {chosen}" in err
+
+
+def test_the_settings_file_written_beside_the_output_reproduces_it(tmp_path, capsys, tiny_model_dir):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(6, 32, 48), audio=True)
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "a.mp4",
+                           "--frames-dir", tmp_path / "a", "--steps", "2", "--inversion-steps", "4", "--seed", "7",
+                           "--batch-size", "3", "--no-cache", *SMALL)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "edit", clip, "--config", tmp_path / "a.yaml", "-o", tmp_path / "b.mp4",
+                           "--frames-dir", tmp_path / "b", "--no-cache", "-q")
+    assert code == 0, err
+    for name in sorted(os.listdir(tmp_path / "a")):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))
+    a, b = yaml.safe_load((tmp_path / "a.yaml").read_text()), yaml.safe_load((tmp_path / "b.yaml").read_text())
+    assert a == b
+
+
+def test_official_config_asking_for_cuda_falls_back_on_a_machine_without(tmp_path, capsys, monkeypatch,
+                                                                          tiny_model_dir, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
+    cfg = tmp_path / "config_pnp.yaml"
+    cfg.write_text(f"data_path: {clip}\nprompt: a robot\nn_timesteps: 2\nn_inversion_steps: 2\ndevice: cuda\n")
+    with caplog.at_level("WARNING", logger="tokenflow"):
+        code, _, err = run_cli(capsys, "edit", "--config", cfg, "--model", tiny_model_dir, "-o",
+                               tmp_path / "o.mp4", "--no-cache", *SMALL)
+    assert code == 0, err
+    assert "asks for device 'cuda', which is not available here; using auto" in caplog.text
+    code, _, err = run_cli(capsys, "edit", "--config", cfg, "--device", "cuda", "--model", tiny_model_dir, *SMALL)
+    assert code == 2
+    one_error_line(err, "no CUDA GPU")
+
+
+def test_tiny_model_in_every_command_and_python_m(tmp_path, capsys):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
+    code, out, err = run_cli(capsys, "invert", clip, "--model", "tiny", "--steps", "2", "--inversion-steps", "2",
+                             "--cache-dir", tmp_path / "c", *SMALL)
+    assert code == 0 and "inverted 4 frames" in out, err
+    proc = subprocess.run([sys.executable, "-m", "tokenflow", "--version"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("tokenflow ")
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_way_out(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    from tokenflow import models
+
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # loopback, nothing listens: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(models, "_REACHABLE", {})
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "someone/some-model", *SMALL)
+    assert code == 2
+    one_error_line(err, "cannot reach the hub (127.0.0.1)", "someone/some-model", "HF_HUB_OFFLINE=1")
+    code, _, err = run_cli(capsys, "eval", "--source", clip, "--edited", clip, "-p", "x")
+    assert code == 2
+    one_error_line(err, "cannot reach the hub", "CLIP model")
+    # offline mode with an id that was never downloaded: the same, without trying
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "someone/some-model", *SMALL)
+    assert code == 2
+    one_error_line(err, "not in the local hub cache and HF_HUB_OFFLINE is set")
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def test_every_option_has_help_with_its_default_and_edit_starts_with_input_prompt_output():
+    parser = build_parser()
+    for name, sub in _subparsers(parser).items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, (name, action.dest)
+            if action.option_strings and action.nargs != 0:  # a value-taking option says its default
+                assert "default" in action.help or "required" in action.help, (name, action.dest, action.help)
+    edit = _subparsers(parser)["edit"]
+    dests = [a.dest for a in edit._actions if not isinstance(a, argparse._HelpAction)]
+    assert dests[:3] == ["input", "prompt", "output"]
+    assert "-p" in _subparsers(parser)["eval"]._option_string_actions
+
+
+def test_fit_modes_and_the_aspect_note(tmp_path, capsys, tiny_model_dir):
+    from tokenflow.video import aspect_note, resize_frame
+
+    frame = np.zeros((20, 40, 3), np.uint8)
+    frame[:, 10:30] = 255  # a white middle half
+    assert resize_frame(frame, 16, 16, "crop").min() > 200  # the middle only
+    padded = resize_frame(frame, 16, 16, "pad")
+    assert padded[:4].max() == 0 and padded[-4:].max() == 0 and padded[8, 8].min() > 200
+    stretched = resize_frame(frame, 16, 16, "stretch")
+    assert stretched[:, :3].max() < 30 and stretched[:, 6:10].min() > 200
+    assert aspect_note((20, 40), (16, 32), "stretch") == ""
+    assert "stretched from 40x20; --fit crop or pad" in aspect_note((20, 40), (16, 16), "stretch")
+    clip = write_clip(tmp_path / "wide.mp4", moving_frames(3, 32, 64))
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.mp4",
+                             "--steps", "2", "--inversion-steps", "2", "--height", "32", "--width", "32", "-q",
+                             "--no-cache")
+    assert code == 0 and "stretched from 64x32" in out, err
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.mp4",
+                             "--steps", "2", "--inversion-steps", "2", "--height", "32", "--width", "32", "-q",
+                             "--no-cache", "--fit", "crop")
+    assert code == 0 and "centre-cropped from 64x32" in out and "--fit" not in out, err
+
+
+def test_part_of_a_clip_with_the_audio_cut_to_match(tmp_path, capsys, tiny_model_dir):
+    from tokenflow.video import read_video
+
+    frames = moving_frames(30, 32, 48)
+    clip = write_clip(tmp_path / "clip.mp4", frames, fps=10, audio=True)
+    full = read_video(clip).frames
+    v = read_video(clip, start_frame=5, stride=3, max_frames=4)
+    assert np.array_equal(v.frames, full[5::3][:4]) and v.fps == pytest.approx(10 / 3)
+    assert v.start_time == pytest.approx(0.5, abs=0.01)
+    t = read_video(clip, start_time=1.0)
+    assert np.array_equal(t.frames, full[10:])
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames[:9]):
+        Image.fromarray(f).save(folder / f"{i}.png")
+    assert len(read_video(folder, stride=2).frames) == 5
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.mp4",
+                             "--start-time", "1", "--every", "2", "--max-frames", "6", "--steps", "2",
+                             "--inversion-steps", "2", "--no-cache", *SMALL)
+    assert code == 0 and "edited 6 frames" in out, err
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert float(c.streams.video[0].average_rate) == pytest.approx(5.0)
+    assert audio_seconds(tmp_path / "o.mp4") == pytest.approx(1.2, abs=0.15)  # 6 frames at 5 fps
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--start-frame", "3", "--start-time", "1", *SMALL)
+    assert code == 2 and "not both" in err
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "--start-frame", "99",
+                           "--steps", "2", "--inversion-steps", "2", "--no-cache", "-o", tmp_path / "p.mp4", *SMALL)
+    assert code == 2
+    one_error_line(err, "none from the start asked for")
+
+
+def test_cache_list_and_clear(tmp_path, capsys, tiny_model_dir):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
+    cache = tmp_path / "cache"
+    code, _, err = run_cli(capsys, "invert", clip, "--model", tiny_model_dir, "--steps", "2", "--inversion-steps",
+                           "2", "--inversion-prompt", "a wolf", "--cache-dir", cache, *SMALL)
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "cache", "list", "--cache-dir", cache)
+    assert code == 0 and "inversion" in out and "48x32" in out and "'a wolf'" in out and "1 entries" in out
+    code, out, _ = run_cli(capsys, "cache", "clear", "--cache-dir", cache, "--older-than", "1")
+    assert code == 0 and "removed 0 of 1" in out and len(os.listdir(cache)) == 1
+    code, out, _ = run_cli(capsys, "cache", "clear", "--cache-dir", cache)
+    assert code == 0 and "removed 1 of 1" in out and os.listdir(cache) == []
+    code, out, _ = run_cli(capsys, "cache", "list", "--cache-dir", cache)
+    assert code == 0 and "empty" in out
