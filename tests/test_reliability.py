@@ -318,6 +318,14 @@ BAD = {
     "yaml lora type": (["--config", "{yaml_lora}"], "lora must be a path or id"),
     "yaml alias bomb": (["--config", "{yaml_bomb}"], "aliases"),
     "yaml huge value": (["--config", "{yaml_huge}"], "negative-prompt is 100000 characters long"),
+    "yaml repeated key": (["--config", "{yaml_twice}"], "key 'steps' is given twice"),
+    "config is a device": (["--config", "/dev/zero"], "is not a file"),
+    "fps too small": (["--fps", "0.0001"], "fps must be a number in [0.01, 1000)"),
+    "LoRA scale nan": (["--lora", "someone/lora:nan"], "the scale must be a number"),
+    "NUL in a prompt": (["--negative-prompt", "bad\0"], "NUL"),
+    "blank prompt": (["-p", "   "], "no prompt given"),
+    "cache inside frames": (["--frames-dir", "fr", "--cache-dir", "fr/cache"], "holds the output"),
+    "cache dir is a file": (["--cache-dir", "bad.json"], "is a file"),
 }
 
 
@@ -333,8 +341,10 @@ def test_bad_settings_fail_before_the_model_loads(case, tmp_path, capsys, monkey
                                         + "".join(f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
                                                   for p, c in zip("abcdefgh", "bcdefghi")))
     (tmp_path / "huge.yaml").write_text("negative_prompt: " + "y" * 100000 + "\n")
+    (tmp_path / "twice.yaml").write_text("steps: 2\nsteps: 3\n")
     subs = {"{bad_json}": "bad.json", "{short_schedule}": "short.json", "{yaml_output}": "out.yaml",
-            "{yaml_lora}": "lora.yaml", "{yaml_bomb}": "bomb.yaml", "{yaml_huge}": "huge.yaml"}
+            "{yaml_lora}": "lora.yaml", "{yaml_bomb}": "bomb.yaml", "{yaml_huge}": "huge.yaml",
+            "{yaml_twice}": "twice.yaml"}
     extra, needle = BAD[case]
     extra = [subs.get(a, a) for a in extra]
     base = ["edit", clip, "-p", "x", "--steps", "2", "--inversion-steps", "2", "--batch-size", "4"]
@@ -344,6 +354,43 @@ def test_bad_settings_fail_before_the_model_loads(case, tmp_path, capsys, monkey
     one_error_line(err, needle)
     assert time.perf_counter() - started < 120  # an alias bomb would not come back at all
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".mp4") and n != "clip.mp4"]
+
+
+def test_analyze_and_eval_never_write_over_their_inputs(tmp_path, capsys, monkeypatch, no_model):
+    monkeypatch.chdir(tmp_path)
+    an = tmp_path / "an"
+    an.mkdir()
+    clip = write_clip(an / "pca.mp4", moving_frames(4, 32, 48))  # named like a figure analyze writes
+    original = open(clip, "rb").read()
+    code, _, err = run_cli(capsys, "analyze", clip, "-o", an, "--steps", "2", "--inversion-steps", "2")
+    assert code == 2
+    one_error_line(err, "is the input")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, f in enumerate(moving_frames(3, 32, 48)):
+        Image.fromarray(f).save(frames / f"{i:05d}.png")
+    code, _, err = run_cli(capsys, "analyze", frames, "-o", frames, "--steps", "2", "--inversion-steps", "2")
+    assert code == 2
+    one_error_line(err, "input folder")
+    before = open(frames / "00000.png", "rb").read()
+    code, _, err = run_cli(capsys, "eval", "--source", frames, "--edited", frames, "--no-clip", "--plot",
+                           frames / "00000.png")
+    assert code == 2
+    one_error_line(err, "input folder")
+    code, _, err = run_cli(capsys, "eval", "--source", frames, "--edited", frames, "--no-clip", "--json",
+                           frames / "r.json")
+    assert code == 2
+    one_error_line(err, "inside the input folder")
+    assert open(frames / "00000.png", "rb").read() == before and open(clip, "rb").read() == original
+
+
+def test_tiff_frame_folders_are_read(tmp_path):
+    folder = tmp_path / "exr-like"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 24), 0.25 * (i + 1), np.float32)).save(folder / f"f{i}.tif")
+    v = read_video(folder)
+    assert v.frames.shape == (3, 16, 24, 3) and list(v.frames[:, 0, 0, 0]) == [64, 128, 191]
 
 
 def test_undecodable_prompt_bytes_are_one_line(tmp_path, tiny_model_dir):
@@ -403,7 +450,7 @@ def test_full_disk_while_writing_the_output_is_one_line_and_leaves_nothing(tmp_p
     code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", out / "o.mp4",
                            "--cache-dir", tmp_path / "cache", *FAST)
     assert code == 2
-    one_error_line(err, "no space left", "o.mp4")
+    one_error_line(err, "no space left", "nothing was written")
     assert os.listdir(out) == []
     # the finished edit's checkpoint is kept: a rerun once there is space does not redo the work
     assert glob.glob(str(tmp_path / "cache" / "checkpoints" / "edit-*.safetensors"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -120,9 +121,27 @@ def _upsample(img: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(_to_u8(img)).resize((w, h), Image.Resampling.NEAREST))
 
 
+def _with_header(img: np.ndarray, lines: list[str], column_labels: Optional[list[str]] = None,
+                 column_width: int = 0) -> np.ndarray:
+    """The picture under a white header of title lines, and labels over its columns."""
+    rows = len(lines) + (1 if column_labels else 0)
+    width = max(img.shape[1], 8 * max(len(t) for t in lines) + 8)
+    canvas = Image.new("RGB", (width, img.shape[0] + 14 * rows + 6), "white")
+    canvas.paste(Image.fromarray(img), (0, 14 * rows + 6))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + 14 * i), line, fill="black")
+    for i, label in enumerate(column_labels or []):
+        draw.text((i * column_width + 2, 2 + 14 * len(lines)), label, fill=(80, 80, 80))
+    return np.asarray(canvas)
+
+
 def _save_png(path: str, img: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
+
+
+FIGURES = ("pca_frames.png", "xt_slice.png", "nn_rebuild.png", "pca.mp4", "analysis.json")  # what it writes
 
 
 def write_figures(out_dir: str, frames: np.ndarray, fps: float, analysis: FeatureAnalysis, rebuild: dict,
@@ -135,10 +154,15 @@ def write_figures(out_dir: str, frames: np.ndarray, fps: float, analysis: Featur
     pca = np.stack([_upsample(p, h, w) for p in analysis.pca])  # (N, H, W, 3) uint8
     shown = np.linspace(0, n - 1, min(n, 8)).round().astype(int)
     grid = np.concatenate([np.concatenate(list(frames[shown]), axis=1), np.concatenate(list(pca[shown]), axis=1)])
+    about = f"layer {analysis.layer}, t={analysis.timestep}"
+    grid = _with_header(grid, ["Frames (top) and the first 3 PCA components of their diffusion features as RGB "
+                               "(bottom)", about], [f"frame {i}" for i in shown], w)
     _save_png(os.path.join(out_dir, "pca_frames.png"), grid)
     row = h // 2
     reps = max(1, 4 * h // max(n, 1) // 4)
     xt = np.concatenate([np.repeat(frames[:, row], reps, axis=0), np.repeat(pca[:, row], reps, axis=0)], axis=1)
+    xt = _with_header(xt, [f"x-t slice of row {row}: x across, time (frame 0 to {n - 1}) down", about],
+                      ["RGB", "feature PCA"], w)
     _save_png(os.path.join(out_dir, "xt_slice.png"), xt)
     panels = [_to_u8(rebuild[k]) for k in ("source", "target", "features", "rgb")]
     strip = np.concatenate(panels, axis=1)

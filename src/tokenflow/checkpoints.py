@@ -92,10 +92,11 @@ class CheckpointStore:
         """Remove a checkpoint file, or a folder of them."""
         path, folder = self.path(name), os.path.join(self.root, name)
         try:
-            if os.path.isfile(path):
-                os.remove(path)
-            if os.path.isdir(folder):
-                shutil.rmtree(folder)
+            for p in (path, folder):
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                elif os.path.lexists(p):
+                    os.remove(p)
         except OSError as e:
             logger.warning("could not remove checkpoint %s: %s", path, e.strerror or e)
         try:  # the folder goes with its last checkpoint

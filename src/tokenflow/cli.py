@@ -289,22 +289,31 @@ def apply_runtime_options(pipe, run: dict[str, Any]):
 
 
 def _finish(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited") -> None:
-    from .video import write_frames, write_video
+    """Write the video, the frames and the settings. Each lands whole: all three are written under
+    temporary names first and renamed only once every one of them is complete, so a full disk
+    midway leaves none of them behind."""
+    import contextlib
+
+    import yaml
+
+    from .atomic import atomic_dir, atomic_path
+    from .video import aspect_note, encode_video, frames_replaceable, save_frames
 
     frames = result.uint8()
-    write_video(output, frames, result.fps, result.audio_source, audio_start=result.audio_start)
-    if run.get("frames_dir"):
-        write_frames(run["frames_dir"], frames)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": run.get("input"),
                 "model": run.get("model") or DEFAULT_MODEL, "device": str(pipe.device),
                 "dtype": str(pipe.dtype).replace("torch.", ""),
                 **{k: run[k] for k in ("model_config", "lora") if run.get(k)}, **result.config.to_dict()}
-    save_settings(_settings_path(output), settings)
+    with contextlib.ExitStack() as commit:  # renames happen on exit, in reverse order
+        encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
+                     audio_start=result.audio_start)
+        if run.get("frames_dir"):
+            save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
+        with open(commit.enter_context(atomic_path(_settings_path(output))), "w") as f:
+            yaml.safe_dump(settings, f, sort_keys=False)
     result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
-    n, _, h, w = result.frames.shape
+    n, h, w = frames.shape[:3]
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
-    from .video import aspect_note
-
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
     aspect = aspect_note(result.source_size, (h, w), result.config.fit)
     aspect = f" ({aspect})" if aspect else ""
@@ -322,6 +331,8 @@ def _settings_and_input(args: argparse.Namespace, usage: str):
     config, run = resolve_settings(args)
     if not run.get("input"):
         raise TokenFlowError(f"no input given: {usage}")
+    if run.get("cache_dir") and os.path.exists(run["cache_dir"]) and not os.path.isdir(run["cache_dir"]):
+        raise TokenFlowError(f"cache folder '{run['cache_dir']}' is a file")
     device = resolve_device(run.get("device") or "auto")
     resolve_dtype(run.get("dtype") or "auto", device)
     check_local_paths(config, run)
@@ -365,6 +376,14 @@ def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], arg
                        checkpoint=True, restart=bool(run.get("no_resume")))
 
 
+def _existing_ancestor(path: str) -> str:
+    """``path`` if it exists, else the folder it would be made in (its nearest existing ancestor's child)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(os.path.dirname(path)) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def _cache_root(run: dict[str, Any]) -> str:
     from .cache import default_cache_dir
 
@@ -374,7 +393,7 @@ def _cache_root(run: dict[str, Any]) -> str:
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
-    if not config.prompt:
+    if not config.prompt.strip():
         raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
     from .preflight import check_free_space, check_no_overwrite, protected_paths
     from .video import check_frames_dir, check_output_path
@@ -384,7 +403,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     frames_dir = run.get("frames_dir")
     if frames_dir:
         check_frames_dir(frames_dir)
-    check_no_overwrite([output, settings_path], frames_dir,
+    check_no_overwrite([output, settings_path, _cache_root(run)], frames_dir,
                        protected_paths(run["input"], getattr(args, "config", None), config, run))
     _check_schedule_frames(config, info)
     check_free_space(info, config, output, frames_dir, _cache_root(run))
@@ -423,10 +442,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.max_frames is not None and args.max_frames < 2:
         raise TokenFlowError(f"max-frames must be at least 2 for a warp error, got {args.max_frames}")
+    from .preflight import check_no_overwrite
+
     outputs = [(args.json, (".json",)), (args.csv, (".csv",)), (args.plot, (".png",))]
     for path, ext in outputs:
         if path:
             check_output_path(path, extensions=ext)
+    check_no_overwrite([p for p, _ in outputs if p], None,
+                       [p for p in [args.source, *args.edited] if os.path.exists(p)])
+    if args.fps is not None and not 0.01 <= args.fps < 1000:
+        raise TokenFlowError(f"fps must be a number in [0.01, 1000), got {args.fps}")
     if not args.no_clip and not args.prompt:
         raise TokenFlowError("CLIP-T needs --prompt (or give --no-clip)")
     source = read_video(args.source, args.max_frames, args.fps).frames
@@ -461,8 +486,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .video import to_uint8
 
     config, run, info = _settings_and_input(args, "tokenflow analyze INPUT")
-    if os.path.isfile(args.output):
+    from .analysis import FIGURES
+    from .preflight import check_no_overwrite, protected_paths
+    from .video import check_writable_name
+
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise TokenFlowError(f"output folder '{args.output}' is a file")
+    check_writable_name(_existing_ancestor(args.output))
+    check_no_overwrite([os.path.join(args.output, name) for name in FIGURES], None,
+                       protected_paths(run["input"], getattr(args, "config", None), config, run))
+    if args.layer is not None and not args.layer.strip():
+        raise TokenFlowError("--layer must name a self-attention layer, got an empty name")
 
     def check_frames(n: int) -> int:
         target = n - 1 if args.target_frame is None else args.target_frame
@@ -509,7 +543,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .preflight import check_port
 
     check_port(args.host, args.port)  # before the model loads, not after
-    if args.max_upload_mb <= 0 or args.max_frames < 1 or args.max_side < 8:
+    if not args.max_upload_mb > 0 or args.max_upload_mb == float("inf") or args.max_frames < 1 or args.max_side < 8:
         raise TokenFlowError("limits must be positive (max-upload-mb > 0, max-frames >= 1, max-side >= 8)")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     pipe = _load_pipeline({"model": args.model, "device": args.device, "dtype": args.dtype})

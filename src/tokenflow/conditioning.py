@@ -163,7 +163,7 @@ def control_images(control: str, frames: torch.Tensor, *, canny_low: int = 100, 
                              f"condition images; '{control}' is neither")
     from .video import fit_frames, read_video
 
-    images = read_video(control).frames
+    images = read_video(control, max_frames=n, size=(h, w)).frames  # fitted as decoded: bounded memory
     if len(images) < n:
         raise TokenFlowError(f"'{control}' has {len(images)} condition images for {n} frames")
-    return fit_frames(images[:n], h, w)
+    return fit_frames(images, h, w)

@@ -112,8 +112,8 @@ class EditConfig:
             raise TokenFlowError(f"start-time must be a number of seconds >= 0, got {shown(self.start_time)}")
         if self.start_time is not None and self.start_frame:
             raise TokenFlowError("give --start-frame or --start-time, not both")
-        if self.fps is not None and (not _is_number(self.fps) or not 0 < self.fps < 1000):
-            raise TokenFlowError(f"fps must be a number in (0, 1000), got {shown(self.fps)}")
+        if self.fps is not None and (not _is_number(self.fps) or not 0.01 <= self.fps < 1000):
+            raise TokenFlowError(f"fps must be a number in [0.01, 1000), got {shown(self.fps)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise TokenFlowError(f"seed must be an integer in [0, 2^63 - 1], got {shown(self.seed)}")
         for name, allowed in (("editor", EDITORS), ("propagation", PROPAGATIONS), ("fit", FITS),
@@ -180,6 +180,8 @@ def check_text(name: str, value: Any, max_chars: int, empty: bool = True) -> str
                              f"terminal's encoding") from None
     if len(value) > max_chars:
         raise TokenFlowError(f"{name} is {len(value)} characters long; at most {max_chars}")
+    if "\0" in value:
+        raise TokenFlowError(f"{name} holds a NUL character")
     if not empty and not value.strip():
         raise TokenFlowError(f"{name} must not be empty")
     return value
@@ -265,6 +267,14 @@ class _NoAliasLoader(yaml.SafeLoader):
                                               event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"key {repeated[0]!r} is given twice",
+                                                    node.start_mark)
+        return super().construct_mapping(node, deep)
+
 
 OFFICIAL_MARKERS = {"n_timesteps", "n_inversion_steps", "data_path", "sd_version", "latents_path",
                     "start", "use_ddim_noise", "output_path", "n_frames"}
@@ -274,10 +284,13 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
     """Read a YAML config: our keys (as in :class:`EditConfig`, dashes or underscores) or the official ones."""
     path = os.fspath(path)
     try:
-        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise TokenFlowError(f"config '{path}' is not a file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise TokenFlowError(f"config '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB; it is not a settings file")
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_NoAliasLoader)
+        data = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)
     except UnicodeDecodeError:
         raise TokenFlowError(f"config '{path}' is not UTF-8 text") from None
     except OSError as e:

@@ -33,8 +33,8 @@ def interval_starts(n_frames: int, batch_size: int) -> torch.Tensor:
 class RandomKeyframes:
     """One uniformly random frame per interval, redrawn every step (the paper's and official)."""
 
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(int(seed))
+    def __init__(self, seed: int, generator: "torch.Generator | None" = None):
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
 
     def __call__(self, step: int, n_frames: int, batch_size: int) -> torch.Tensor:
         n_full, rest = divmod(n_frames, batch_size)
@@ -107,11 +107,12 @@ class ScheduledKeyframes:
         return keyframes.clone()
 
 
-def make_sampler(kind: str, seed: int, schedule_path: str | None = None) -> KeyframeSampler:
+def make_sampler(kind: str, seed: int, schedule_path: str | None = None,
+                 generator: "torch.Generator | None" = None) -> KeyframeSampler:
     if schedule_path:
         return ScheduledKeyframes.from_json(schedule_path)
     if kind == "random":
-        return RandomKeyframes(seed)
+        return RandomKeyframes(seed, generator)
     if kind == "fixed":
         return FixedKeyframes()
     raise TokenFlowError(f"unknown keyframe sampler '{kind}'; allowed: random, fixed")

@@ -216,41 +216,80 @@ def evaluate(source: np.ndarray, edited: dict[str, np.ndarray], prompt: Optional
     return results
 
 
-def plot_warp_errors(path: str, results: list[Evaluation], width: int = 720, height: int = 360) -> str:
-    """A PNG line chart of per-frame warp error for every edited video (Pillow only)."""
+def axis_range(values: list[float], pad: float = 0.1) -> tuple[float, float]:
+    """A y range around ``values`` that shows their differences (not pinned to 0), padded."""
+    lo, hi = min(values), max(values)
+    span = hi - lo if hi > lo else max(abs(hi), 1e-6) * 0.5
+    return max(0.0, lo - pad * span), hi + pad * span
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values between lo and hi."""
+    import math
+
+    raw = (hi - lo) / max(1, count - 1)
+    step = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * step:
+            step *= m
+            break
+    first = math.ceil(lo / step) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot_warp_errors(path: str, results: list[Evaluation], width: int = 760, height: int = 400) -> str:
+    """A PNG line chart of per-frame warp error for every edited video (Pillow only): labelled
+    axes with ticks, a y range fitted to the values, and the legend below the plot, off the lines."""
     from PIL import Image, ImageDraw
 
     from .atomic import atomic_path
 
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    floor = results[0].warp_error_floor if results else None
+    legend = [(f"{r.name[-40:]}: mean {r.warp_error:.5f}", colours[c % len(colours)]) for c, r in enumerate(results)]
+    if floor is not None:
+        legend.append((f"source video (the floor): mean {floor:.5f}", (128, 128, 128)))
+    legend_rows = (len(legend) + 1) // 2
+    height += 16 * legend_rows
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 20, 20, height - 40
+    left, right, top = 80, width - 20, 28
+    bottom = height - 56 - 16 * legend_rows
     values = [v for r in results for v in r.per_frame_warp_error if np.isfinite(v)]
-    y_max = max(values + [r.warp_error_floor or 0 for r in results] + [1e-6]) * 1.1
+    y_lo, y_hi = axis_range(values + ([floor] if floor is not None else []) or [0.0, 1e-6])
     n_max = max(len(r.per_frame_warp_error) for r in results)
     draw.rectangle([left, top, right, bottom], outline="black")
-    for k in range(5):
-        y = bottom - (bottom - top) * k / 4
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{y_max * k / 4:.4f}", fill="black")
-    draw.text((left, 4), "per-frame warp error (MSE over visible pixels, RGB in [0, 1])", fill="black")
-    draw.text(((left + right) // 2 - 30, bottom + 12), "frame pair t -> t+1", fill="black")
+    draw.text((left, 6), "Per-frame warp error: MSE of frame t+1 and frame t warped by the source's optical flow "
+                         "(visible pixels, RGB in [0, 1])", fill="black")
 
     def xy(i, v):
-        return (left + (right - left) * i / max(1, n_max - 1), bottom - (bottom - top) * v / y_max)
+        return (left + (right - left) * i / max(1, n_max - 1), bottom - (bottom - top) * (v - y_lo) / (y_hi - y_lo))
 
-    for c, r in enumerate(results):
-        colour = colours[c % len(colours)]
-        pts = [xy(i, v) for i, v in enumerate(r.per_frame_warp_error) if np.isfinite(v)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        draw.text((right - 230, top + 6 + 14 * c), f"{r.name[-28:]}: {r.warp_error:.5f}", fill=colour)
-    floor = results[0].warp_error_floor if results else None
+    for tick in nice_ticks(y_lo, y_hi):
+        y = xy(0, tick)[1]
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.line([left + 1, y, right - 1, y], fill=(232, 232, 232))
+        draw.text((6, y - 6), f"{tick:.4g}", fill="black")
+    for tick in nice_ticks(0, max(1, n_max - 1), 8):
+        if tick != int(tick):
+            continue
+        x = xy(tick, y_lo)[0]
+        draw.line([x, bottom, x, bottom + 4], fill="black")
+        draw.text((x - 6, bottom + 6), str(int(tick)), fill="black")
+    draw.text((6, top - 16), "warp error", fill="black")
+    draw.text(((left + right) // 2 - 60, bottom + 22), "frame pair (t, t+1), by t", fill="black")
     if floor is not None:
         y = xy(0, floor)[1]
         draw.line([left, y, right, y], fill=(128, 128, 128))
-        draw.text((right - 230, top + 6 + 14 * len(results)), f"source floor: {floor:.5f}", fill=(128, 128, 128))
+    for c, r in enumerate(results):
+        pts = [xy(i, v) for i, v in enumerate(r.per_frame_warp_error) if np.isfinite(v)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colours[c % len(colours)], width=2)
+    for k, (label, colour) in enumerate(legend):  # below the plot, two columns
+        x = left + (k % 2) * (right - left) // 2
+        y = bottom + 40 + 16 * (k // 2)
+        draw.line([x, y + 6, x + 18, y + 6], fill=colour, width=3)
+        draw.text((x + 24, y), label, fill="black")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path

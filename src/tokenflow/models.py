@@ -275,6 +275,8 @@ def parse_lora(spec: str) -> tuple[str, float]:
             path, scale = head, float(tail)
         except ValueError:
             pass
+    if not -100 <= scale <= 100:  # NaN fails this too
+        raise TokenFlowError(f"bad --lora '{spec}': the scale must be a number in [-100, 100]")
     if not path:
         raise TokenFlowError(f"bad --lora '{spec}': expected PATH_OR_ID[:SCALE]")
     return path, scale
@@ -315,7 +317,8 @@ def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
 
 
 def load_components(model: str, device: torch.device, dtype: torch.dtype, *, model_config: Optional[str] = None,
-                    allow_pickle: bool = False, loras: Sequence[str] = ()) -> Components:
+                    allow_pickle: bool = False, loras: Sequence[str] = (), variant: Optional[str] = None,
+                    revision: Optional[str] = None) -> Components:
     """Load a Stable Diffusion model: SD 1.x/2.x, SD 2 depth or SDXL.
 
     ``model`` is a hub id, a local diffusers folder, or a single checkpoint file (``.safetensors``;
@@ -334,14 +337,18 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
             pipe = _load_single_file(model, dtype, model_config, allow_pickle)
         else:
             kwargs = hub_kwargs(model, "model")
-            class_name = diffusers.DiffusionPipeline.load_config(model, **kwargs).get("_class_name", "")
+            class_name = diffusers.DiffusionPipeline.load_config(
+                model, **kwargs, **({"revision": revision} if revision else {})).get("_class_name", "")
             cls = _pipeline_class(class_name)
-            pipe = cls.from_pretrained(model, torch_dtype=dtype, **_no_safety_checker(cls), **kwargs)
+            extra = {k: v for k, v in (("variant", variant), ("revision", revision)) if v}
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, **_no_safety_checker(cls), **kwargs, **extra)
     except TokenFlowError:
         raise
     except Exception as e:  # diffusers/transformers/hub raise many types for a bad model
         raise TokenFlowError(f"cannot load model '{model}': {short_error(e)}") from None
-    identity = path_identity(model) if is_local else f"hub:{model}"
+    identity = path_identity(model) if is_local else f"hub:{model}" + (f"@{revision}" if revision else "")
+    if variant:
+        identity += f"+variant:{variant}"
     if model_config:
         identity += f"+config:{path_identity(model_config) if os.path.isdir(model_config) else model_config}"
     if loras:

@@ -57,7 +57,7 @@ VideoInput = Union[str, os.PathLike, Video, np.ndarray, torch.Tensor]
 
 @dataclass
 class EditResult:
-    frames: torch.Tensor  # (N, 3, H, W) float32 in [0, 1], CPU
+    frames: Any  # output_type "pt": (N, 3, H, W) float32 in [0, 1], CPU; "np": (N, H, W, 3); "pil": images
     fps: float
     config: EditConfig
     timesteps: list[int]
@@ -72,9 +72,14 @@ class EditResult:
     checkpoint: Optional[tuple[CheckpointStore, str]] = None  # the edit's checkpoint, while kept
 
     def uint8(self) -> np.ndarray:
+        """The frames as uint8 (N, H, W, 3), whatever ``output_type`` the edit returned."""
         from .video import to_uint8
 
-        return to_uint8(self.frames)
+        if isinstance(self.frames, torch.Tensor):
+            return to_uint8(self.frames)
+        if isinstance(self.frames, np.ndarray):
+            return to_uint8(torch.from_numpy(self.frames).permute(0, 3, 1, 2))
+        return np.stack([np.asarray(im.convert("RGB")) for im in self.frames])
 
     def discard_checkpoint(self) -> None:
         """Remove the edit's resume checkpoint: call once the result is safely written."""
@@ -203,15 +208,35 @@ class TokenFlowPipeline:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto", *,
                         model_config: Optional[str] = None, allow_pickle: bool = False,
-                        loras: tuple[str, ...] | list[str] = ()) -> "TokenFlowPipeline":
+                        loras: tuple[str, ...] | list[str] = (), variant: Optional[str] = None,
+                        revision: Optional[str] = None) -> "TokenFlowPipeline":
         """Load SD 1.x/2.x, SD 2 depth or SDXL from a hub id, a local diffusers folder or a single
-        checkpoint file (configs from ``model_config``), with LoRAs (``PATH_OR_ID[:SCALE]``) fused in."""
+        checkpoint file (configs from ``model_config``), with LoRAs (``PATH_OR_ID[:SCALE]``) fused in.
+        ``variant`` (e.g. ``"fp16"``) and ``revision`` are diffusers' own."""
         dev = resolve_device(device)
         c: Components = load_components(model, dev, resolve_dtype(dtype, dev), model_config=model_config,
-                                        allow_pickle=allow_pickle, loras=loras)
+                                        allow_pickle=allow_pickle, loras=loras, variant=variant, revision=revision)
         return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id,
                    text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
                    depth_estimator=c.depth_estimator, feature_extractor=c.feature_extractor)
+
+    @classmethod
+    def from_pipe(cls, pipe) -> "TokenFlowPipeline":
+        """Reuse the components of a loaded diffusers pipeline (StableDiffusion[XL]Pipeline, Depth2Img...):
+        no second copy of the weights. Its scheduler's config is kept; TokenFlow samples with DDIM."""
+        parts = pipe.components
+        missing = [k for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if parts.get(k) is None]
+        if missing:
+            raise TokenFlowError(f"{type(pipe).__name__} has no {', '.join(missing)}: TokenFlow needs a Stable "
+                                 f"Diffusion pipeline")
+        name = getattr(pipe.config, "_name_or_path", None) or getattr(pipe, "name_or_path", None)
+        model_id = None
+        if name:
+            model_id = path_identity(name) if os.path.exists(name) else f"hub:{name}"
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+                   model_id, text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+                   depth_estimator=parts.get("depth_estimator"),
+                   feature_extractor=parts.get("feature_extractor") if parts.get("depth_estimator") else None)
 
     @classmethod
     def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False) -> "TokenFlowPipeline":
@@ -618,20 +643,22 @@ class TokenFlowPipeline:
                               "--height/--width, or use --offload")
         free_memory(self.device)
 
-    def edit_key(self, inversion_key: str, config: EditConfig) -> str:
+    def edit_key(self, inversion_key: str, config: EditConfig, generator_state: Optional[torch.Tensor] = None) -> str:
         """Identity of an edit's result: the inversion, every setting, the model and its numerics."""
         schedule = None
         if config.keyframe_schedule:
             with open(config.keyframe_schedule, "rb") as f:
                 schedule = hashlib.sha256(f.read()).hexdigest()
+        generator = None if generator_state is None else hashlib.sha256(generator_state.numpy().tobytes()).hexdigest()
         return key_of(kind="edit", inversion=inversion_key, config=config.to_dict(), schedule=schedule,
-                      model=self.model_id, dtype=str(self.dtype), device=self.device.type)
+                      model=self.model_id, dtype=str(self.dtype), device=self.device.type, generator=generator)
 
     @torch.no_grad()
     def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
              inversion: Optional[Inversion] = None, cache_dir: Optional[str] = None, use_cache: bool = True,
              return_latents: bool = False, progress: bool = True, checkpoint: bool = False,
-             restart: bool = False, callback: Optional[ProgressCallback] = None, **overrides: Any) -> EditResult:
+             restart: bool = False, callback: Optional[ProgressCallback] = None,
+             generator: Optional[torch.Generator] = None, output_type: str = "pt", **overrides: Any) -> EditResult:
         """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
 
         Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
@@ -644,13 +671,18 @@ class TokenFlowPipeline:
         if prompt is not None:
             config = config.replace(prompt=prompt)
         config.validate()
+        if output_type not in OUTPUT_TYPES:
+            raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        if generator is not None and generator.device.type != "cpu":
+            raise TokenFlowError("generator must be a CPU torch.Generator (keyframes are drawn on the CPU)")
         editor: BaseEditor = EDITORS[config.editor](config)
         self.check_steps(config.steps, config.inversion_steps)
         timer = _Timer()
         with timer("read"):
             frames, fps, audio, audio_start, source_size = self.load_video(video, config)
         n = len(frames)
-        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule)
+        generator_state = generator.get_state() if generator is not None else None
+        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, generator)
         if isinstance(sampler, ScheduledKeyframes):  # a bad schedule fails now, not after the inversion
             sampler.check(len(editor.select_timesteps(self.editing_timesteps(config.steps))), n, config.batch_size)
         with timer("conditioning"):
@@ -671,7 +703,8 @@ class TokenFlowPipeline:
         if missing:
             raise TokenFlowError(f"the inversion has no latents at timesteps {missing[:3]}; "
                                  f"invert with the same --steps as the edit")
-        generator = torch.Generator().manual_seed(config.seed)
+        if generator is None:
+            generator = torch.Generator().manual_seed(config.seed)
         text = PromptEmbeds.cat([self.prompt_embeds(config.inversion_prompt),
                                  self.prompt_embeds(config.negative_prompt),
                                  self.prompt_embeds(config.prompt)])  # 3 rows: source, uncond, cond
@@ -681,7 +714,7 @@ class TokenFlowPipeline:
         saver = None
         if checkpoint and inversion.key and not return_latents:
             saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)),
-                                                  self.edit_key(inversion.key, config)), sampler)
+                                                  self.edit_key(inversion.key, config, generator_state)), sampler)
             restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored
@@ -718,9 +751,25 @@ class TokenFlowPipeline:
         with timer("decode"):
             with self._on_device(self.vae):
                 edited = self._vae(lambda bs: decode_latents(self.vae, x, bs), "decoding")
+        if output_type != "pt":
+            edited = _convert_frames(edited, output_type)
         return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
                           latents, timer.seconds, audio, audio_start, first, source_size,
                           saver.handle() if saver else None)
+
+
+OUTPUT_TYPES = ("pt", "np", "pil")
+
+
+def _convert_frames(frames: torch.Tensor, output_type: str):
+    """(N, 3, H, W) float in [0, 1] -> diffusers' ``np`` (N, H, W, 3) float32 or ``pil`` images."""
+    if output_type == "np":
+        return frames.permute(0, 2, 3, 1).contiguous().numpy()
+    from PIL import Image
+
+    from .video import to_uint8
+
+    return [Image.fromarray(f) for f in to_uint8(frames)]
 
 
 class _EditCheckpoints:

@@ -69,6 +69,9 @@ def check_no_overwrite(files: Iterable[str], folder: Optional[str], protected: I
             if same_path(out, p):
                 raise TokenFlowError(f"output '{out}' is the input '{p}'; writing it would destroy the "
                                      f"input: choose another output name")
+            if os.path.isdir(p) and inside(out, p):
+                raise TokenFlowError(f"output '{out}' is inside the input folder '{p}'; writing there would "
+                                     f"change the input: choose another place")
     if folder:
         for p in protected + files:
             if inside(p, folder):

@@ -25,7 +25,7 @@ from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".mkv")
 DEFAULT_FOLDER_FPS = 10.0
 NOT_VIDEO_FORMATS = ("tty",)
@@ -432,11 +432,21 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
     container cannot hold its codec) from ``audio_start`` seconds (the first frame's time in
     the source) for as long as the video lasts, shifted to start with the first frame.
     """
+    path = check_output_path(path)
+    with atomic_path(path) as tmp:
+        encode_video(tmp, frames, fps, audio_source, crf, audio_start)
+    return path
+
+
+def encode_video(path: str, frames: np.ndarray, fps: float, audio_source: Optional[str] = None, crf: int = 18,
+                 audio_start: float = 0.0) -> None:
+    """The encoding of :func:`write_video`, into ``path`` as it is (the caller makes it atomic)."""
     import av
 
-    path = check_output_path(path)
     rate = Fraction(fps).limit_denominator(1001)
-    with atomic_path(path) as tmp, av.open(tmp, "w") as out:
+    if rate <= 0:
+        raise TokenFlowError(f"frame rate {fps} is too low to write; at least 1/1001")
+    with av.open(path, "w", format=_container_format(path)) as out:
         stream = out.add_stream("libx264", rate=rate)
         stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
         stream.pix_fmt = "yuv420p"
@@ -447,7 +457,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
         out.mux(stream.encode())
         if audio is not None:
             _copy_audio(audio, out, audio_start, len(frames) / float(rate))
-    return path
+
+
+def _container_format(path: str) -> Optional[str]:
+    """The muxer for a temporary name ('.out.123-ab.tmp.mp4' is an mp4)."""
+    return {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(os.path.splitext(path)[1].lower())
 
 
 @dataclass
@@ -533,6 +547,11 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> str:
     into a temporary folder beside it that then takes its place (an earlier run's frames go)."""
     folder = check_frames_dir(folder)
     with atomic_dir(folder, frames_replaceable) as tmp:
-        for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(os.path.join(tmp, f"{i:05d}.png"), format="PNG")
+        save_frames(tmp, frames)
     return folder
+
+
+def save_frames(folder: str, frames: np.ndarray) -> None:
+    """``00000.png, ...`` into an existing (temporary) folder."""
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(os.path.join(folder, f"{i:05d}.png"), format="PNG")
