@@ -71,6 +71,11 @@ def test_analyze_command(tmp_path, capsys, tiny_model_dir):
     stdout, err = capsys.readouterr()
     assert code == 0, err
     assert sorted(os.listdir(out)) == ["analysis.json", "nn_rebuild.png", "pca.mp4", "pca_frames.png", "xt_slice.png"]
+    from PIL import Image
+
+    # titled pictures: a header above the frames/PCA grid (2 x 32 px) and above the x-t slice (5 frames x reps)
+    assert Image.open(out / "pca_frames.png").size[1] >= 2 * 32 + 30
+    assert Image.open(out / "xt_slice.png").size[1] >= 30 + 5
     summary = json.loads((out / "analysis.json").read_text())
     assert summary["layer"].startswith("up_blocks.3.") and summary["feature_grid"] == [4, 6]
     assert summary["timestep"] == 201 and summary["target_frame"] == 3

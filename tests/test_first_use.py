@@ -212,3 +212,48 @@ def test_cache_list_and_clear(tmp_path, capsys, tiny_model_dir):
     assert code == 0 and "removed 1 of 1" in out and os.listdir(cache) == []
     code, out, _ = run_cli(capsys, "cache", "list", "--cache-dir", cache)
     assert code == 0 and "empty" in out
+
+
+def test_python_api_speaks_diffusers(tiny_pipe, clip, tiny_model_dir):
+    import diffusers
+
+    from tokenflow import TokenFlowPipeline
+
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True)
+    pipe = TokenFlowPipeline.from_pipe(sd)
+    assert pipe.unet is sd.unet and pipe.vae is sd.vae and pipe.model_id.startswith("folder:")
+    kwargs = dict(prompt="x", steps=2, inversion_steps=2, height=32, width=48, use_cache=False, progress=False)
+    seeded = pipe.edit(clip, seed=5, **kwargs)
+    by_generator = pipe.edit(clip, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert by_generator.keyframes == seeded.keyframes and torch.equal(by_generator.frames, seeded.frames)
+    other = pipe.edit(clip, generator=torch.Generator().manual_seed(6), **kwargs)
+    assert other.keyframes != seeded.keyframes
+    as_np = pipe.edit(clip, seed=5, output_type="np", **kwargs)
+    as_pil = pipe.edit(clip, seed=5, output_type="pil", **kwargs)
+    assert as_np.frames.shape == (10, 32, 48, 3) and as_np.frames.dtype == np.float32
+    assert len(as_pil.frames) == 10 and as_pil.frames[0].size == (48, 32)
+    assert np.array_equal(as_np.uint8(), seeded.uint8()) and np.array_equal(as_pil.uint8(), seeded.uint8())
+    with pytest.raises(Exception, match="output_type"):
+        pipe.edit(clip, output_type="latent", **kwargs)
+    with pytest.raises(Exception, match="model .* does not exist"):
+        TokenFlowPipeline.from_pretrained("./no/such/model", variant="fp16", revision="main")
+
+
+def test_charts_and_pictures_are_labelled(tmp_path):
+    from tokenflow.metrics import Evaluation, axis_range, nice_ticks, plot_warp_errors
+
+    lo, hi = axis_range([0.0110, 0.0125, 0.0102])
+    assert 0.0095 < lo < 0.0102 and 0.0125 < hi < 0.013  # fitted to the values, not pinned to 0
+    ticks = nice_ticks(lo, hi)
+    assert 3 <= len(ticks) <= 8 and all(lo - 1e-12 <= t <= hi + 1e-12 for t in ticks)
+    rng = np.random.default_rng(0)
+    results = [Evaluation(f"run{i}.mp4", 20, 0.011 + i * 0.001, 0.0102, None, None,
+                          list(0.011 + i * 0.001 + 0.0003 * rng.standard_normal(19))) for i in range(3)]
+    path = plot_warp_errors(str(tmp_path / "chart.png"), results)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    blue = (np.abs(img - np.array([31, 119, 180])).sum(-1) < 30)
+    rows = np.where(blue.any(1))[0]
+    # the series' legend swatch lies below the plot's frame, apart from its line inside it
+    frame_bottom = np.where((img[:, 200] == 0).all(-1))[0].max()
+    assert rows.max() > frame_bottom + 20 and rows.min() < frame_bottom
