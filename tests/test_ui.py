@@ -69,6 +69,47 @@ def test_session_rejects_bad_input_with_a_message(session, tmp_path, make, setti
         session.run(str(paths[make]) if make else None, "a robot", **{**SMALL, **settings})
 
 
+def test_session_preview_edits_one_frame_and_stop_ends_a_job(session, tmp_path):
+    import threading
+
+    from PIL import Image
+
+    from tokenflow.ui import Stopped
+
+    os.makedirs(session.output_dir)
+    clip = write_clip(tmp_path / "in.mp4", moving_frames(5, 32, 48))
+    image, line = session.preview(clip, "a robot", **SMALL)
+    assert Image.open(image).size == (48, 32) and line.startswith("Preview of frame 2 at 48x32")
+    # Stop: the running job ends at its next step, and the next one runs
+    seen = []
+
+    def progress(f, text):
+        seen.append(text)
+        if len(seen) == 2:
+            threading.Thread(target=session.request_stop).start()
+            time.sleep(0.5)
+
+    with pytest.raises(Stopped):
+        session.run(clip, "a robot", progress=progress, **{**SMALL, "steps": 20, "inversion_steps": 20})
+    assert not session.stop_event.is_set() and not session.lock.locked()
+    _, _, status = session.run(clip, "a robot", **SMALL)
+    assert status.startswith("Edited 4 frames")
+
+
+def test_page_speaks_in_its_labels_and_offers_what_the_model_can_run(session, tmp_path):
+    from tokenflow.ui import page_message
+
+    assert page_message("--inversion-steps 50 does not pass ... of --steps 20; use e.g. --inversion-steps 60") == \
+        "'Inversion steps' 50 does not pass ... of 'Steps' 20; use e.g. 'Inversion steps' 60"
+    assert page_message("lower --height/--width, or use --offload") == "lower 'Height/Width', or use 'offloading'"
+    assert "controlnet" not in session.editors  # the tiny model has no ControlNet to offer
+    # Steps alone: the inversion steps are chosen (0 on the page means automatic)
+    os.makedirs(session.output_dir)
+    clip = write_clip(tmp_path / "in.mp4", moving_frames(4, 32, 48))
+    _, settings, _ = session.run(clip, "a robot", **{**SMALL, "steps": 3, "inversion_steps": 0})
+    assert "inversion_steps: 102" in open(settings).read()
+
+
 def test_session_needs_a_prompt(session, tmp_path):
     with pytest.raises(TokenFlowError, match="write a prompt"):
         session.run(DEMO_CLIP, "  ", **SMALL)
@@ -129,17 +170,32 @@ def _fill(page, elem_id, value):
     page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
 
 
+def _open_settings(page):
+    if not page.locator("#steps input").first.is_visible():
+        page.get_by_text("Settings", exact=True).first.click()
+        page.wait_for_selector("#steps input", state="visible")
+
+
 def test_page_in_a_real_browser(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
     page.goto(server)
     page.wait_for_selector("#run")
+    # Run, Preview and Stop sit right under the prompt; the status (and progress) heads the result panel
+    prompt_box, run_box = page.locator("#prompt").bounding_box(), page.locator("#run").bounding_box()
+    assert 0 < run_box["y"] - (prompt_box["y"] + prompt_box["height"]) < 80
+    assert page.locator("#status").bounding_box()["y"] < 200
+    assert page.locator("#quality").is_visible()
     # upload the bundled clip, as a visitor would
     _upload(page, DEMO_CLIP)
     page.wait_for_selector("#input-video video", timeout=60_000)  # the input plays in the page
     _fill(page, "prompt", "a shiny silver robotic wolf")
-    for elem_id, value in (("max-frames", 6), ("height", 64), ("width", 112), ("steps", 4),
-                           ("inversion-steps", 4)):
+    _open_settings(page)
+    for elem_id, value in (("max-frames", 6), ("height", 64), ("width", 112), ("steps", 4)):
         _fill(page, elem_id, value)
+    # a one-frame preview first
+    page.click("#preview")
+    page.wait_for_selector("#status:has-text('Preview of frame 3 at 112x64')", timeout=180_000)
+    page.wait_for_selector("#preview-image img", timeout=30_000)
     page.click("#run")
     page.wait_for_selector("#output-video video", timeout=180_000)
     page.wait_for_selector("#status:has-text('Edited 6 frames at 112x64')", timeout=30_000)
@@ -153,6 +209,22 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     assert frames == 6
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, "ui.png"), full_page=True)
+    # Stop ends a long job cleanly, and the next Run goes through
+    _fill(page, "steps", 400)
+    page.click("#run")
+    page.wait_for_selector("#status:has-text('step')", timeout=180_000)
+    page.click("#stop")
+    page.wait_for_selector("#status:has-text('Stopped')", timeout=180_000)
+    _fill(page, "steps", 4)
+    page.click("#run")
+    page.wait_for_selector("#status:has-text('Edited 6 frames')", timeout=180_000)
+    # a mistake is a sentence in the page, in the page's words
+    _fill(page, "steps", 20)
+    _fill(page, "inversion-steps", 50)
+    page.click("#run")
+    message = page.wait_for_selector("#status:has-text('Error')", timeout=60_000).inner_text()
+    assert "'Inversion steps' 50" in message and "--" not in message
+    _fill(page, "inversion-steps", 0)
     # a text file is answered with a message in the page, not a stack trace
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not a video\n" * 40)
@@ -169,7 +241,7 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     _upload(page, fake)
     _fill(page, "prompt", "a robot")
     page.click("#run")
-    message = page.wait_for_selector("text=/as a video/", timeout=60_000)
+    message = page.wait_for_selector("#status:has-text('as a video')", timeout=60_000)
     assert "cannot read 'fake.mp4' as a video" in message.inner_text()  # our message, naming the upload
     assert "Traceback" not in page.content()
     page.screenshot(path=os.path.join(ARTIFACTS, "ui-error.png"))

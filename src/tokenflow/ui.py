@@ -32,6 +32,38 @@ class Limits:
     max_side: int = 1024  # largest working height or width
 
 
+# A first result in a minute, and the full-quality settings one click away
+PRESETS = {
+    "Quick look": dict(max_frames=16, steps=20, inversion_steps=0),
+    "Full quality": dict(max_frames=None, steps=50, inversion_steps=0),  # frames: the page's limit
+}
+# what command-line words in a message are called on this page
+PAGE_LABELS = [
+    ("--inversion-steps", "Inversion steps"), ("inversion-steps", "Inversion steps"),
+    ("--steps", "Steps"), ("--height/--width", "Height/Width"), ("--height", "Height"), ("--width", "Width"),
+    ("--max-frames", "Frames"), ("max-frames", "Frames"), ("--batch-size", "Batch size"), ("batch-size", "Batch size"),
+    ("--controlnet", "ControlNet"), ("--control", "Control"), ("--guidance-scale", "Guidance scale"),
+    ("guidance-scale", "Guidance scale"), ("--sdedit-start", "SDEdit start"), ("sdedit-start", "SDEdit start"),
+    ("--pnp-attn-t", "PnP attention injection"), ("pnp-attn-t", "PnP attention injection"),
+    ("--pnp-f-t", "PnP feature injection"), ("pnp-f-t", "PnP feature injection"), ("--offload", "offloading"),
+    ("--seed", "Seed"), ("--editor", "Editor"), ("-p/--prompt", "Prompt"),
+]
+
+
+def page_message(message: str) -> str:
+    """A library message in the page's own words: its labels, not command-line flags."""
+    for flag, label in PAGE_LABELS:
+        message = message.replace(f"{flag} ", f"'{label}' ").replace(f"{flag};", f"'{label}';")
+        message = message.replace(f"{flag},", f"'{label}',").replace(f"{flag})", f"'{label}')")
+        if message.endswith(flag):
+            message = message[:-len(flag)] + f"'{label}'"
+    return message
+
+
+class Stopped(Exception):
+    """The visitor pressed Stop."""
+
+
 @dataclass
 class EditorSession:
     pipe: Any
@@ -40,6 +72,18 @@ class EditorSession:
     cache_dir: Optional[str] = None
     output_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="tokenflow-ui-"))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def editors(self) -> list[str]:
+        """The editors this model can run: ControlNet only where a default ControlNet exists."""
+        from .conditioning import model_family
+
+        return [e for e in EDITORS if e != "controlnet" or model_family(self.pipe.unet) is not None]
+
+    def request_stop(self) -> None:
+        """Stop the running job at its next step (it ends cleanly, the queue moves on)."""
+        self.stop_event.set()
 
     def check_upload(self, path: Optional[str]) -> str:
         if not path:
@@ -52,16 +96,19 @@ class EditorSession:
                                  f"{self.limits.max_upload_mb:.0f} MB")
         return path
 
-    def run(self, video: Optional[str], prompt: str, *, progress: Optional[ProgressFn] = None,
-            random_seed: bool = False, **settings: Any) -> tuple[str, str, str]:
-        """Edit; returns (edited video path, settings YAML path, a status line)."""
-        from .video import probe_video, working_size, write_video
+    def _config(self, path: str, prompt: str, random_seed: bool, settings: dict[str, Any]) -> EditConfig:
+        from .inversion import choose_inversion_steps
 
-        started = time.perf_counter()
-        path = self.check_upload(video)
         if not prompt or not prompt.strip():
             raise TokenFlowError("write a prompt: what should the edited video show?")
         settings = {k: (int(v) if k in _INT_FIELDS and v is not None else v) for k, v in settings.items()}
+        control, control_video = settings.pop("control", None), settings.pop("control_video", None)
+        if settings.get("editor") == "controlnet" or control:
+            if control == "condition video":
+                if not control_video:
+                    raise TokenFlowError("upload a condition video for the ControlNet, or pick canny or depth")
+                control = self.check_upload(control_video)
+            settings["control"] = control or "canny"
         if random_seed:
             settings["seed"] = random.randrange(2 ** 31)
         max_frames = settings.get("max_frames") or self.limits.max_frames
@@ -71,15 +118,47 @@ class EditorSession:
         for side in ("height", "width"):
             if not settings.get(side):
                 settings[side] = None
-        config = EditConfig(prompt=prompt.strip(), **settings).validate()
+        if not settings.get("inversion_steps") and isinstance(settings.get("steps"), int) and settings["steps"] > 0:
+            settings["inversion_steps"] = choose_inversion_steps(settings["steps"])  # 0: automatic
+        return EditConfig(prompt=prompt.strip(), **settings).validate()
+
+    def _check_size(self, path: str, config: EditConfig) -> None:
+        from .video import probe_video
+
         info = probe_video(path)  # frames are decoded at the working size inside the edit
         h, w = self.pipe.working_size(info.size, config)
         if max(h, w) > self.limits.max_side:
             raise TokenFlowError(f"size {w}x{h}: this page edits at most {self.limits.max_side} pixels a side")
-        # one job at a time per model: a second visitor waits here, never shares the UNet mid-edit
+
+    def _edit(self, path: str, config: EditConfig, progress: Optional[ProgressFn]):
+        """One job at a time per model: a second visitor waits here, never shares the UNet mid-edit."""
         with self.lock:
-            result = self.pipe.edit(path, config=config, cache_dir=self.cache_dir, progress=False,
-                                    callback=_progress_adapter(progress))
+            self.stop_event.clear()
+            report = _progress_adapter(progress)
+
+            def callback(stage: str, step: int, total: int) -> None:
+                if self.stop_event.is_set():
+                    raise Stopped(f"{stage} step {step}")
+                if report:
+                    report(stage, step, total)
+
+            try:
+                return self.pipe.edit(path, config=config, cache_dir=self.cache_dir, progress=False,
+                                      callback=callback)
+            finally:
+                self.stop_event.clear()
+
+    def run(self, video: Optional[str], prompt: str, *, progress: Optional[ProgressFn] = None,
+            random_seed: bool = False, **settings: Any) -> tuple[str, str, str]:
+        """Edit; returns (edited video path, settings YAML path, a status line). Raises
+        :class:`Stopped` when the visitor stops the job."""
+        from .video import write_video
+
+        started = time.perf_counter()
+        path = self.check_upload(video)
+        config = self._config(path, prompt, random_seed, settings)
+        self._check_size(path, config)
+        result = self._edit(path, config, progress)
         stem = f"tokenflow-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16 ** 6):06x}"
         out = os.path.join(self.output_dir, stem + ".mp4")
         write_video(out, result.uint8(), result.fps, result.audio_source, audio_start=result.audio_start)
@@ -89,6 +168,29 @@ class EditorSession:
         status = (f"Edited {n} frames at {fw}x{fh} in {time.perf_counter() - started:.1f}s "
                   f"(seed {config.seed}).")
         return out, yaml_path, status
+
+    def preview(self, video: Optional[str], prompt: str, *, progress: Optional[ProgressFn] = None,
+                **settings: Any) -> tuple[str, str]:
+        """Edit one frame (the middle of the frames the settings take) with the current settings:
+        the look of the edit in seconds. Returns (PNG path, a status line)."""
+        from PIL import Image
+
+        from .preflight import expected_frames
+        from .video import probe_video
+
+        started = time.perf_counter()
+        path = self.check_upload(video)
+        config = self._config(path, prompt, False, settings)
+        self._check_size(path, config)
+        n = expected_frames(probe_video(path), config) or 1
+        middle = config.start_frame + (n // 2) * config.frame_stride
+        one = config.replace(max_frames=1, start_frame=middle, start_time=None, frame_stride=1)
+        result = self._edit(path, one, progress)
+        out = os.path.join(self.output_dir, f"preview-{time.strftime('%H%M%S')}-{random.randrange(16 ** 6):06x}.png")
+        Image.fromarray(result.uint8()[0]).save(out)
+        _, _, fh, fw = result.frames.shape
+        return out, (f"Preview of frame {middle} at {fw}x{fh} in {time.perf_counter() - started:.1f}s; "
+                     f"Run edits the whole video with these settings.")
 
 
 _INT_FIELDS = {"max_frames", "height", "width", "steps", "inversion_steps", "batch_size", "seed"}
@@ -108,40 +210,55 @@ def _progress_adapter(progress: Optional[ProgressFn]):
         name = {"inversion": "Inverting the video", "editing": "Editing"}.get(stage, stage)
         # inversion is the first half of the bar, editing the second
         fraction = (0.0 if stage == "inversion" else 0.5) + 0.5 * step / max(total, 1)
-        progress(fraction, f"{name}: {step}/{total}, about {left:.0f}s left")
+        shown = f"{100 * step / max(total, 1):.0f}%" if stage == "inversion" else f"step {step}/{total}"
+        progress(fraction, f"{name}: {shown}, about {left:.0f}s left")
 
     return callback
 
 
 def build_app(session: EditorSession):
-    """The Gradio page around ``session``."""
+    """The Gradio page around ``session``: prompt, Run and Stop together at the top; one progress
+    display and the result (or the error, as text) in the result panel."""
     import gradio as gr
 
     d = EditConfig()
+    quick = PRESETS["Quick look"]
     with gr.Blocks(title="TokenFlow video editing", analytics_enabled=False) as app:
         gr.Markdown(f"# TokenFlow video editing\nModel: `{session.model_name}`. Upload a video, describe "
-                    "the edit, run. Changing only the prompt or the editing settings reuses the inversion.")
+                    "the edit, Run. Changing only the prompt or the editing settings reuses the inversion.")
         with gr.Row():
             with gr.Column():
                 video_in = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
                 demo_btn = gr.Button("Use the demo clip", elem_id="demo-clip", size="sm")
                 prompt = gr.Textbox(label="Prompt", placeholder="a marble statue of a woman running",
                                     elem_id="prompt")
-                inversion_prompt = gr.Textbox(label="Inversion prompt (describes the input)", value=d.inversion_prompt)
-                negative_prompt = gr.Textbox(label="Negative prompt", value=OFFICIAL_NEGATIVE_PROMPT)
                 with gr.Row():
-                    editor = gr.Dropdown(list(EDITORS), value=d.editor, label="Editor")
+                    run_btn = gr.Button("Run", variant="primary", elem_id="run")
+                    preview_btn = gr.Button("Preview one frame", elem_id="preview")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                quality = gr.Radio(list(PRESETS), value="Quick look", label="Quality", elem_id="quality",
+                                   info="Quick look: 16 frames, 20 steps. Full quality: every frame (up to "
+                                        f"{session.limits.max_frames}), 50 steps.")
+                inversion_prompt = gr.Textbox(label="Inversion prompt (describes the input)", value=d.inversion_prompt)
+                with gr.Row():
+                    editor = gr.Dropdown(session.editors, value=d.editor, label="Editor", elem_id="editor")
                     propagation = gr.Dropdown(list(PROPAGATIONS), value=d.propagation, label="Propagation")
-                with gr.Accordion("Settings", open=True):
+                with gr.Group(visible=False) as control_group:
+                    control = gr.Radio(["canny", "depth", "condition video"], value="canny", label="Control",
+                                       elem_id="control", info="what the ControlNet follows in every frame")
+                    control_video = gr.Video(label="Condition video (one image per frame)", sources=["upload"],
+                                             visible=False, elem_id="control-video")
+                with gr.Accordion("Settings", open=False):
+                    negative_prompt = gr.Textbox(label="Negative prompt", value=OFFICIAL_NEGATIVE_PROMPT)
                     with gr.Row():
-                        max_frames = gr.Number(value=min(40, session.limits.max_frames), precision=0,
+                        max_frames = gr.Number(value=min(quick["max_frames"], session.limits.max_frames), precision=0,
                                                label=f"Frames (at most {session.limits.max_frames})",
                                                elem_id="max-frames")
                         height = gr.Number(value=0, precision=0, label="Height (0: automatic)", elem_id="height")
                         width = gr.Number(value=0, precision=0, label="Width (0: automatic)", elem_id="width")
                     with gr.Row():
-                        steps = gr.Number(value=d.steps, precision=0, label="Steps", elem_id="steps")
-                        inversion_steps = gr.Number(value=d.inversion_steps, precision=0, label="Inversion steps",
+                        steps = gr.Number(value=quick["steps"], precision=0, label="Steps", elem_id="steps")
+                        inversion_steps = gr.Number(value=0, precision=0, label="Inversion steps (0: automatic)",
                                                     elem_id="inversion-steps")
                         batch_size = gr.Number(value=d.batch_size, precision=0, label="Batch size")
                     with gr.Row():
@@ -152,39 +269,85 @@ def build_app(session: EditorSession):
                     with gr.Row():
                         seed = gr.Number(value=d.seed, precision=0, label="Seed")
                         random_seed = gr.Checkbox(value=False, label="Random seed")
-                run_btn = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column():
+                status = gr.Markdown("Upload a video and write a prompt, then Run (or preview one frame first).",
+                                     elem_id="status")
                 video_out = gr.Video(label="Edited video", interactive=False, elem_id="output-video")
-                status = gr.Markdown(elem_id="status")
+                preview_out = gr.Image(label="Preview (one frame)", interactive=False, elem_id="preview-image",
+                                       type="filepath")
                 download = gr.File(label="Download the edited video", elem_id="download-video")
                 settings_file = gr.File(label="Settings used (YAML)", elem_id="download-settings")
 
-        def on_run(video, prompt, inversion_prompt, negative_prompt, editor, propagation, max_frames, height,
-                   width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t, sdedit_start, seed,
-                   random_seed, progress=gr.Progress()):
-            try:
-                out, yaml_path, line = session.run(
-                    video, prompt, progress=lambda f, text: progress(f, desc=text), random_seed=random_seed,
-                    inversion_prompt=inversion_prompt or "", negative_prompt=negative_prompt or "",
-                    editor=editor, propagation=propagation, max_frames=max_frames, height=height, width=width,
-                    steps=steps, inversion_steps=inversion_steps, batch_size=batch_size,
-                    guidance_scale=float(guidance) if guidance is not None else None,
-                    pnp_attn_t=pnp_attn_t, pnp_f_t=pnp_f_t, sdedit_start=sdedit_start, seed=seed)
-            except TokenFlowError as e:
-                message = str(e)
+        inputs = [video_in, prompt, inversion_prompt, negative_prompt, editor, propagation, control, control_video,
+                  max_frames, height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
+                  sdedit_start, seed, random_seed]
+
+        def settings_of(inversion_prompt, negative_prompt, editor, propagation, control, control_video, max_frames,
+                        height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
+                        sdedit_start, seed):
+            return dict(inversion_prompt=inversion_prompt or "", negative_prompt=negative_prompt or "",
+                        editor=editor, propagation=propagation,
+                        control=control if editor == "controlnet" else None, control_video=control_video,
+                        max_frames=max_frames, height=height, width=width, steps=steps,
+                        inversion_steps=inversion_steps, batch_size=batch_size,
+                        guidance_scale=float(guidance) if guidance is not None else None,
+                        pnp_attn_t=pnp_attn_t, pnp_f_t=pnp_f_t, sdedit_start=sdedit_start, seed=seed)
+
+        def failure(e: Exception, video) -> str:
+            if isinstance(e, Stopped):
+                return "**Stopped.** The job ended cleanly; change the settings and Run again."
+            if isinstance(e, TokenFlowError):
+                message = page_message(str(e))
                 if video:  # name the upload, not Gradio's temporary copy of it
                     message = message.replace(str(video), os.path.basename(str(video)))
-                raise gr.Error(message, print_exception=False) from None
-            except Exception as e:  # never a stack trace in the page
+            else:  # never a stack trace in the page
                 logger.exception("edit failed")
-                raise gr.Error(f"the edit failed: {type(e).__name__}: {e}"[:300], print_exception=False) from None
+                message = f"the edit failed: {type(e).__name__}: {e}"[:300]
+            return f"**Error:** {message}"
+
+        def on_run(video, prompt, *rest, progress=gr.Progress()):
+            *values, random_seed = rest
+            try:
+                out, yaml_path, line = session.run(video, prompt, progress=lambda f, text: progress(f, desc=text),
+                                                   random_seed=random_seed, **settings_of(*values))
+            except Exception as e:
+                return gr.update(), gr.update(), gr.update(), failure(e, video)
             return out, out, yaml_path, line
 
+        def on_preview(video, prompt, *rest, progress=gr.Progress()):
+            *values, _ = rest
+            try:
+                image, line = session.preview(video, prompt, progress=lambda f, text: progress(f, desc=text),
+                                              **settings_of(*values))
+            except Exception as e:
+                return gr.update(), failure(e, video)
+            return image, line
+
+        def on_stop():
+            session.request_stop()
+            return "Stopping at the next step..."
+
+        def on_quality(choice):
+            preset = PRESETS[choice]
+            frames = preset["max_frames"] or session.limits.max_frames
+            return min(frames, session.limits.max_frames), preset["steps"], preset["inversion_steps"]
+
+        def on_editor(choice):
+            return gr.update(visible=choice == "controlnet")
+
+        def on_control(choice):
+            return gr.update(visible=choice == "condition video")
+
         demo_btn.click(lambda: DEMO_CLIP, outputs=video_in)
-        run_btn.click(on_run, inputs=[video_in, prompt, inversion_prompt, negative_prompt, editor, propagation,
-                                      max_frames, height, width, steps, inversion_steps, batch_size, guidance,
-                                      pnp_attn_t, pnp_f_t, sdedit_start, seed, random_seed],
-                      outputs=[video_out, download, settings_file, status], concurrency_limit=1)
+        quality.change(on_quality, inputs=quality, outputs=[max_frames, steps, inversion_steps])
+        editor.change(on_editor, inputs=editor, outputs=control_group)
+        control.change(on_control, inputs=control, outputs=control_video)
+        # one progress display, in the result panel (the status line), not on every output
+        run_btn.click(on_run, inputs=inputs, outputs=[video_out, download, settings_file, status],
+                      concurrency_limit=1, concurrency_id="edit", show_progress_on=[status])
+        preview_btn.click(on_preview, inputs=inputs, outputs=[preview_out, status], concurrency_limit=1,
+                          concurrency_id="edit", show_progress_on=[status])
+        stop_btn.click(on_stop, outputs=status, queue=False, show_progress="hidden")
     return app
 
 
