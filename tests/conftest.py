@@ -62,3 +62,12 @@ def write_clip(path, frames: np.ndarray, fps: int = 12, audio: bool = False) -> 
 def clip(tmp_path):
     """A 10-frame 64x96 clip with audio."""
     return write_clip(tmp_path / "clip.mp4", moving_frames(10, 64, 96), fps=12, audio=True)
+
+
+def run_cli(capsys, *argv):
+    """The command in this process: (exit status, stdout, stderr)."""
+    from tokenflow.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

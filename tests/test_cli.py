@@ -10,17 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from tokenflow.cli import main
 
-from conftest import moving_frames, write_clip
+from conftest import moving_frames, run_cli, write_clip
 
 FAST = ["--steps", "2", "--inversion-steps", "2", "--height", "32", "--width", "48", "-q"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

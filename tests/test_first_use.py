@@ -15,19 +15,13 @@ import torch
 import yaml
 from PIL import Image
 
-from tokenflow.cli import build_parser, main
+from tokenflow.cli import build_parser
 from tokenflow.inversion import choose_inversion_steps, missing_timesteps
 
-from conftest import moving_frames, write_clip
+from conftest import moving_frames, run_cli, write_clip
 from test_reliability import audio_seconds, one_error_line
 
 SMALL = ["--height", "32", "--width", "48", "-q"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("steps", [20, 30, 7, 50, 64])

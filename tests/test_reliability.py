@@ -20,20 +20,13 @@ import torch
 from PIL import Image
 
 from tokenflow import cli
-from tokenflow.cli import main
 from tokenflow.config import EditConfig
-from tokenflow.errors import OutOfMemory, TokenFlowError
+from tokenflow.errors import OutOfMemory
 from tokenflow.video import image_to_rgb8, probe_video, read_video, write_video
 
-from conftest import moving_frames, write_clip
+from conftest import moving_frames, run_cli, write_clip
 
 FAST = ["--steps", "2", "--inversion-steps", "2", "--height", "32", "--width", "48", "-q"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, load_config_file,
-                     save_settings, validate_run)
+                     validate_run)
 from .errors import Interrupted, OutOfMemory, TokenFlowError
 
 EXIT_USAGE = 2
@@ -556,16 +556,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import default_cache_dir, list_entries, remove_entry
+    from .preflight import human_bytes as _human_bytes
 
     root = args.cache_dir or default_cache_dir()
     if args.older_than is not None and (args.older_than != args.older_than or args.older_than < 0):

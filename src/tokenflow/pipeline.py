@@ -17,7 +17,6 @@ and the features that Plug-and-Play injects.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import math
@@ -40,8 +39,8 @@ from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
 from .editors import EDITORS, BaseEditor
 from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
-from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, inversion_timesteps,
-                        missing_timesteps, psnr, steps_error)
+from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
+                        steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
 from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl, free_memory,
                      is_out_of_memory, load_components, module_identity, path_identity, resolve_device,

@@ -80,7 +80,7 @@ def check_no_overwrite(files: Iterable[str], folder: Optional[str], protected: I
                                      f"frames would replace: choose another --frames-dir")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -123,8 +123,8 @@ def check_free_space(info: VideoInfo, config: EditConfig, output: Optional[str],
             entry[0] += size + MARGIN
     for need, free, path in needs.values():
         if need > free:
-            raise TokenFlowError(f"not enough free space for the output at '{path}': about {_human(need)} "
-                                 f"needed, {_human(free)} free")
+            raise TokenFlowError(f"not enough free space for the output at '{path}': about {human_bytes(need)} "
+                                 f"needed, {human_bytes(free)} free")
     if cache_root:
         latent = n * latent_channels * (h // 8) * (w // 8) * 4
         # inversion cache (kept timesteps + x0 + final) + its checkpoints while it runs + the edit's
@@ -134,7 +134,7 @@ def check_free_space(info: VideoInfo, config: EditConfig, output: Optional[str],
             free -= needs[dev][0]
         if need > free:
             logger.warning("the inversion cache and resume checkpoints need about %s in '%s' and only %s is "
-                           "free: they will be skipped if the disk fills", _human(need), cache_root, _human(free))
+                           "free: they will be skipped if the disk fills", human_bytes(need), cache_root, human_bytes(free))
 
 
 def check_local_paths(config: EditConfig, run: dict) -> None:
