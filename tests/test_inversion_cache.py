@@ -57,7 +57,7 @@ def test_inversion_batches_are_independent(tiny_pipe, frames):
 
 
 def test_inversion_steps_that_miss_editing_timesteps_are_an_error(tiny_pipe, frames):
-    with pytest.raises(TokenFlowError, match="multiple of the editing steps"):
+    with pytest.raises(TokenFlowError, match="does not pass the editing timesteps .* use e.g. --inversion-steps 40"):
         tiny_pipe.invert(frames, "", inversion_steps=30, steps=20, use_cache=False, progress=False)
 
 
