@@ -620,8 +620,13 @@ def test_killed_and_interrupted_runs_resume_to_the_same_output(tmp_path, tiny_mo
     assert err.strip().splitlines()[-1].startswith("tokenflow: interrupted (Ctrl-C)") and "resume" in err
     # 3. SIGTERM (timeout, a cluster's scheduler) after a few more steps
     proc = start(run, tmp_path)
-    mtime = os.path.getmtime(glob.glob(str(cache / "checkpoints" / "edit-*.safetensors"))[0])
-    while os.path.getmtime(glob.glob(str(cache / "checkpoints" / "edit-*.safetensors"))[0]) == mtime:
+
+    def version():  # each checkpoint is a new file renamed into place: a new inode
+        st = os.stat(glob.glob(str(cache / "checkpoints" / "edit-*.safetensors"))[0])
+        return st.st_ino, st.st_mtime_ns
+
+    first = version()
+    while version() == first:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     proc.terminate()
