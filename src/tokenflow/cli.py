@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from dataclasses import replace as dataclasses_replace
 import logging
 import os
 import signal
@@ -162,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--max-side", type=int, default=1024, help="largest working height or width "
                                                                 "(default %(default)s)")
 
+    batch = sub.add_parser("batch", help="run many edits from a YAML jobs file (alone, or under torchrun)")
+    batch.add_argument("jobs", help="YAML with 'defaults:' (any edit setting) and 'jobs:' (input, prompt, output, "
+                                    "any setting) (required)")
+    batch.add_argument("--json", help="also write the summary (job, rank, seconds, status, error) as JSON "
+                                      "(default: none)")
+    batch.add_argument("--force", action="store_true",
+                       help="redo jobs whose output exists with the same settings (default: skip them)")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
     cache = sub.add_parser("cache", help="list or clear the inversion cache and resume checkpoints")
     cache.add_argument("action", choices=("list", "clear"), help="list: what is cached, with sizes; clear: remove")
     cache.add_argument("--cache-dir", help="the cache folder (default ~/.cache/tokenflow/inversions)")
@@ -202,15 +212,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         config = EditConfig(**edit)
     except TypeError as e:
         raise TokenFlowError(f"bad settings: {e}") from None
-    config.validate()
-    if "inversion_steps" not in edit and config.steps != config.inversion_steps:
-        from .inversion import choose_inversion_steps, missing_timesteps
-
-        if missing_timesteps(config.steps, config.inversion_steps):
-            chosen = choose_inversion_steps(config.steps, config.inversion_steps)
-            logger.warning("--inversion-steps %d chosen for --steps %d (the inversion must pass through every "
-                           "editing timestep)", chosen, config.steps)
-            config = config.replace(inversion_steps=chosen)
+    config = with_inversion_steps(config.validate(), "inversion_steps" in edit)
     run = validate_run(run)
     device = run.get("device")
     if device and getattr(args, "device", None) is None and device == from_config.get("device") and device != "auto":
@@ -222,6 +224,21 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
             logger.warning("the config asks for device '%s', which is not available here; using auto", device)
             run["device"] = "auto"
     return config, run
+
+
+def with_inversion_steps(config: EditConfig, given: bool) -> EditConfig:
+    """When the inversion steps were not given and the default misses editing timesteps of
+    ``--steps``, choose the smallest valid multiple and say so in one line."""
+    if given or config.steps == config.inversion_steps:
+        return config
+    from .inversion import choose_inversion_steps, missing_timesteps
+
+    if not missing_timesteps(config.steps, config.inversion_steps):
+        return config
+    chosen = choose_inversion_steps(config.steps, config.inversion_steps)
+    logger.warning("--inversion-steps %d chosen for --steps %d (the inversion must pass through every editing "
+                   "timestep)", chosen, config.steps)
+    return config.replace(inversion_steps=chosen)
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -590,6 +607,94 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+BATCH_TIMEOUT_HOURS = 24.0  # how long a rank that is done waits for the others at the summary
+
+
+def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
+    """One job of a batch: its own checks, the model (loaded once per model), the edit, the outputs."""
+    from .preflight import check_free_space, check_local_paths, check_no_overwrite, protected_paths
+    from .video import check_frames_dir, check_output_path, probe_video
+
+    run, config = job.run, job.config
+    info = probe_video(run["input"])
+    check_local_paths(config, run)
+    output = check_output_path(run["output"])
+    settings_path = check_output_path(job.settings_path(), extensions=None)
+    if run.get("frames_dir"):
+        check_frames_dir(run["frames_dir"])
+    check_no_overwrite([output, settings_path, _cache_root(run)], run.get("frames_dir"),
+                       protected_paths(run["input"], None, config, run))
+    check_free_space(info, config, output, run.get("frames_dir"), _cache_root(run))
+    key = job.model_key()
+    if key not in pipes:
+        pipes[key] = _load_pipeline(run)
+    started = time.perf_counter()
+    result = pipes[key].edit(run["input"], config=config, cache_dir=run.get("cache_dir"), progress=not quiet,
+                             checkpoint=True, restart=bool(run.get("no_resume")))
+    _finish(pipes[key], result, output, run, started, label=f"{job.name} [rank {rank}]: edited")
+    return output
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .atomic import atomic_path
+    from .batch import JobResult, deal, distributed_env, finished_settings, format_table, gather_results, load_jobs
+    from .models import short_error
+    from .video import check_output_path
+
+    if args.json:
+        check_output_path(args.json, extensions=(".json",))
+    jobs = load_jobs(args.jobs)  # every job's settings checked before any work
+    jobs = [dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
+    rank, world, local_rank = distributed_env()
+    if world > 1:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
+        for job in jobs:  # each rank its own device
+            if torch.cuda.is_available() and not job.run.get("device"):
+                job.run["device"] = f"cuda:{local_rank}"
+    pipes: dict = {}
+    results = []
+    for job in deal(jobs, rank, world):
+        started = time.perf_counter()
+        r = JobResult(job.index, job.run["input"], job.output, rank)
+        expected = {"input": job.run["input"], "model": job.run.get("model") or DEFAULT_MODEL,
+                    **job.config.to_dict()}
+        try:
+            if not args.force and finished_settings(job, expected):
+                r.status = "skipped"
+            else:
+                _run_job(job, pipes, rank, args.quiet or world > 1)
+                r.status = "done"
+        except TokenFlowError as e:  # this job's input or output: it fails alone
+            r.status, r.error = "failed", str(e)
+        except (OSError, RuntimeError, ValueError) as e:
+            r.status, r.error = "failed", f"{type(e).__name__}: {short_error(e)}"
+        r.seconds = time.perf_counter() - started
+        if r.status == "failed":
+            print(f"tokenflow: {job.name} failed: {r.error}", file=sys.stderr)
+        results.append(r)
+    everything = gather_results(results, world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if everything is None:  # not rank 0
+        return 0 if all(r.status != "failed" for r in results) else 1
+    print(format_table(everything))
+    if args.json:
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump({"jobs_file": args.jobs, "world_size": world,
+                       "results": [r.to_dict() for r in sorted(everything, key=lambda r: r.job)]}, f, indent=1)
+    return 0 if all(r.status != "failed" for r in everything) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from .pipeline import TokenFlowPipeline
@@ -618,7 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         _configure_logging(getattr(args, "quiet", False))
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
-                    "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache}
+                    "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache, "batch": cmd_batch}
         return commands[args.command](args)
     except OutOfMemory as e:
         print(f"tokenflow: error: {e}", file=sys.stderr)
@@ -646,7 +751,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-RESUMABLE = ("edit", "invert", "analyze")
+RESUMABLE = ("edit", "invert", "analyze", "batch")
 
 
 def _raise_interrupted(signum, frame):

@@ -280,30 +280,42 @@ OFFICIAL_MARKERS = {"n_timesteps", "n_inversion_steps", "data_path", "sd_version
                     "start", "use_ddim_noise", "output_path", "n_frames"}
 
 
-def load_config_file(path: str | os.PathLike) -> RunConfig:
-    """Read a YAML config: our keys (as in :class:`EditConfig`, dashes or underscores) or the official ones."""
+def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
+    """A small, plain YAML file: at most 1 MB, no aliases, no repeated keys; one-line errors."""
     path = os.fspath(path)
     try:
         if os.path.exists(path) and not os.path.isfile(path):
-            raise TokenFlowError(f"config '{path}' is not a file")
+            raise TokenFlowError(f"{what} '{path}' is not a file")
         with open(path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
-            raise TokenFlowError(f"config '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB; it is not a settings file")
-        data = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)
+            raise TokenFlowError(f"{what} '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB; it is not a settings file")
+        return yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)
     except UnicodeDecodeError:
-        raise TokenFlowError(f"config '{path}' is not UTF-8 text") from None
+        raise TokenFlowError(f"{what} '{path}' is not UTF-8 text") from None
     except OSError as e:
-        raise TokenFlowError(f"cannot read config '{path}': {e.strerror}") from None
+        raise TokenFlowError(f"cannot read {what} '{path}': {e.strerror}") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "invalid YAML"
-        raise TokenFlowError(f"config '{path}' is not valid YAML: {first}") from None
+        raise TokenFlowError(f"{what} '{path}' is not valid YAML: {first}") from None
+
+
+def normalise_keys(data: dict) -> dict[str, Any]:
+    """Dashed or underscored keys; the ``tokenflow`` version key of a written settings file dropped."""
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("tokenflow", None)
+    return data
+
+
+def load_config_file(path: str | os.PathLike) -> RunConfig:
+    """Read a YAML config: our keys (as in :class:`EditConfig`, dashes or underscores) or the official ones."""
+    path = os.fspath(path)
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise TokenFlowError(f"config '{path}' must be a mapping of keys to values")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data.pop("tokenflow", None)  # the version that wrote a settings file (tokenflow edit --config out.yaml)
+    data = normalise_keys(data)
     if OFFICIAL_MARKERS & set(data) and not ({"steps", "editor"} & set(data)):
         return _official_to_ours(data, path)
     unknown = sorted(set(data) - FIELDS - RUN_KEYS)

