@@ -46,7 +46,7 @@ class Job:
         return self.run["output"]
 
     def settings_path(self) -> str:
-        return os.path.splitext(self.output)[0] + ".yaml"
+        return os.path.splitext(self.output)[0] + ".yaml"  # where the command writes the settings
 
     def model_key(self) -> tuple:
         """Jobs with the same key share one loaded model."""

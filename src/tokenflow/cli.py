@@ -385,6 +385,24 @@ def _check_schedule_frames(config: EditConfig, info) -> None:
     ScheduledKeyframes.from_json(config.keyframe_schedule).check(steps, n, config.batch_size)
 
 
+def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None) -> str:
+    """Everything about an edit's outputs that can fail, checked before the work: names, folders,
+    outputs against inputs, the keyframe schedule against the frames, free space. Returns the output."""
+    from .preflight import check_free_space, check_no_overwrite, protected_paths
+    from .video import check_frames_dir, check_output_path
+
+    output = check_output_path(run.get("output") or _default_output(run["input"]))
+    settings_path = check_output_path(_settings_path(output), extensions=None)
+    frames_dir = run.get("frames_dir")
+    if frames_dir:
+        check_frames_dir(frames_dir)
+    check_no_overwrite([output, settings_path, _cache_root(run)], frames_dir,
+                       protected_paths(run["input"], config_file, config, run))
+    _check_schedule_frames(config, info)
+    check_free_space(info, config, output, frames_dir, _cache_root(run))
+    return output
+
+
 def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace,
                       conditioning=None):
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
@@ -412,18 +430,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     if not config.prompt.strip():
         raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
-    from .preflight import check_free_space, check_no_overwrite, protected_paths
-    from .video import check_frames_dir, check_output_path
-
-    output = check_output_path(run.get("output") or _default_output(run["input"]))
-    settings_path = check_output_path(_settings_path(output), extensions=None)
-    frames_dir = run.get("frames_dir")
-    if frames_dir:
-        check_frames_dir(frames_dir)
-    check_no_overwrite([output, settings_path, _cache_root(run)], frames_dir,
-                       protected_paths(run["input"], getattr(args, "config", None), config, run))
-    _check_schedule_frames(config, info)
-    check_free_space(info, config, output, frames_dir, _cache_root(run))
+    output = _check_outputs(run, config, info, getattr(args, "config", None))
     pipe = _load_pipeline(run)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
     result = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
@@ -612,19 +619,13 @@ BATCH_TIMEOUT_HOURS = 24.0  # how long a rank that is done waits for the others 
 
 def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     """One job of a batch: its own checks, the model (loaded once per model), the edit, the outputs."""
-    from .preflight import check_free_space, check_local_paths, check_no_overwrite, protected_paths
-    from .video import check_frames_dir, check_output_path, probe_video
+    from .preflight import check_local_paths
+    from .video import probe_video
 
     run, config = job.run, job.config
     info = probe_video(run["input"])
     check_local_paths(config, run)
-    output = check_output_path(run["output"])
-    settings_path = check_output_path(job.settings_path(), extensions=None)
-    if run.get("frames_dir"):
-        check_frames_dir(run["frames_dir"])
-    check_no_overwrite([output, settings_path, _cache_root(run)], run.get("frames_dir"),
-                       protected_paths(run["input"], None, config, run))
-    check_free_space(info, config, output, run.get("frames_dir"), _cache_root(run))
+    output = _check_outputs(run, config, info)
     key = job.model_key()
     if key not in pipes:
         pipes[key] = _load_pipeline(run)
