@@ -19,15 +19,13 @@ ranks. A job whose output exists with the same settings is skipped, so a rerun f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import FIELDS, RUN_KEYS, EditConfig, normalise_keys, read_yaml, validate_run
 from .errors import TokenFlowError
 
 JOB_KEYS = FIELDS | RUN_KEYS
-# settings that decide the result, compared with an existing output's settings file to skip a job
-RESULT_KEYS = ("input", "model", "model_config", "lora")
 
 
 @dataclass
@@ -64,7 +62,6 @@ class JobResult:
     seconds: float = 0.0
     status: str = "pending"  # done, skipped, failed
     error: str = ""
-    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"job": self.job, "input": self.input, "output": self.output, "rank": self.rank,

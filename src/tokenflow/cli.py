@@ -665,8 +665,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for job in deal(jobs, rank, world):
         started = time.perf_counter()
         r = JobResult(job.index, job.run["input"], job.output, rank)
+        # what the settings file beside a finished output says (LoRAs and model configs too: absent is None)
         expected = {"input": job.run["input"], "model": job.run.get("model") or DEFAULT_MODEL,
-                    **job.config.to_dict()}
+                    "model_config": job.run.get("model_config"), "lora": job.run.get("lora"), **job.config.to_dict()}
         try:
             if not args.force and finished_settings(job, expected):
                 r.status = "skipped"
