@@ -24,6 +24,7 @@ from .errors import TokenFlowError
 _TMP_RE = r"\.{base}\.(\d+)-[0-9a-f]{{8}}\.tmp{ext}"
 # longest suffix a temporary name adds to the target's name: '.' + '.' + pid + '-' + 8 hex + '.tmp'
 TMP_NAME_EXTRA = 2 + 10 + 1 + 8 + 4
+DIR_SUFFIX = ".d"  # a temporary folder's name ends so
 
 
 def _pid_alive(pid: int) -> bool:
@@ -75,10 +76,16 @@ def _mode_from_umask(default: int) -> int:
     return default & ~umask
 
 
-def write_failure(path: str, e: OSError) -> TokenFlowError:
+def is_write_error(e: BaseException) -> bool:
+    """An OS error, or a library's wrapping of one (safetensors reports a full disk as its own error)."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def write_failure(path: str, e: BaseException) -> TokenFlowError:
     """The one-line error for an OS error while writing ``path`` (a full disk, a lost mount...)."""
-    reason = e.strerror or type(e).__name__
-    if e.errno == errno.ENOSPC:
+    text = str(e)
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0][:120] if text else type(e).__name__)
+    if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text:
         reason = "no space left on the device"
     return TokenFlowError(f"cannot write '{path}': {reason}; nothing was written there")
 
@@ -103,7 +110,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        if is_write_error(e):
             raise write_failure(path, e) from None
         raise
 
@@ -118,13 +125,13 @@ def atomic_dir(path: str | os.PathLike, replaceable=lambda name: False) -> Itera
     """
     path = os.path.abspath(os.fspath(path))
     check_replaceable_dir(path, replaceable)
-    clean_stale(path, ".d")
-    tmp = _tmp_name(path, ".d")
+    clean_stale(path, DIR_SUFFIX)
+    tmp = _tmp_name(path, DIR_SUFFIX)
     try:
         os.mkdir(tmp, _mode_from_umask(0o777) | 0o700)
         yield tmp
         if os.path.isdir(path):
-            old = _tmp_name(path, ".d")
+            old = _tmp_name(path, DIR_SUFFIX)
             os.rename(path, old)
             try:
                 os.rename(tmp, path)
@@ -136,7 +143,7 @@ def atomic_dir(path: str | os.PathLike, replaceable=lambda name: False) -> Itera
             os.rename(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if is_write_error(e):
             raise write_failure(path, e) from None
         raise
 

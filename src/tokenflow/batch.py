@@ -22,7 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import FIELDS, RUN_KEYS, EditConfig, normalise_keys, read_yaml, validate_run
+from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, default_output, normalise_keys, read_yaml,
+                     settings_path, validate_run)
 from .errors import TokenFlowError
 
 JOB_KEYS = FIELDS | RUN_KEYS
@@ -44,13 +45,14 @@ class Job:
         return self.run["output"]
 
     def settings_path(self) -> str:
-        return os.path.splitext(self.output)[0] + ".yaml"  # where the command writes the settings
+        return settings_path(self.output)
 
     def model_key(self) -> tuple:
         """Jobs with the same key share one loaded model."""
         lora = self.run.get("lora")
         return (self.run.get("model"), self.run.get("model_config"), tuple([lora] if isinstance(lora, str) else lora or ()),
-                self.run.get("device"), self.run.get("dtype"), bool(self.run.get("allow_pickle")))
+                self.run.get("device"), self.run.get("dtype"),
+                *(bool(self.run.get(k)) for k in ("allow_pickle", "offload", "vae_slicing", "vae_tiling", "compile")))
 
 
 @dataclass
@@ -66,11 +68,6 @@ class JobResult:
     def to_dict(self) -> dict[str, Any]:
         return {"job": self.job, "input": self.input, "output": self.output, "rank": self.rank,
                 "seconds": round(self.seconds, 3), "status": self.status, "error": self.error}
-
-
-def _default_output(input_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
-    return f"{stem}-tokenflow.mp4"
 
 
 def load_jobs(path: str) -> list[Job]:
@@ -107,7 +104,7 @@ def load_jobs(path: str) -> list[Job]:
             raise TokenFlowError(f"{where}: no input")
         if not config.prompt.strip():
             raise TokenFlowError(f"{where}: no prompt")
-        run.setdefault("output", _default_output(run["input"]))
+        run.setdefault("output", default_output(run["input"]))
         real = os.path.realpath(run["output"])
         if real in outputs:
             raise TokenFlowError(f"{where}: output '{run['output']}' is also job {outputs[real]}'s")
@@ -117,7 +114,8 @@ def load_jobs(path: str) -> list[Job]:
 
 
 def finished_settings(job: Job, settings: dict[str, Any]) -> bool:
-    """Whether an existing output's settings file says it is this job's result."""
+    """Whether an existing output's settings file says it is this job's result (``settings``: what
+    :func:`tokenflow.config.result_settings` gives; a LoRA or model config on one side only differs)."""
     if not os.path.isfile(job.output):
         return False
     try:
@@ -126,7 +124,7 @@ def finished_settings(job: Job, settings: dict[str, Any]) -> bool:
         return False
     if not isinstance(written, dict):
         return False
-    return all(written.get(k) == v for k, v in settings.items())
+    return all(written.get(k) == settings.get(k) for k in {*settings, *OPTIONAL_MODEL_KEYS})
 
 
 def deal(jobs: list[Job], rank: int, world_size: int) -> list[Job]:

@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, load_config_file,
-                     validate_run)
+from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
+                     load_config_file, result_settings, settings_path, validate_run)
 from .errors import Interrupted, OutOfMemory, TokenFlowError
 
 EXIT_USAGE = 2
@@ -262,15 +262,6 @@ def _configure_logging(quiet: bool) -> None:
         pass
 
 
-def _default_output(input_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
-    return f"{stem}-tokenflow.mp4"
-
-
-def _settings_path(output: str) -> str:
-    return os.path.splitext(output)[0] + ".yaml"
-
-
 TINY = "tiny"  # --model tiny: the tiny random model built in code (checks the machinery; output is noise)
 
 
@@ -308,7 +299,7 @@ def apply_runtime_options(pipe, run: dict[str, Any]):
 def _finish(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited") -> None:
     """Write the video, the frames and the settings. Each lands whole: all three are written under
     temporary names first and renamed only once every one of them is complete, so a full disk
-    midway leaves none of them behind."""
+    while writing leaves none of them behind; the settings file is renamed last."""
     import contextlib
 
     import yaml
@@ -317,17 +308,18 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     from .video import aspect_note, encode_video, frames_replaceable, save_frames
 
     frames = result.uint8()
-    settings = {"tokenflow": __import__("tokenflow").__version__, "input": run.get("input"),
-                "model": run.get("model") or DEFAULT_MODEL, "device": str(pipe.device),
-                "dtype": str(pipe.dtype).replace("torch.", ""),
-                **{k: run[k] for k in ("model_config", "lora") if run.get(k)}, **result.config.to_dict()}
-    with contextlib.ExitStack() as commit:  # renames happen on exit, in reverse order
+    depends = result_settings(run, result.config)
+    settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
+                "model": depends.pop("model"), "device": str(pipe.device),
+                "dtype": str(pipe.dtype).replace("torch.", ""), **depends}
+    with contextlib.ExitStack() as commit:  # renames happen on exit, in reverse order: settings last,
+        # so a settings file never stands beside an older video (batch skips by it)
+        with open(commit.enter_context(atomic_path(settings_path(output))), "w") as f:
+            yaml.safe_dump(settings, f, sort_keys=False)
         encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
                      audio_start=result.audio_start)
         if run.get("frames_dir"):
             save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
-        with open(commit.enter_context(atomic_path(_settings_path(output))), "w") as f:
-            yaml.safe_dump(settings, f, sort_keys=False)
     result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
     n, h, w = frames.shape[:3]
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
@@ -391,12 +383,12 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
     from .preflight import check_free_space, check_no_overwrite, protected_paths
     from .video import check_frames_dir, check_output_path
 
-    output = check_output_path(run.get("output") or _default_output(run["input"]))
-    settings_path = check_output_path(_settings_path(output), extensions=None)
+    output = check_output_path(run.get("output") or default_output(run["input"]))
+    settings_file = check_output_path(settings_path(output), extensions=None)
     frames_dir = run.get("frames_dir")
     if frames_dir:
         check_frames_dir(frames_dir)
-    check_no_overwrite([output, settings_path, _cache_root(run)], frames_dir,
+    check_no_overwrite([output, settings_file, _cache_root(run)], frames_dir,
                        protected_paths(run["input"], config_file, config, run))
     _check_schedule_frames(config, info)
     check_free_space(info, config, output, frames_dir, _cache_root(run))
@@ -665,11 +657,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for job in deal(jobs, rank, world):
         started = time.perf_counter()
         r = JobResult(job.index, job.run["input"], job.output, rank)
-        # what the settings file beside a finished output says (LoRAs and model configs too: absent is None)
-        expected = {"input": job.run["input"], "model": job.run.get("model") or DEFAULT_MODEL,
-                    "model_config": job.run.get("model_config"), "lora": job.run.get("lora"), **job.config.to_dict()}
         try:
-            if not args.force and finished_settings(job, expected):
+            if not args.force and finished_settings(job, result_settings(job.run, job.config)):
                 r.status = "skipped"
             else:
                 _run_job(job, pipes, rank, args.quiet or world > 1)

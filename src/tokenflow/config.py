@@ -325,6 +325,26 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
                      run=validate_run({k: v for k, v in data.items() if k in RUN_KEYS}, f"config '{path}'"))
 
 
+def default_output(input_path: str) -> str:
+    """``clip.mp4`` -> ``clip-tokenflow.mp4`` (in the current folder)."""
+    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
+    return f"{stem}-tokenflow.mp4"
+
+
+def settings_path(output: str) -> str:
+    """Where the settings of an output are written: ``out.mp4`` -> ``out.yaml``."""
+    return os.path.splitext(output)[0] + ".yaml"
+
+
+OPTIONAL_MODEL_KEYS = ("model_config", "lora")
+
+
+def result_settings(run: dict[str, Any], config: EditConfig) -> dict[str, Any]:
+    """What an output depends on, as its settings file records it (and a batch compares to skip it)."""
+    return {"input": run.get("input"), "model": run.get("model") or DEFAULT_MODEL,
+            **{k: run[k] for k in OPTIONAL_MODEL_KEYS if run.get(k)}, **config.to_dict()}
+
+
 def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Write the settings used as YAML, atomically."""
     from .atomic import atomic_path

@@ -162,8 +162,8 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
                 raise OutOfMemory("out of memory inverting even one frame at a time: lower --height/--width, "
                                   "or use --offload") from None
             batch_size = max(1, (end - b) // 2)
+        if end - b > batch_size:  # out of memory above: retry smaller, the failed batch's tensors freed
             logger.warning("out of memory inverting %d frames at once; retrying with %d", end - b, batch_size)
-            del e
             free_memory(device)
             continue
         if on_batch:

@@ -279,6 +279,8 @@ class TokenFlowPipeline:
                 raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
             fps = float(config.fps or 10.0)
             frames = select.apply(frames, fps)
+            if not len(frames):
+                raise TokenFlowError(f"the tensor has {len(video)} frames: none from the start asked for")
             source_hw = tuple(frames.shape[2:])
             if config.height or config.width:
                 h, w = self.working_size(source_hw, config)
@@ -459,6 +461,8 @@ class TokenFlowPipeline:
             if cached is not None:
                 logger.info("inversion cache hit: %s", cache.entry(key))
                 cached.key = key
+                if checkpoint:  # batches an interrupted run left are not needed any more
+                    Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key).remove("inversion")
                 return cached
         saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key) if checkpoint else None
         x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None

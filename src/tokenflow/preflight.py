@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 from .config import EditConfig
 from .errors import TokenFlowError
 from .models import check_exists, parse_lora
-from .video import VideoInfo, working_size
+from .video import Selection, VideoInfo, working_size
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def expected_frames(info: VideoInfo, config: EditConfig) -> Optional[int]:
     """How many frames an edit of ``info``'s input will have, from what the input declares."""
     if not info.n_frames:
         return config.max_frames
-    first = round(config.start_time * info.fps) if config.start_time is not None else config.start_frame
-    n = len(range(first, info.n_frames, config.frame_stride))
+    select = Selection(config.max_frames, config.start_frame, config.start_time, config.frame_stride)
+    n = len(range(select.first(info.fps), info.n_frames, config.frame_stride))
     return min(n, config.max_frames) if config.max_frames else n
 
 

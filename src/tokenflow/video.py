@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .atomic import TMP_NAME_EXTRA, atomic_dir, atomic_path
+from .atomic import DIR_SUFFIX, TMP_NAME_EXTRA, atomic_dir, atomic_path
 from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
@@ -407,8 +407,9 @@ def check_output_path(path: str | os.PathLike, extensions=VIDEO_OUTPUT_EXTENSION
     return path
 
 
-def check_writable_name(path: str) -> None:
-    """The parent folder exists and is writable; the name and its temporary fit the file system."""
+def check_writable_name(path: str, suffix: str = "") -> None:
+    """The parent folder exists and is writable; the name and its temporary (with ``suffix``)
+    fit the file system."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise TokenFlowError(f"cannot write output '{path}': folder '{parent}' does not exist")
@@ -419,9 +420,10 @@ def check_writable_name(path: str) -> None:
     except (OSError, ValueError, AttributeError):
         name_max = 255
     name = os.path.basename(os.path.abspath(path)).encode("utf-8", "surrogateescape")
-    if len(name) + TMP_NAME_EXTRA > name_max:
+    extra = TMP_NAME_EXTRA + len(suffix)
+    if len(name) + extra > name_max:
         raise TokenFlowError(f"output name '{os.path.basename(path)[:40]}...' is too long "
-                             f"({len(name)} bytes; at most {name_max - TMP_NAME_EXTRA} here)")
+                             f"({len(name)} bytes; at most {name_max - extra} here)")
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
@@ -537,7 +539,7 @@ def check_frames_dir(folder: str | os.PathLike) -> str:
     from .atomic import check_replaceable_dir
 
     folder = os.fspath(folder)
-    check_writable_name(folder)
+    check_writable_name(folder, DIR_SUFFIX)
     check_replaceable_dir(os.path.abspath(folder), frames_replaceable)
     return folder
 
