@@ -26,7 +26,7 @@ guidance pair). Modes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,9 @@ class TokenFlowState:
     cache_device: Optional[torch.device] = None  # keep the caches here (the CPU, off the accelerator)
     cache_rows: Optional[torch.Tensor] = None  # offloaded caches: the keyframe rows this batch uses
     features: Optional[torch.Tensor] = None  # split keyframe pass: the source's injected features
+    # one edit across ranks: (S, K_r, L, D) of this rank's keyframes -> (S, K, L, D) of all of them
+    # (see distributed.Group.gather_keyframes); None on a single process
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -117,9 +120,13 @@ class TokenFlowAttnProcessor:
         else:
             s = slice(0, n_frames)
             e = slice(n_frames, batch)
-            # source branch: per frame; edit branches: all frames of a branch in one sequence
+            key_e, value_e, kv_frames = key[e], value[e], n_frames
+            if state.mode == "keyframe" and state.gather is not None:  # keyframes on other ranks too
+                key_e, value_e = self._gathered(key[e], value[e], n_branches - 1, state.qk_injection and self.inject_qk)
+                kv_frames = len(key_e) // (n_branches - 1)
+            # source branch: per frame; edit branches: all keyframes of a branch in one sequence
             out = torch.cat([self._attend(attn, query[s], key[s], value[s], n_tokens, 1),
-                             self._attend(attn, query[e], key[e], value[e], n_tokens, n_frames)])
+                             self._attend(attn, query[e], key_e, value_e, n_tokens, n_frames, kv_frames)])
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if state.mode == "keyframe":
@@ -154,7 +161,11 @@ class TokenFlowAttnProcessor:
             cache = state.cache[self.name]
             if inject:
                 query, key = cache.query, cache.key
-            out = self._attend(attn, query, key, value, n_tokens, n_frames)
+            kv_frames = n_frames
+            if state.gather is not None:  # keyframes on other ranks too
+                key, value = self._gathered(key, value, 1, False)
+                kv_frames = len(key)
+            out = self._attend(attn, query, key, value, n_tokens, n_frames, kv_frames)
         out = attn.to_out[1](attn.to_out[0](out))
         if cache.outputs is None:
             device = state.cache_device or out.device
@@ -164,18 +175,35 @@ class TokenFlowAttnProcessor:
             cache.query = cache.key = None
         return self._finish(attn, out, hidden_states)
 
+    def _gathered(self, key: torch.Tensor, value: torch.Tensor, n_branches: int,
+                  shared_key: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (n_branches*K_r, L, D) of this rank's keyframes -> those of every rank's
+        keyframes (n_branches*K, L, D), in one collective. ``shared_key``: every branch has the same
+        keys (the source's, under Q/K injection), so they travel once."""
+        k_r = len(key) // n_branches
+        key = key.reshape(n_branches, k_r, *key.shape[1:])
+        value = value.reshape(n_branches, k_r, *value.shape[1:])
+        both = self.state.gather(torch.cat([key[:1] if shared_key else key, value]))  # (S, K, L, D)
+        n_keys = 1 if shared_key else n_branches
+        key, value = both[:n_keys], both[n_keys:]
+        if shared_key:
+            key = key.expand(n_branches, *key.shape[1:])
+        return key.reshape(-1, *key.shape[2:]), value.reshape(-1, *value.shape[2:])
+
     @staticmethod
     def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_tokens: int,
-                frames_per_seq: int) -> torch.Tensor:
-        """SDPA over sequences of ``frames_per_seq`` frames: (S*f, L, H*d) -> (S*f, L, H*d)."""
+                frames_per_seq: int, kv_frames_per_seq: Optional[int] = None) -> torch.Tensor:
+        """SDPA over S sequences: the queries of ``frames_per_seq`` frames attend to the keys/values of
+        ``kv_frames_per_seq`` frames (the same frames by default): (S*f, L, H*d) -> (S*f, L, H*d)."""
         heads = attn.heads
         head_dim = k.shape[-1] // heads
 
-        def split(x: torch.Tensor) -> torch.Tensor:
-            # (S*frames_per_seq, L, H*d) -> (S, H, frames_per_seq*L, d)
-            return x.reshape(-1, frames_per_seq * n_tokens, heads, head_dim).transpose(1, 2)
+        def split(x: torch.Tensor, frames: int) -> torch.Tensor:
+            # (S*frames, L, H*d) -> (S, H, frames*L, d)
+            return x.reshape(-1, frames * n_tokens, heads, head_dim).transpose(1, 2)
 
-        qh, kh, vh = split(q), split(k), split(v)
+        kv_frames = kv_frames_per_seq or frames_per_seq
+        qh, kh, vh = split(q, frames_per_seq), split(k, kv_frames), split(v, kv_frames)
         if attn.norm_q is not None:
             qh = attn.norm_q(qh)
         if attn.norm_k is not None:

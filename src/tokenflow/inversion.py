@@ -63,6 +63,13 @@ class Inversion:
     def final(self) -> torch.Tensor:
         return self.latents[self.final_timestep]
 
+    def rows(self, frames: range) -> "Inversion":
+        """The inversion of the frames ``frames`` only (one rank's share of the video)."""
+        if frames == range(self.n_frames):
+            return self
+        part = slice(frames.start, frames.stop)
+        return Inversion(self.x0[part], {t: v[part] for t, v in self.latents.items()}, self.final_timestep, self.key)
+
 
 def inversion_timesteps(scheduler, steps: int) -> torch.Tensor:
     """The DDIM schedule of ``steps`` steps, ascending."""
@@ -111,7 +118,7 @@ def choose_inversion_steps(steps: int, default: int = 50, scheduler=None, limit:
 def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torch.Tensor], steps: int,
                 keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None,
                 predict: Optional[PredictFn] = None, restore: Optional[RestoreFn] = None,
-                on_batch: Optional[BatchFn] = None) -> Inversion:
+                on_batch: Optional[BatchFn] = None, first_frame: int = 0) -> Inversion:
     """Invert clean latents x0 (N, C, h, w); returns the states at ``keep`` and the final one.
 
     The UNet runs on batches of ``batch_size`` frames; batches are independent, so each one
@@ -119,7 +126,9 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
     ``predict`` replaces the plain UNet call (depth channels, ControlNet, SDXL conditioning).
     ``restore`` gives batches finished by an earlier, interrupted run, ``on_batch`` sees every
     new one. Out of device memory, the batch is halved and retried (down to one frame).
-    ``progress(done, total)`` counts frame-steps.
+    ``progress(done, total)`` counts frame-steps. ``first_frame``: the video frame of row 0 (one
+    rank's share); batches keep to the video's grid of ``batch_size`` frames, so every frame is
+    inverted in the same UNet batch as in a one-process run (the same float rounding).
     """
     device = unet.device
     predict = predict or unet_predictor(unet, text_embedding)
@@ -141,7 +150,7 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
             if progress:
                 progress(b * len(timesteps), total)
             continue
-        end = min(b + batch_size, n)
+        end = min(b + batch_size - (first_frame + b) % batch_size, n)
         try:
             x = x0[b:end].to(device=device, dtype=torch.float32)
             frames = torch.arange(b, end)

@@ -406,16 +406,19 @@ def encode_prompt_sdxl(tokenizers, text_encoders, prompt: str, device: torch.dev
 
 @torch.no_grad()
 def encode_frames(vae, frames: torch.Tensor, batch_size: int = 10,
-                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, first_frame: int = 0) -> torch.Tensor:
     """float (N, 3, H, W) in [0, 1] -> clean latents (N, C, H/8, W/8): posterior mean x scaling factor.
 
     Batches move to the VAE's device one at a time; the result stays on that device in float32.
+    ``first_frame``: the video frame of row 0 (one rank's share): batches keep to the video's grid
+    of ``batch_size`` frames, so a frame is encoded in the same batch (same rounding) as in one process.
     """
     device = next(vae.parameters()).device
     dtype = dtype or next(vae.parameters()).dtype
     out = []
-    for i in range(0, len(frames), batch_size):
-        x = frames[i:i + batch_size].to(device=device, dtype=dtype) * 2 - 1
+    starts = [0, *range(-first_frame % batch_size or batch_size, len(frames), batch_size)]
+    for i, end in zip(starts, [*starts[1:], len(frames)]):
+        x = frames[i:end].to(device=device, dtype=dtype) * 2 - 1
         out.append(vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor)
     return torch.cat(out).contiguous()  # one memory layout whatever the VAE gives: results must not depend on it
 

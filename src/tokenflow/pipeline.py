@@ -35,7 +35,9 @@ from .checkpoints import Checkpointer, CheckpointStore, checkpoint_root, key_of
 from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
 from .config import DEFAULT_MODEL, EditConfig
-from .correspondence import POLICIES as PROPAGATION_POLICIES, propagation_plan
+from .correspondence import POLICIES as PROPAGATION_POLICIES
+from .distributed import Group, ShardPlan
+from .editing import denoise_step as tokenflow_step
 from .editors import EDITORS, BaseEditor
 from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
@@ -126,7 +128,7 @@ class TokenFlowPipeline:
         # frames per UNet call in the propagation pass; None: the batch size. Lowered when the
         # device runs out of memory (frames are independent there: same result up to rounding)
         self.propagation_chunk: Optional[int] = None
-        self._stage = ""  # the part of a step that runs now, for out-of-memory recovery
+        self.group = Group()  # the ranks one edit is split across (see distribute); one process by default
         self._kept_prompts: Optional[dict[str, PromptEmbeds]] = None  # set by release_text_encoders
 
     # ------------------------------------------------------------------ memory options
@@ -162,6 +164,17 @@ class TokenFlowPipeline:
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+        return self
+
+    def distribute(self, group: Optional[Group] = None) -> "TokenFlowPipeline":
+        """Split every edit across the ranks of a ``torchrun`` launch (or ``group``): each rank
+        inverts, edits and decodes its own frames; rank 0 gets the whole result. Every rank must
+        call :meth:`edit` with the same arguments. Results equal one process's up to float rounding."""
+        if group is None:
+            from .distributed import init_group
+
+            group = init_group(self.device)
+        self.group = group
         return self
 
     def compile(self, backend: str = "inductor", mode: Optional[str] = None) -> "TokenFlowPipeline":
@@ -412,11 +425,12 @@ class TokenFlowPipeline:
             x = torch.cat([x, conditioning.depth[frames.cpu()].to(device=device, dtype=dtype)], dim=1)
         return self.unet(x, t, encoder_hidden_states=embeds, **kwargs).sample.float()
 
-    def _predictor(self, prompt: PromptEmbeds, conditioning: Optional[Conditioning]) -> PredictFn:
-        """predict(x, t, frames) for inversion and reconstruction: one prompt for every frame."""
+    def _predictor(self, prompt: PromptEmbeds, conditioning: Optional[Conditioning], first: int = 0) -> PredictFn:
+        """predict(x, t, frames) for inversion and reconstruction: one prompt for every frame.
+        ``first``: the video frame of row 0 (a rank's share starts there)."""
         def predict(x: torch.Tensor, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
             rows = prompt.rows([0] * len(x))
-            return self._predict(x, t, rows, frames, conditioning)
+            return self._predict(x, t, rows, frames + first, conditioning)
 
         return predict
 
@@ -437,14 +451,19 @@ class TokenFlowPipeline:
                use_cache: bool = True, progress: bool = True,
                callback: Optional[ProgressCallback] = None,
                conditioning: Optional[Conditioning] = None, checkpoint: bool = False,
-               restart: bool = False) -> Inversion:
+               restart: bool = False, shard: Optional[range] = None) -> Inversion:
         """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
 
         With ``use_cache`` the result is read from / written to the inversion cache. With
         ``checkpoint``, every finished batch of frames is checkpointed beside the cache, and a run
         interrupted midway picks up from its last finished batch (unless ``restart``).
         ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
+        ``shard``: with :meth:`distribute`, this rank inverts and returns only these frames; the
+        cache still holds one entry for the whole video, written by rank 0 from every rank's share.
         """
+        n = len(frames)
+        group = self.group if shard is not None else Group()
+        shard = range(n) if shard is None else shard
         if conditioning is None and (self.is_sdxl or self.is_depth):
             conditioning = self.prepare_conditioning(frames, EditConfig())
         self.check_steps(steps, inversion_steps)
@@ -456,27 +475,32 @@ class TokenFlowPipeline:
                                     scheduler=self.scheduler_config, dtype=str(self.dtype),
                                     batch_size=batch_size,
                                     conditioning=conditioning.identity() if conditioning else {})
+        # a rank's checkpoints are of its own frames
+        part_key = key if not group.distributed else f"{key}-{shard.start}-{shard.stop}"
         if cache is not None:
             cached = cache.load(key, fields)
-            if cached is not None:
+            if group.agree(cached is not None):
                 logger.info("inversion cache hit: %s", cache.entry(key))
                 cached.key = key
                 if checkpoint:  # batches an interrupted run left are not needed any more
-                    Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key).remove("inversion")
-                return cached
-        saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key) if checkpoint else None
+                    Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), part_key).remove("inversion")
+                return cached.rows(shard)
+            del cached
+        saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), part_key) if checkpoint else None
         x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None
+        mine = frames[shard.start:shard.stop]
+        if x0 is None and not len(mine):  # a rank with no frames (more ranks than batches)
+            x0 = torch.zeros((0, self.vae.config.latent_channels, frames.shape[-2] // 8, frames.shape[-1] // 8))
         if x0 is None:
-            x0 = self._vae(lambda bs: encode_frames(self.vae, frames, bs).cpu(), "encoding")
+            x0 = self._vae(lambda bs: encode_frames(self.vae, mine, bs, first_frame=shard.start).cpu(), "encoding")
             if saver:
                 saver.save("inversion", "x0", {"x0": x0})
-        predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning)
-        n = len(frames)
+        predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning, shard.start)
 
         def restore(first: int):
             found = saver.find_rows(first) if saver and not restart else None
             if found is not None:
-                logger.info("resuming the inversion at frame %d of %d", found[0], n)
+                logger.info("resuming the inversion at frame %d of %d", shard.start + found[0], n)
             return found
 
         with tqdm(total=inversion_steps, desc="Inverting", unit="step", disable=not progress, leave=False,
@@ -484,7 +508,7 @@ class TokenFlowPipeline:
             started = time.perf_counter()
 
             def report(done: int, total: int) -> None:  # done: frame-steps; the bar counts steps
-                bar.update(done / n - bar.n)
+                bar.update(done / max(len(shard), 1) - bar.n)
                 bar.set_postfix_str(f"{done / max(time.perf_counter() - started, 1e-9):.2f} frames/s", refresh=False)
                 if callback:
                     callback("inversion", done, total)
@@ -492,16 +516,32 @@ class TokenFlowPipeline:
             with self._on_device(*self._denoisers()):
                 inversion = ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
                                         batch_size, report, predict, restore=restore,
-                                        on_batch=saver.save_rows if saver else None)
+                                        on_batch=saver.save_rows if saver else None, first_frame=shard.start)
         inversion.key = key
         if cache is not None:
-            try:
-                cache.save(key, fields, inversion)
-            except (OSError, TokenFlowError) as e:
-                logger.warning("could not write the inversion cache at %s: %s", cache.entry(key), e)
+            whole = self._gather_inversion(inversion, shard, n, group)
+            if whole is not None:  # rank 0 (or the only process) writes the one entry
+                try:
+                    cache.save(key, fields, whole)
+                except (OSError, TokenFlowError) as e:
+                    logger.warning("could not write the inversion cache at %s: %s", cache.entry(key), e)
         if saver:
             saver.remove("inversion")
         return inversion
+
+    @staticmethod
+    def _gather_inversion(part: Inversion, shard: range, n: int, group: Group) -> Optional[Inversion]:
+        """Every rank's share of an inversion, whole on rank 0; None on the others."""
+        if not group.distributed:
+            return part
+        counts = group.all_ints([len(shard)])
+        counts = [c[0] for c in counts]
+        x0 = group.gather_rows(part.x0, counts)
+        latents = {t: group.gather_rows(part.latents[t], counts) for t in sorted(part.latents)}
+        if x0 is None:
+            return None
+        assert len(x0) == n, (len(x0), n)
+        return Inversion(x0, latents, part.final_timestep, part.key)
 
     def reconstruct(self, inversion: Inversion, inversion_prompt: str = "", inversion_steps: int = 50,
                     batch_size: int = 8, progress: bool = True,
@@ -534,78 +574,23 @@ class TokenFlowPipeline:
         frames = torch.arange(n) if frames is None else frames.cpu()
         return self._predict(latent_input, t, text.rows(rows), frames.repeat(len(branches)), conditioning)
 
-    def _keyframe_pass(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: PromptEmbeds | torch.Tensor,
-                       state: TokenFlowState, batch_size: int, keyframes: torch.Tensor,
-                       conditioning: Optional[Conditioning] = None) -> None:
-        """Extended attention on the keyframes; only the layers' caches are kept.
-
-        One UNet call on all three branches while that is no bigger than a propagation batch
-        (3 x batch_size images); beyond that (more than ``batch_size`` keyframes, i.e. long
-        videos) one call per branch, so peak memory does not grow with the video's length.
-        """
-        state.set_mode("keyframe")
-        split = self.split_keyframe_pass
-        if split is None:
-            split = len(x) > batch_size
-        try:
-            if not split:
-                self._unet(x, source, t, text, frames=keyframes, conditioning=conditioning)
-                return
-            for branch in range(3):
-                state.keyframe_branch = branch
-                self._unet(x, source, t, text, branches=(branch,), frames=keyframes, conditioning=conditioning)
-        finally:
-            state.keyframe_branch, state.features = None, None
-
     @torch.no_grad()
     def denoise_step(self, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
                      state: TokenFlowState, scheduler, text: PromptEmbeds | torch.Tensor, config: EditConfig,
                      qk_injection: bool, feature_injection: bool,
-                     conditioning: Optional[Conditioning] = None) -> torch.Tensor:
-        """One TokenFlow step: keyframe pass, propagation passes, guidance, DDIM step.
+                     conditioning: Optional[Conditioning] = None, plan: Optional[ShardPlan] = None) -> torch.Tensor:
+        """One TokenFlow step (see :func:`tokenflow.editing.denoise_step`) with this pipeline's UNet.
 
-        x, source: (N, C, h, w) float32 (any device); keyframes (K,). Returns x at the next timestep
-        (CPU, float32). Hooks must be installed (see :func:`tokenflow_hooks`).
+        x, source: (n, C, h, w) float32 of the frames ``plan.frames()`` (every frame by default);
+        keyframes (K,). Returns x at the next timestep (CPU, float32). Hooks must be installed
+        (see :func:`tokenflow_hooks`).
         """
-        n, batch_size = len(x), config.batch_size
-        state.qk_injection, state.feature_injection = qk_injection, feature_injection
-        tokenflow = config.propagation in PROPAGATION_POLICIES
-        offload = self.offload_cache if self.offload_cache is not None else self.device.type != "cpu"
-        state.cache_device = torch.device("cpu") if offload else None
-        if tokenflow:
-            # 2. keyframe pass: only the attention caches matter; the UNet output is dropped
-            self._stage = "keyframe pass"
-            self._keyframe_pass(x[keyframes], source[keyframes], t, text, state, batch_size, keyframes, conditioning)
-        # 3. all frames, batch by batch: propagation (TokenFlow), or the baselines'
-        # per-frame attention (none) or joint attention within the batch (extended). Frames are
-        # independent except under extended attention, so a batch may run in smaller chunks.
-        self._stage = "propagation pass"
-        state.set_mode({"none": "plain", "extended": "extended"}.get(config.propagation, "propagate"))
-        out = torch.empty(x.shape, dtype=torch.float32)
-        chunk = batch_size if config.propagation == "extended" else min(batch_size,
-                                                                         self.propagation_chunk or batch_size)
-        for b in range(0, n, chunk):
-            if tokenflow:
-                frames = torch.arange(b, min(b + chunk, n))
-                slots, weights = propagation_plan(frames, keyframes, batch_size, config.propagation)
-                # per-batch facts computed once here, on the CPU, not in every attention layer
-                rows = slots.unique()
-                if offload:  # the layers bring over only these keyframes' caches, slots renumbered
-                    state.cache_rows, slots = rows, torch.searchsorted(rows, slots)
-                    rows = torch.arange(len(rows))
-                state.keyframe_ids = rows.tolist()
-                state.blend = not bool((weights == 1).all())
-                state.slots, state.weights = slots.to(self.device), weights.to(self.device)
-            noise = self._unet(x[b:b + chunk], source[b:b + chunk], t, text,
-                               frames=torch.arange(b, min(b + chunk, n)), conditioning=conditioning)
-            # 4. classifier-free guidance, DDIM step
-            _, uncond, cond = noise.chunk(3)
-            guided = uncond + config.guidance_scale * (cond - uncond)
-            x_b = x[b:b + chunk].to(device=self.device, dtype=torch.float32)
-            out[b:b + chunk] = scheduler.step(guided, t.to(self.device), x_b).prev_sample.cpu()
-        state.cache.clear()
-        state.cache_rows = None
-        return out
+        def unet(x_, source_, t_, branches=(0, 1, 2), frames=None):
+            return self._unet(x_, source_, t_, text, branches, frames, conditioning)
+
+        return tokenflow_step(unet, x, t, source, keyframes, state, scheduler, config.guidance_scale,
+                              config.batch_size, config.propagation, qk_injection, feature_injection, self,
+                              plan, self.group if plan is not None else None)
 
     # ------------------------------------------------------------------ out of memory
     def _vae(self, run: Callable[[int], torch.Tensor], what: str) -> torch.Tensor:
@@ -622,29 +607,6 @@ class TokenFlowPipeline:
             self.vae_batch_size = max(1, self.vae_batch_size // 2)
             logger.warning("out of memory %s frames; retrying %d frames at a time", what, self.vae_batch_size)
             free_memory(self.device)
-
-    def _relieve_step(self, config: EditConfig, n_keyframes: int) -> None:
-        """After an out-of-memory error in an editing step: lower what the failing part holds at
-        once, or give up with the setting to change. Results stay the same up to float rounding."""
-        stage = self._stage
-        if stage == "keyframe pass" and self.split_keyframe_pass is not True:
-            self.split_keyframe_pass = True
-            logger.warning("out of memory in the keyframe pass; retrying one branch at a time")
-        elif stage == "keyframe pass":
-            raise OutOfMemory(f"out of memory in the keyframe pass ({n_keyframes} keyframes) even one branch "
-                              f"at a time: lower --height/--width, raise --batch-size (fewer keyframes), "
-                              f"or use --offload")
-        elif config.propagation == "extended":
-            raise OutOfMemory(f"out of memory attending across {config.batch_size} frames: lower --batch-size "
-                              f"or --height/--width")
-        elif (self.propagation_chunk or config.batch_size) > 1:
-            self.propagation_chunk = max(1, (self.propagation_chunk or config.batch_size) // 2)
-            logger.warning("out of memory in the propagation pass; retrying %d frames per UNet call",
-                           self.propagation_chunk)
-        else:
-            raise OutOfMemory("out of memory in the propagation pass even one frame per UNet call: lower "
-                              "--height/--width, or use --offload")
-        free_memory(self.device)
 
     def edit_key(self, inversion_key: str, config: EditConfig, generator_state: Optional[torch.Tensor] = None) -> str:
         """Identity of an edit's result: the inversion, every setting, the model and its numerics."""
@@ -684,6 +646,9 @@ class TokenFlowPipeline:
         with timer("read"):
             frames, fps, audio, audio_start, source_size = self.load_video(video, config)
         n = len(frames)
+        group = self.group
+        plan = group.plan(n, config.batch_size)  # this rank's frames and batches: all of them on one process
+        mine = plan.frames()
         generator_state = generator.get_state() if generator is not None else None
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, generator)
         if isinstance(sampler, ScheduledKeyframes):  # a bad schedule fails now, not after the inversion
@@ -694,9 +659,11 @@ class TokenFlowPipeline:
             if inversion is None:
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                         config.inversion_batch(), cache_dir, use_cache, progress, callback,
-                                        conditioning, checkpoint=checkpoint, restart=restart)
+                                        conditioning, checkpoint=checkpoint, restart=restart, shard=mine)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
+            else:
+                inversion = inversion.rows(mine)
         del frames  # the pixels are not needed past the inversion: long videos keep only latents
 
         scheduler = self.new_scheduler()
@@ -716,8 +683,10 @@ class TokenFlowPipeline:
         keyframe_log: list[list[int]] = []
         saver = None
         if checkpoint and inversion.key and not return_latents:
-            saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)),
-                                                  self.edit_key(inversion.key, config, generator_state)), sampler)
+            key = self.edit_key(inversion.key, config, generator_state)
+            if group.distributed:  # each rank checkpoints its own frames
+                key = f"{key}-{group.world_size}-{group.rank}"
+            saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key), sampler, group)
             restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored
@@ -725,7 +694,7 @@ class TokenFlowPipeline:
         state = TokenFlowState(n_branches=3)
         with timer("editing"), self._on_device(*self._denoisers()), tokenflow_hooks(self.unet, state, self.layers):
             bar = tqdm(range(first, len(timesteps)), desc="Editing", unit="step", initial=first,
-                       total=len(timesteps), disable=not progress, leave=False)
+                       total=len(timesteps), disable=not progress or not group.is_main, leave=False)
             for i in bar:
                 t = timesteps[i]
                 started = time.perf_counter()
@@ -733,17 +702,11 @@ class TokenFlowPipeline:
                 keyframes = sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
                     else torch.empty(0, dtype=torch.long)
                 keyframe_log.append(keyframes.tolist())
+                group.check_same(keyframe_log[-1], f"keyframes of step {i + 1}")  # same seeded draws everywhere
                 qk, feat = editor.injection(i, config.steps)
-                while True:  # 2.-4., retried with smaller UNet batches when the device runs out of memory
-                    try:
-                        x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
-                                              config, qk, feat, conditioning)
-                        break
-                    except Exception as e:
-                        if not is_out_of_memory(e):
-                            raise
-                        state.cache.clear()
-                    self._relieve_step(config, len(keyframes))
+                # 2.-5. on this rank's frames (smaller UNet batches when the device runs out of memory)
+                x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
+                                      config, qk, feat, conditioning, plan)
                 bar.set_postfix_str(f"{n / (time.perf_counter() - started):.2f} frames/s", refresh=False)
                 if saver:
                     saver.after_step(x, keyframe_log, len(timesteps), time.perf_counter() - started)
@@ -753,8 +716,15 @@ class TokenFlowPipeline:
                     callback("editing", i + 1, len(timesteps))
         with timer("decode"):
             with self._on_device(self.vae):
-                edited = self._vae(lambda bs: decode_latents(self.vae, x, bs), "decoding")
-        if output_type != "pt":
+                edited = self._vae(lambda bs: decode_latents(self.vae, x, bs), "decoding") if len(x) else \
+                    torch.zeros((0, 3, x.shape[-2] * 8, x.shape[-1] * 8))
+        if group.distributed:  # rank 0 gets the whole video; the other ranks' results have no frames
+            counts = plan.frame_counts()
+            edited = group.gather_rows(edited, counts)
+            if latents is not None:
+                latents = [group.gather_rows(v, counts) for v in latents]
+                latents = None if latents[0] is None else latents
+        if output_type != "pt" and edited is not None:
             edited = _convert_frames(edited, output_type)
         return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
                           latents, timer.seconds, audio, audio_start, first, source_size,
@@ -781,18 +751,24 @@ class _EditCheckpoints:
 
     OVERHEAD = 0.02
 
-    def __init__(self, checkpointer: Checkpointer, sampler):
+    def __init__(self, checkpointer: Checkpointer, sampler, group: Optional[Group] = None):
         self.checkpointer, self.sampler = checkpointer, sampler
+        self.group = group or Group()  # across ranks: every rank saves at the same steps, resumes from the same
         self.every, self.since = 1, 0
 
     def restore(self, total: int) -> Optional[tuple[torch.Tensor, list[list[int]]]]:
         found = self.checkpointer.load("edit")
+        keyframe_log = found[1].get("keyframes", []) if found is not None else []
+        if found is not None and (found[1].get("total") != total or not 0 < len(keyframe_log) <= total):
+            found, keyframe_log = None, []
+        done = {v[0] for v in self.group.all_ints([len(keyframe_log)])}
+        if len(done) > 1:  # e.g. one rank's disk filled up: the ranks must start from the same step
+            logger.warning("the ranks' edit checkpoints are of different steps (%s); starting over",
+                           sorted(done))
+            return None
         if found is None:
             return None
-        tensors, meta = found
-        keyframe_log = meta.get("keyframes", [])
-        if meta.get("total") != total or not 0 < len(keyframe_log) <= total:
-            return None
+        tensors = found[0]
         if "generator" in tensors and hasattr(self.sampler, "set_state"):
             self.sampler.set_state(tensors["generator"])
         logger.info("resuming the edit after step %d of %d", len(keyframe_log), total)
@@ -809,7 +785,8 @@ class _EditCheckpoints:
         self.checkpointer.save("edit", None, tensors, {"keyframes": keyframe_log, "total": total})
         cost = time.perf_counter() - started
         self.since = 0
-        self.every = max(1, math.ceil(cost / (self.OVERHEAD * max(step_seconds, 1e-9))))
+        every = max(1, math.ceil(cost / (self.OVERHEAD * max(step_seconds, 1e-9))))
+        self.every = max(v[0] for v in self.group.all_ints([every]))  # the same interval on every rank
 
     def handle(self) -> tuple[CheckpointStore, str]:
         return self.checkpointer.store, self.checkpointer.name("edit")

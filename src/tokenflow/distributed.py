@@ -1,0 +1,266 @@
+"""One edit split across ranks: the sharding plan and the few collectives it needs.
+
+TokenFlow couples frames in two places only, which is what makes it split well:
+
+- the keyframe pass: every keyframe attends to the keys/values of all keyframes (extended
+  attention). Each rank runs the UNet on its own keyframes; in every self-attention layer the
+  edit branches' keys and values (and, under Plug-and-Play, the source's keys) are all-gathered,
+  so each keyframe attends to the same sequence as on one device;
+- the propagation pass: a batch of frames reads the caches of its own keyframe and a
+  neighbouring one (``original``: the previous; ``paper``: previous and next). A rank owns a
+  contiguous run of whole batches, so only the keyframes at the edges of its run come from a
+  neighbour, sent point to point.
+
+Everything else (VAE, inversion, the propagation batches, the DDIM step) is per frame and runs on
+the rank that owns the frame. Keyframe ``b`` lies in batch ``b``: keyframe indices are batch indices.
+
+World size 1 is the same code: a :class:`Group` of one rank makes no collective call, the plan
+gives it every batch, and the gather functions return their input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import TokenFlowError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this ends the run (a dead or stuck peer)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which frames and batches each rank owns: contiguous runs of whole batches, balanced to within
+    one batch (rank ``r`` owns batches ``[r*B//W, (r+1)*B//W)``; with more ranks than batches some own none)."""
+
+    n_frames: int
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_frames // self.batch_size)
+
+    def batches(self, rank: Optional[int] = None) -> range:
+        r = self.rank if rank is None else rank
+        return range(r * self.n_batches // self.world_size, (r + 1) * self.n_batches // self.world_size)
+
+    def frames(self, rank: Optional[int] = None) -> range:
+        b = self.batches(rank)
+        return range(min(b.start * self.batch_size, self.n_frames), min(b.stop * self.batch_size, self.n_frames))
+
+    def frame_counts(self) -> list[int]:
+        return [len(self.frames(r)) for r in range(self.world_size)]
+
+    def keyframe_counts(self) -> list[int]:
+        """Keyframes per rank in the keyframe pass: one per batch it owns."""
+        return [len(self.batches(r)) for r in range(self.world_size)]
+
+    def owner(self, batch: int) -> int:
+        return next(r for r in range(self.world_size) if batch in self.batches(r))
+
+    def window(self, policy: str, rank: Optional[int] = None) -> range:
+        """The keyframes (= batches) whose caches the rank's frames read in the propagation pass."""
+        b = self.batches(rank)
+        if not len(b):
+            return b
+        extra = 1 if policy == "paper" else 0  # paper also blends with the next keyframe
+        return range(max(0, b.start - 1), min(self.n_batches, b.stop + extra))
+
+
+class Group:
+    """The ranks of one edit. ``Group()`` is a single process: no collective is ever called."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")  # where collectives run
+        self.bytes_sent = 0  # payload this rank put into collectives (the benchmark reads it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def plan(self, n_frames: int, batch_size: int) -> ShardPlan:
+        return ShardPlan(n_frames, batch_size, self.world_size, self.rank)
+
+    def _comm(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device).contiguous()
+
+    # ---------------------------------------------------------------- small agreements
+    def all_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same length on every rank), in rank order."""
+        import torch.distributed as dist
+
+        mine = torch.tensor(values, dtype=torch.long, device=self.device)
+        if not self.distributed:
+            return [values]
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        self.bytes_sent += mine.numel() * 8
+        return [o.tolist() for o in out]
+
+    def agree(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank."""
+        return all(v[0] for v in self.all_ints([int(flag)]))
+
+    def check_same(self, values: list[int], what: str) -> None:
+        """Fail loudly when ranks disagree (e.g. on the keyframes drawn): one checksum, not the list."""
+        if not self.distributed:
+            return
+        digest = hash(tuple(values)) & ((1 << 62) - 1)
+        seen = [v[0] for v in self.all_ints([digest])]
+        if len(set(seen)) != 1:
+            raise RuntimeError(f"the ranks disagree on the {what}: rank {self.rank} has {values[:8]}")
+
+    # ---------------------------------------------------------------- tensors
+    def gather_keyframes(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(S, K_r, L, D) of this rank's keyframes -> (S, K, L, D) of all ranks' keyframes, in order.
+
+        ``counts`` is every rank's K_r; a rank without keyframes passes a dummy row and counts 0.
+        """
+        if not self.distributed:
+            return x
+        import torch.distributed as dist
+
+        k_max, mine = max(counts), counts[self.rank]
+        padded = x.new_zeros((x.shape[0], k_max, *x.shape[2:]), device=self.device)
+        padded[:, :mine] = x[:, :mine]
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        self.bytes_sent += padded.numel() * padded.element_size()
+        return torch.cat([o[:, :c] for o, c in zip(out, counts)], dim=1).to(x.device)
+
+    def gather_rows(self, x: torch.Tensor, counts: list[int]) -> Optional[torch.Tensor]:
+        """Rows (n_r, ...) of every rank concatenated in rank order on rank 0; None on the others."""
+        if not self.distributed:
+            return x
+        import torch.distributed as dist
+
+        n_max, mine = max(counts), counts[self.rank]
+        padded = x.new_zeros((max(n_max, 1), *x.shape[1:]), device=self.device)
+        padded[:mine] = x[:mine]
+        out = [torch.empty_like(padded) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(padded, out, dst=0)
+        self.bytes_sent += padded.numel() * padded.element_size()
+        if not self.is_main:
+            return None
+        return torch.cat([o[:c] for o, c in zip(out, counts)]).to(x.device)
+
+    def exchange_boundaries(self, cache: dict, plan: ShardPlan, policy: str) -> int:
+        """Give every rank the caches of the neighbouring keyframes its first and last batches read.
+
+        ``cache``: layer name -> :class:`~tokenflow.attention.LayerCache` of this rank's keyframes
+        (rows in keyframe order). On return the caches hold the keyframes of
+        ``plan.window(policy)`` in order; returns the window's first keyframe index (the offset
+        of local cache rows from global keyframe indices).
+        """
+        mine, window = plan.batches(), plan.window(policy)
+        if not self.distributed or not len(mine):
+            return mine.start
+        import torch.distributed as dist
+
+        layers = list(cache.values())
+        ops, received = [], {}
+        # what this rank sends: its keyframes that lie in another rank's window
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            for b in plan.window(policy, r):
+                if b in mine:
+                    buf = self._comm(torch.cat([torch.cat([c.source_tokens[b - mine.start].flatten(),
+                                                           c.outputs[:, b - mine.start].flatten()])
+                                                for c in layers]))
+                    ops.append(dist.P2POp(dist.isend, buf, r))
+                    self.bytes_sent += buf.numel() * buf.element_size()
+        # what it receives: the keyframes of its window that other ranks own
+        sizes = [c.source_tokens[0].numel() + c.outputs[:, 0].numel() for c in layers]
+        for b in window:
+            if b not in mine:
+                received[b] = torch.empty(sum(sizes), dtype=layers[0].outputs.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, received[b], plan.owner(b)))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        before = [received[b] for b in window if b < mine.start]
+        after = [received[b] for b in window if b >= mine.stop]
+        for i, c in enumerate(layers):
+            start = sum(sizes[:i])
+            tokens_shape, outputs_shape = c.source_tokens.shape[1:], c.outputs[:, 0].shape
+            n_tok = c.source_tokens[0].numel()
+
+            def unpack(buf):
+                part = buf[start:start + sizes[i]].to(c.outputs.device)
+                return part[:n_tok].view(tokens_shape), part[n_tok:].view(outputs_shape)
+
+            pre, post = [unpack(b) for b in before], [unpack(b) for b in after]
+            c.source_tokens = torch.cat([*(t[None] for t, _ in pre), c.source_tokens, *(t[None] for t, _ in post)])
+            c.outputs = torch.cat([*(o[:, None] for _, o in pre), c.outputs, *(o[:, None] for _, o in post)], dim=1)
+        return window.start
+
+
+def environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) alone."""
+    def read(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            raise TokenFlowError(f"environment variable {name} must be an integer, got "
+                                 f"{os.environ.get(name)!r}") from None
+
+    return read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0)
+
+
+def timeout_seconds() -> float:
+    """How long a collective may wait for a peer (``TOKENFLOW_DIST_TIMEOUT``, seconds)."""
+    raw = os.environ.get("TOKENFLOW_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 7 * 24 * 3600:
+        raise TokenFlowError(f"TOKENFLOW_DIST_TIMEOUT must be seconds between 1 and 604800, got {raw!r}")
+    return value
+
+
+def local_device(device: str, local_rank: int) -> str:
+    """Under torchrun each rank takes its own GPU: ``auto``/``cuda`` become ``cuda:LOCAL_RANK``."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
+
+
+def init_group(device: torch.device, timeout: Optional[float] = None) -> Group:
+    """The process group of a ``torchrun`` launch (``nccl`` on CUDA devices, ``gloo`` otherwise),
+    with an explicit timeout; a single process gets ``Group()`` and no process group."""
+    rank, world, _ = environment()
+    device = torch.device(device)
+    if world <= 1:
+        return Group()
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout or timeout_seconds()))
+    return Group(dist.get_rank(), dist.get_world_size(), device if backend == "nccl" else "cpu")
+
+
+def shutdown(group: Group) -> None:
+    if group.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,178 @@
+"""TokenFlow's denoising step (paper Alg. 1) as a function over one UNet call and a sharding plan.
+
+Per denoising step ``t``:
+
+1. the keyframes (drawn by the caller, identical on every rank);
+2. keyframe pass: the UNet on this rank's keyframes with extended self-attention under the base
+   editor; every self-attention layer keeps the keyframes' source tokens and outputs (and, across
+   ranks, gathers the keys/values of every rank's keyframes: :mod:`tokenflow.distributed`);
+3. the caches of the neighbouring keyframes this rank's first and last batches read;
+4. propagation pass, batch by batch over this rank's frames: self-attention outputs are replaced
+   by the keyframes' outputs at the nearest neighbours of the source tokens (the TokenFlow);
+5. classifier-free guidance and the DDIM step.
+
+The UNet batch is ``[source, uncond, cond]``: the source branch denoises the inverted source
+latents at ``t`` with the inversion prompt; it gives the tokens for the correspondences and the
+features that Plug-and-Play injects. A single process is the one-rank plan of the same code.
+
+Out of memory, the failing part is retried with smaller UNet batches (``MemorySettings``): the
+keyframe pass one branch at a time (one process only: the ranks' collectives must line up), the
+propagation pass in smaller chunks from the chunk that failed (no collective there, so also per rank).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Protocol
+
+import torch
+
+from .attention import TokenFlowState
+from .correspondence import POLICIES, propagation_plan
+from .distributed import Group, ShardPlan
+from .errors import OutOfMemory
+from .models import free_memory, is_out_of_memory
+
+logger = logging.getLogger(__name__)
+
+
+class UNetCall(Protocol):
+    def __call__(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, branches: tuple[int, ...] = (0, 1, 2),
+                 frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Noise (len(branches)*F, C, h, w) float32 for F frames (global indices ``frames``) of the
+        given branches (0: ``source`` latents; 1 uncond, 2 cond: ``x``), branch-major."""
+
+
+class MemorySettings(Protocol):
+    device: torch.device
+    split_keyframe_pass: Optional[bool]  # None: split when a rank has more keyframes than the batch size
+    propagation_chunk: Optional[int]  # frames per UNet call in the propagation pass; None: the batch size
+    offload_cache: Optional[bool]  # keyframe caches on the CPU; None: when the device is not the CPU
+
+
+@torch.no_grad()
+def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
+                 state: TokenFlowState, scheduler, guidance_scale: float, batch_size: int, propagation: str,
+                 qk_injection: bool, feature_injection: bool, memory: MemorySettings,
+                 plan: Optional[ShardPlan] = None, group: Optional[Group] = None) -> torch.Tensor:
+    """One TokenFlow step over this rank's frames.
+
+    x, source: (n_r, C, h, w) float32, the frames ``plan.frames()`` (all frames on one process);
+    keyframes (K,) global frame indices, one per batch of the whole video. Returns this rank's x at
+    the next timestep (CPU, float32). The hooks must be installed (see ``tokenflow_hooks``).
+    """
+    group = group or Group()
+    plan = plan or ShardPlan(len(x), batch_size)
+    frames = plan.frames()
+    state.qk_injection, state.feature_injection = qk_injection, feature_injection
+    offload = memory.offload_cache if memory.offload_cache is not None else memory.device.type != "cpu"
+    state.cache_device = torch.device("cpu") if offload else None
+    tokenflow = propagation in POLICIES
+    offset = 0  # global keyframe index of the first local cache row
+    if tokenflow:
+        _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group)
+        offset = group.exchange_boundaries(state.cache, plan, propagation)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
+    b = frames.start
+    while b < frames.stop:  # frames are independent here except under extended attention
+        chunk = batch_size if propagation == "extended" else min(batch_size, memory.propagation_chunk or batch_size)
+        end = min(b + chunk, frames.stop)
+        try:
+            out[b - frames.start:end - frames.start] = _propagation_batch(
+                unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
+                range(b, end), frames.start, offset, offload, memory.device)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            _relieve_propagation(memory, propagation, batch_size)
+            continue
+        b = end
+    state.cache.clear()
+    state.cache_rows = None
+    return out
+
+
+def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, memory, plan, group) -> None:
+    """Extended attention on this rank's keyframes; only the layers' caches are kept.
+
+    One UNet call on all three branches while that is no bigger than a propagation batch
+    (3 x batch_size images); beyond that (a rank with more than ``batch_size`` keyframes: long
+    videos) one call per branch, so peak memory does not grow with the video's length.
+    """
+    counts = plan.keyframe_counts()
+    mine = plan.batches()
+    local = keyframes[mine.start:mine.stop]  # keyframe b lies in batch b
+    rows = local - plan.frames().start
+    if not len(local):  # no keyframe here: a dummy row keeps this rank in the layers' collectives
+        local, rows = torch.zeros(1, dtype=torch.long), None
+    x_k = x[rows] if rows is not None else x.new_zeros((1, *x.shape[1:]))
+    s_k = source[rows] if rows is not None else x_k
+    while True:
+        split = memory.split_keyframe_pass
+        if split is None:
+            split = max(counts) > batch_size
+        state.set_mode("keyframe")
+        state.gather = (lambda v: group.gather_keyframes(v, counts)) if group.distributed else None
+        try:
+            if not split:
+                unet(x_k, s_k, t, frames=local)
+                return
+            for branch in range(3):
+                state.keyframe_branch = branch
+                unet(x_k, s_k, t, branches=(branch,), frames=local)
+            return
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            state.cache.clear()
+            if group.distributed or split:  # across ranks the layers' collectives cannot be replayed
+                raise OutOfMemory(f"out of memory in the keyframe pass ({len(local)} keyframes"
+                                  f"{'' if split else ' in one call'}): lower --height/--width, raise --batch-size "
+                                  f"(fewer keyframes), use --offload, or more ranks") from None
+            memory.split_keyframe_pass = True
+            logger.warning("out of memory in the keyframe pass; retrying one branch at a time")
+            free_memory(memory.device)
+        finally:
+            state.keyframe_branch, state.features, state.gather = None, None, None
+
+
+def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
+                       frames: range, first: int, offset: int, offload: bool, device) -> torch.Tensor:
+    """Frames ``frames`` (global indices; the rank's rows start at frame ``first``) through the UNet:
+    propagation (TokenFlow), or the baselines' per-frame attention (none) or joint attention
+    within the batch (extended); then guidance and the DDIM step."""
+    index = torch.arange(frames.start, frames.stop)
+    if propagation in POLICIES:
+        slots, weights = propagation_plan(index, keyframes, batch_size, propagation)
+        slots = slots - offset  # into this rank's caches
+        # per-batch facts computed once here, on the CPU, not in every attention layer
+        rows = slots.unique()
+        if offload:  # the layers bring over only these keyframes' caches, slots renumbered
+            state.cache_rows, slots = rows, torch.searchsorted(rows, slots)
+            rows = torch.arange(len(rows))
+        state.keyframe_ids = rows.tolist()
+        state.blend = not bool((weights == 1).all())
+        state.slots, state.weights = slots.to(device), weights.to(device)
+    local = slice(frames.start - first, frames.stop - first)
+    noise = unet(x[local], source[local], t, frames=index)
+    _, uncond, cond = noise.chunk(3)
+    guided = uncond + guidance_scale * (cond - uncond)
+    x_b = x[local].to(device=device, dtype=torch.float32)
+    return scheduler.step(guided, t.to(device), x_b).prev_sample.cpu()
+
+
+def _relieve_propagation(memory: MemorySettings, propagation: str, batch_size: int) -> None:
+    """After an out-of-memory error in the propagation pass: fewer frames per UNet call, or give up
+    with the setting to change. Results stay the same up to float rounding."""
+    if propagation == "extended":
+        raise OutOfMemory(f"out of memory attending across {batch_size} frames: lower --batch-size "
+                          f"or --height/--width")
+    chunk = memory.propagation_chunk or batch_size
+    if chunk <= 1:
+        raise OutOfMemory("out of memory in the propagation pass even one frame per UNet call: lower "
+                          "--height/--width, or use --offload")
+    memory.propagation_chunk = max(1, chunk // 2)
+    logger.warning("out of memory in the propagation pass; retrying %d frames per UNet call",
+                   memory.propagation_chunk)
+    free_memory(memory.device)
