@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
                      load_config_file, result_settings, settings_path, validate_run)
-from .errors import Interrupted, OutOfMemory, TokenFlowError
+from .errors import Interrupted, RankStopped, RunFailed, TokenFlowError
 
 EXIT_USAGE = 2
 logger = logging.getLogger("tokenflow.cli")
@@ -423,11 +423,34 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if not config.prompt.strip():
         raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
     output = _check_outputs(run, config, info, getattr(args, "config", None))
+    from .distributed import environment, local_device, shutdown
+
+    rank, world, local_rank = environment()
+    if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
+        run = {**run, "device": local_device(run.get("device") or "auto", local_rank)}
+        if rank:
+            logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = _load_pipeline(run)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
-    result = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"), use_cache=not args.no_cache,
-                       progress=not args.quiet, checkpoint=True, restart=bool(run.get("no_resume")))
-    _finish(pipe, result, output, run, started)
+    if world > 1:
+        pipe.distribute()
+    group = pipe.group
+    from .models import is_out_of_memory, short_error
+
+    try:
+        result = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
+                           use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
+                           checkpoint=True, restart=bool(run.get("no_resume")))
+        if group.is_main:  # rank 0 holds the whole video and writes it
+            _finish(pipe, result, output, run, started)
+        if group.distributed and group.agree(True) and not group.is_main:
+            result.discard_checkpoint()  # only once rank 0 has written the output
+    except RuntimeError as e:
+        if not group.distributed or is_out_of_memory(e):
+            raise
+        raise RankStopped(f"rank {rank} of {world} stopped: {short_error(e)}; the other ranks' messages say "
+                          f"why, and the same command resumes from the checkpoints") from None
+    shutdown(group)  # after an error the process exits instead: a collective with a dead peer may not return
     return 0
 
 
@@ -716,7 +739,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
                     "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache, "batch": cmd_batch}
         return commands[args.command](args)
-    except OutOfMemory as e:
+    except RunFailed as e:  # out of memory, a stopped peer rank: not the user's input
         print(f"tokenflow: error: {e}", file=sys.stderr)
         return 1
     except TokenFlowError as e:

@@ -37,6 +37,15 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-class OutOfMemory(TokenFlowError):
+class RunFailed(TokenFlowError):
+    """The run could not go on for a reason that is not the user's input (out of memory, a peer
+    rank that stopped): one line, and the command exits 1 rather than 2."""
+
+
+class RankStopped(RunFailed):
+    """One edit across ranks: a collective failed on this rank (usually another rank stopped first)."""
+
+
+class OutOfMemory(RunFailed):
     """The device ran out of memory even with the smallest batches: the message names the
     setting to lower. Not the user's typo, so the command exits 1 rather than 2."""

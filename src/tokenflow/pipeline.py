@@ -472,7 +472,7 @@ class TokenFlowPipeline:
         key, fields = inversion_key(frames=frames_digest(frames), model=self.model_id,
                                     size=list(frames.shape[-2:]), inversion_steps=inversion_steps,
                                     inversion_prompt=inversion_prompt, keep=keep.tolist(),
-                                    scheduler=self.scheduler_config, dtype=str(self.dtype),
+                                    scheduler=_stable_config(self.scheduler_config), dtype=str(self.dtype),
                                     batch_size=batch_size,
                                     conditioning=conditioning.identity() if conditioning else {})
         # a rank's checkpoints are of its own frames
@@ -732,6 +732,13 @@ class TokenFlowPipeline:
 
 
 OUTPUT_TYPES = ("pt", "np", "pil")
+
+
+def _stable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A component config for a cache key: diffusers' private bookkeeping left out (its
+    ``_use_default_values`` is a list made from a set, in an order that changes from process to
+    process with Python's string hashing, which made the key of the same inversion differ between runs)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def _convert_frames(frames: torch.Tensor, output_type: str):
