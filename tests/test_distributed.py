@@ -73,6 +73,29 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, fa
                 return real(self, *a, **k)
 
             pipeline.TokenFlowPipeline.denoise_step = failing
+        if "resume" in names:  # every rank interrupted in step 2, then the same edit again
+            from tokenflow import pipeline
+
+            real, calls = pipeline.TokenFlowPipeline.denoise_step, []
+
+            def interrupted(self, *a, **k):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt
+                return real(self, *a, **k)
+
+            config = EditConfig(**{**BASE, "steps": 4, "inversion_steps": 4})
+            cache = os.path.join(out_dir, "cache")
+            pipeline.TokenFlowPipeline.denoise_step = interrupted
+            try:
+                pipe.edit(_video(FRAMES), config=config, cache_dir=cache, progress=False, checkpoint=True)
+            except KeyboardInterrupt:
+                pass
+            pipeline.TokenFlowPipeline.denoise_step = real
+            result = pipe.edit(_video(FRAMES), config=config, cache_dir=cache, progress=False, checkpoint=True)
+            record["resume"] = {"resumed_from": result.resumed_from, "frames": result.frames,
+                                "keyframes": result.keyframes}
+            names = []
         for name in names:
             result = _edit(pipe, name, os.path.join(out_dir, "cache") if name == "pnp-paper" else None)
             record[name] = None if result.frames is None else {
@@ -165,3 +188,68 @@ def test_a_failing_rank_ends_every_rank_soon(tmp_path):
     # the other rank does not wait for the 60 s timeout: the peer's closed connection ends its collective
     assert "error" in ranks[0] and "pnp-original" not in ranks[0]
     assert ranks[0]["when"] - started < 120, ranks[0]
+
+
+def _torchrun(tmp_path, *argv, ranks: int = 2):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENFLOW_DIST_TIMEOUT": "120"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), "-m", "tokenflow", *map(str, argv)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+
+
+def test_torchrun_edit_writes_what_one_process_writes(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import run_cli, write_clip
+    from tokenflow.cache import list_entries
+
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(10, 32, 48), audio=True)
+    common = ["-p", "a robot", "--model", "tiny", "--steps", "2", "--inversion-steps", "4", "--height", "32",
+              "--width", "48", "--batch-size", "4", "-q"]
+    proc = _torchrun(tmp_path, "edit", clip, *common, "-o", tmp_path / "two.mp4", "--frames-dir", tmp_path / "two",
+                     "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("edited 10 frames") == 1  # rank 0 reports
+    assert (tmp_path / "two.mp4").exists() and (tmp_path / "two.yaml").exists()
+    assert len(list_entries(str(tmp_path / "cache"))) == 1  # one inversion entry for the whole video
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # every rank's checkpoints removed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run_cli(capsys, "edit", clip, *common, "-o", tmp_path / "one.mp4", "--frames-dir",
+                               tmp_path / "one", "--no-cache")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 10
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "one" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "two" / name)).astype(int)
+        assert np.abs(a - b).max() <= 1, name  # at most one 8-bit level of float rounding
+
+
+def test_torchrun_edit_with_bad_input_is_one_line_on_every_rank(tmp_path):
+    proc = _torchrun(tmp_path, "edit", tmp_path / "missing.mp4", "-p", "x", "--model", "tiny", "-q")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tokenflow: error:")]
+    assert len(lines) == 2 and "missing.mp4" in lines[0]  # each rank: the same one line
+    assert "exitcode: 2" in proc.stderr  # as torchrun reports the ranks' exits (its own traceback follows)
+    assert "tokenflow/" not in proc.stderr  # no traceback through our code
+
+
+def test_interrupted_ranks_resume_from_their_checkpoints(tmp_path, tiny_pipe):
+    ranks = _launch(2, ["resume"], tmp_path)
+    assert ranks[0]["resume"]["resumed_from"] == 1 and ranks[1]["resume"]["resumed_from"] == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = tiny_pipe.edit(_video(FRAMES), config=EditConfig(**{**BASE, "steps": 4, "inversion_steps": 4}),
+                              use_cache=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert ranks[0]["resume"]["keyframes"] == want.keyframes
+    torch.testing.assert_close(ranks[0]["resume"]["frames"], want.frames, atol=1e-4, rtol=1e-4)
