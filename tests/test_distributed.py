@@ -106,7 +106,9 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, fa
         record["when"] = time.time()
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     if "error" not in record:
-        dist.destroy_process_group()
+        from tokenflow.distributed import shutdown
+
+        shutdown(pipe.group)
 
 
 def _launch(world: int, names: list[str], tmp_path, fail_rank: int = -1, limit: float = 900) -> list[dict]:

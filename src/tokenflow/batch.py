@@ -132,18 +132,6 @@ def deal(jobs: list[Job], rank: int, world_size: int) -> list[Job]:
     return jobs[rank::world_size]
 
 
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) alone."""
-    def read(name: str, default: int) -> int:
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            raise TokenFlowError(f"environment variable {name} must be an integer, got "
-                                 f"{os.environ.get(name)!r}") from None
-
-    return read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0)
-
-
 def format_table(results: list[JobResult]) -> str:
     width = max([len("input")] + [len(os.path.basename(r.input)) for r in results])
     lines = [f"{'job':>4}  {'rank':>4}  {'status':<7}  {'seconds':>8}  {'input':<{width}}  output / error"]

@@ -427,7 +427,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     rank, world, local_rank = environment()
     if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
-        run = {**run, "device": local_device(run.get("device") or "auto", local_rank)}
+        device = local_device(run.get("device") or "auto", local_rank)
+        if device != (run.get("device") or "auto"):
+            run = {**run, "device": device}
         if rank:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = _load_pipeline(run)
@@ -653,7 +655,8 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .atomic import atomic_path
-    from .batch import JobResult, deal, distributed_env, finished_settings, format_table, gather_results, load_jobs
+    from .batch import JobResult, deal, finished_settings, format_table, gather_results, load_jobs
+    from .distributed import environment, local_device
     from .models import short_error
     from .video import check_output_path
 
@@ -661,7 +664,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_output_path(args.json, extensions=(".json",))
     jobs = load_jobs(args.jobs)  # every job's settings checked before any work
     jobs = [dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
-    rank, world, local_rank = distributed_env()
+    rank, world, local_rank = environment()
     if world > 1:
         import datetime
 
@@ -674,7 +677,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                 timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
         for job in jobs:  # each rank its own device
             if torch.cuda.is_available() and not job.run.get("device"):
-                job.run["device"] = f"cuda:{local_rank}"
+                job.run["device"] = local_device("auto", local_rank)
     pipes: dict = {}
     results = []
     for job in deal(jobs, rank, world):

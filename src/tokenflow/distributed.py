@@ -259,8 +259,11 @@ def init_group(device: torch.device, timeout: Optional[float] = None) -> Group:
 
 
 def shutdown(group: Group) -> None:
+    """End the process group once every rank is done with it. The barrier first: a rank that tears
+    its connections down while a peer still has traffic on them can abort that peer (gloo)."""
     if group.distributed:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

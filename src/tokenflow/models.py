@@ -29,13 +29,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """auto: cuda, then mps, then cpu (``cuda:1`` names a GPU). A device that is not there is an error."""
+    """auto: cuda, then mps, then cpu (``cuda:1`` names a GPU). A device that is not there is an error.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1), ``auto`` and ``cuda`` are the rank's own GPU, ``cuda:LOCAL_RANK``."""
     name = str(device)
     kind, _, index = name.partition(":")
     if kind not in DEVICES or (index and not index.isdigit()) or (index and kind == "auto"):
         raise TokenFlowError(f"unknown device {shown(name)}; allowed: {', '.join(DEVICES)}, or cuda:N")
     if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
         raise TokenFlowError(f"device '{name}' was asked for but there are {torch.cuda.device_count()} CUDA GPUs")
+    if kind in ("auto", "cuda") and not index and torch.cuda.is_available():
+        from .distributed import environment, local_device
+
+        _, world, local_rank = environment()
+        if world > 1:
+            return torch.device(local_device(kind, local_rank))
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
