@@ -11,7 +11,8 @@ is the tiny SD-2.1-shaped one built in code (``--full-size``: the real widths). 
 - UNet image-forwards per editing step (keyframe pass and propagation pass) and in the inversion;
 - bytes this rank put into collectives per editing step (keyframe K/V all-gathers, boundary caches,
   the keyframe check), measured by the group, and the same figure from the formula below;
-- peak memory: the RSS high-water mark of the edit (from after the model is loaded), or
+- peak memory of the edit, and how much of it is above the loaded model: the RSS high-water mark
+  (reset after the model is loaded and the text encoder freed, as ``bench.py`` does), or
   ``torch.cuda.max_memory_allocated`` on a GPU;
 - the editing wall time, and the work balance (max / mean editing forwards over the ranks).
 
@@ -25,7 +26,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -138,9 +138,13 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         if stage == "editing":
             marks.append((forwards["n"], pipe.group.bytes_sent, time.perf_counter()))
 
+    sys.path.insert(0, HERE)
+    from bench import memory_mb, peak_memory_mb, reset_peak_memory
+
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        torch.cuda.set_device(device)
+    loaded = memory_mb(device)  # the model, after the text encoder is freed
+    reset_peak_memory(device)
     started = time.perf_counter()
     inverted = {"n": None}
     real_invert = pipe.invert
@@ -153,15 +157,14 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     pipe.invert = invert
     pipe.edit(frames, config=config, use_cache=False, progress=False, callback=callback)
     seconds = time.perf_counter() - started
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
+    peak = peak_memory_mb(device)
     steps = len(marks) - 1  # per-step figures from step 1 to the last: the same every step
     record = {"rank": rank, "world": world, "frames": len(pipe.group.plan(args.frames, args.batch_size).frames()),
               "inversion_forwards": inverted["n"],
               "edit_forwards_per_step": (marks[-1][0] - marks[0][0]) / max(steps, 1),
               "bytes_per_step": (marks[-1][1] - marks[0][1]) / max(steps, 1),
               "seconds_per_step": (marks[-1][2] - marks[0][2]) / max(steps, 1),
-              "seconds": seconds, "peak_bytes": peak,
+              "seconds": seconds, "peak_mb": peak, "loaded_mb": loaded,
               "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in pipe.unet.config.items()
                               if k in ("block_out_channels", "layers_per_block", "down_block_types",
                                        "up_block_types")}}
@@ -210,7 +213,7 @@ def main() -> None:
     results = {}
     print(f"{args.frames} frames at {args.width}x{args.height}, batch {args.batch_size}, {args.steps} steps, "
           f"{args.policy} propagation, {'full-size' if args.full_size else 'tiny'} model, {args.device}")
-    print("ranks rank frames inv.fwd edit.fwd/step  MB sent/step (formula)  peak MB  s/step")
+    print("ranks rank frames inv.fwd edit.fwd/step  MB sent/step (formula)  peak MB (above model)  s/step")
     for world in args.ranks:
         records = launch(world, args)
         results[world] = records
@@ -220,7 +223,8 @@ def main() -> None:
         for r in records:
             print(f"{world:5d} {r['rank']:4d} {r['frames']:6d} {r['inversion_forwards']:7d} "
                   f"{r['edit_forwards_per_step']:13.1f} {r['bytes_per_step'] / 1e6:12.3f} "
-                  f"({formula[r['rank']] / 1e6:.3f}) {r['peak_bytes'] / 1e6:8.1f} {r['seconds_per_step']:7.2f}")
+                  f"({formula[r['rank']] / 1e6:.3f}) {r['peak_mb']:8.1f} ({r['peak_mb'] - r['loaded_mb']:7.1f}) "
+                  f"{r['seconds_per_step']:7.2f}")
         work = [r["edit_forwards_per_step"] for r in records]
         print(f"      balance (max/mean editing forwards): {max(work) / (sum(work) / len(work)):.3f}")
     # the aim: 8 GPUs, 120 frames at 512x512, SD-2.1-base, 50 steps, batch 8, float16
