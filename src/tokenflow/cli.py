@@ -242,7 +242,9 @@ def with_inversion_steps(config: EditConfig, given: bool) -> EditConfig:
 
 
 def _configure_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="tokenflow: %(message)s", stream=sys.stderr)
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    who = f"tokenflow [rank {rank}]" if world.isdigit() and int(world) > 1 else "tokenflow"  # under torchrun
+    logging.basicConfig(level=logging.WARNING, format=f"{who}: %(message)s", stream=sys.stderr)
     logging.getLogger("tokenflow").setLevel(logging.WARNING if quiet else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
