@@ -45,7 +45,9 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     For edit, the prompt and the output come right after the input."""
     p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
     if edit:
-        p.add_argument("-p", "--prompt", help="what the edited video should show (required)")
+        p.add_argument("-p", "--prompt", action="append",
+                       help="what the edited video should show (required); repeat it for several edits in "
+                            "one run, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (frames in DIR/1, DIR/2, ...)")
         p.add_argument("-o", "--output", help="output video (.mp4/.mov/.mkv; default INPUT-tokenflow.mp4)")
     p.add_argument("--config", help="YAML settings: our keys (e.g. the OUTPUT.yaml an edit writes) or the official "
                                           "config_pnp/config_sdedit keys; the command line wins (default: none)")
@@ -202,6 +204,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
     from_config = dict(run)
     for name in _ARG_TO_FIELD:
         value = getattr(args, name, None)
+        if isinstance(value, list):  # -p given several times: the settings hold the first (see cmd_edit)
+            value = value[0]
         if value is not None:
             edit[name] = value
     for name in sorted(RUN_KEYS):
@@ -298,7 +302,30 @@ def apply_runtime_options(pipe, run: dict[str, Any]):
     return pipe
 
 
-def _finish(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited") -> None:
+def _prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict[str, Any]]:
+    """The run keys of each prompt's output: ``out.mp4`` -> ``out-1.mp4``, ...; ``DIR`` -> ``DIR/1``, ..."""
+    if not prompts:
+        return [run]
+    output = run.get("output") or default_output(run["input"])
+    root, ext = os.path.splitext(output)
+    frames_dir = run.get("frames_dir")
+    if frames_dir and os.path.exists(frames_dir) and not os.path.isdir(frames_dir):
+        raise TokenFlowError(f"--frames-dir '{frames_dir}' is a file; several prompts need a folder for "
+                             f"their frame folders 1 ... {len(prompts)}")
+    if frames_dir and not os.path.isdir(frames_dir):  # the folder that holds DIR/1, DIR/2, ... (empty)
+        from .video import check_writable_name
+
+        check_writable_name(frames_dir)
+        try:
+            os.makedirs(frames_dir)
+        except OSError as e:
+            raise TokenFlowError(f"cannot create --frames-dir '{frames_dir}': {e.strerror or e}") from None
+    return [{**run, "output": f"{root}-{i}{ext}",
+             "frames_dir": os.path.join(frames_dir, str(i)) if frames_dir else None} for i in range(1, len(prompts) + 1)]
+
+
+def _finish(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited",
+            discard: bool = True) -> None:
     """Write the video, the frames and the settings. Each lands whole: all three are written under
     temporary names first and renamed only once every one of them is complete, so a full disk
     while writing leaves none of them behind; the settings file is renamed last."""
@@ -321,8 +348,10 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
         encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
                      audio_start=result.audio_start)
         if run.get("frames_dir"):
+            os.makedirs(os.path.dirname(os.path.abspath(run["frames_dir"])), exist_ok=True)  # DIR of DIR/1
             save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
-    result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
+    if discard:
+        result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
     n, h, w = frames.shape[:3]
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
@@ -424,7 +453,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     if not config.prompt.strip():
         raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
-    output = _check_outputs(run, config, info, getattr(args, "config", None))
+    prompts = args.prompt if args.prompt and len(args.prompt) > 1 else None
+    runs = _prompt_runs(run, prompts)  # one output per prompt
+    outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None))
+               for r, p in zip(runs, prompts or [config.prompt])]
     from .distributed import environment, local_device, shutdown
 
     rank, world, local_rank = environment()
@@ -435,20 +467,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if rank:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = _load_pipeline(run)
-    pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, config.prompt])
+    pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(prompts or [config.prompt])])
     if world > 1:
         pipe.distribute()
     group = pipe.group
     from .models import is_out_of_memory, short_error
 
     try:
-        result = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
-                           use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
-                           checkpoint=True, restart=bool(run.get("no_resume")))
+        results = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
+                            use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
+                            checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts)
+        results = results if prompts else [results]
         if group.is_main:  # rank 0 holds the whole video and writes it
-            _finish(pipe, result, output, run, started)
+            for r, result, output in zip(runs, results, outputs):
+                _finish(pipe, result, output, r, started, discard=False)
+            results[0].discard_checkpoint()  # every output is written: the checkpoint has done its job
         if group.distributed and group.agree(True) and not group.is_main:
-            result.discard_checkpoint()  # only once rank 0 has written the output
+            results[0].discard_checkpoint()  # only once rank 0 has written the outputs
     except RuntimeError as e:
         if not group.distributed or is_out_of_memory(e):
             raise

@@ -13,7 +13,9 @@ Per denoising step ``t``:
 
 The UNet batch is ``[source, uncond, cond]``: the source branch denoises the inverted source
 latents at ``t`` with the inversion prompt; it gives the tokens for the correspondences and the
-features that Plug-and-Play injects. A single process is the one-rank plan of the same code.
+features that Plug-and-Play injects. Several prompts share the source branch and the keyframes
+(neither depends on the prompt): ``[source, uncond_1, cond_1, ..., uncond_P, cond_P]``, 1 + 2P
+image-forwards per frame instead of 3P. A single process is the one-rank plan of the same code.
 
 Out of memory, the failing part is retried with smaller UNet batches (``MemorySettings``): the
 keyframe pass one branch at a time (one process only: the ranks' collectives must line up), the
@@ -37,10 +39,11 @@ logger = logging.getLogger(__name__)
 
 
 class UNetCall(Protocol):
-    def __call__(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, branches: tuple[int, ...] = (0, 1, 2),
-                 frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor,
+                 branches: Optional[tuple[int, ...]] = None, frames: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Noise (len(branches)*F, C, h, w) float32 for F frames (global indices ``frames``) of the
-        given branches (0: ``source`` latents; 1 uncond, 2 cond: ``x``), branch-major."""
+        given branches (all 1 + 2P by default), branch-major. x: (P, F, C, h, w), the latents of P prompts; branch 0 is
+        ``source``, branches 2p+1 / 2p+2 are prompt p's unconditional / conditional (latents ``x[p]``)."""
 
 
 class MemorySettings(Protocol):
@@ -57,12 +60,16 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
                  plan: Optional[ShardPlan] = None, group: Optional[Group] = None) -> torch.Tensor:
     """One TokenFlow step over this rank's frames.
 
-    x, source: (n_r, C, h, w) float32, the frames ``plan.frames()`` (all frames on one process);
-    keyframes (K,) global frame indices, one per batch of the whole video. Returns this rank's x at
-    the next timestep (CPU, float32). The hooks must be installed (see ``tokenflow_hooks``).
+    x: (n_r, C, h, w) float32, the frames ``plan.frames()`` (all frames on one process), or
+    (P, n_r, C, h, w) for P prompts edited together; source: (n_r, C, h, w); keyframes (K,) global
+    frame indices, one per batch of the whole video. Returns this rank's x at the next timestep,
+    shaped as given (CPU, float32). The hooks must be installed (see ``tokenflow_hooks``).
     """
+    one_prompt = x.ndim == 4
+    x = x[None] if one_prompt else x  # (P, n_r, C, h, w)
+    state.n_branches = 1 + 2 * len(x)
     group = group or Group()
-    plan = plan or ShardPlan(len(x), batch_size)
+    plan = plan or ShardPlan(x.shape[1], batch_size)
     frames = plan.frames()
     state.qk_injection, state.feature_injection = qk_injection, feature_injection
     offload = memory.offload_cache if memory.offload_cache is not None else memory.device.type != "cpu"
@@ -79,7 +86,7 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
         chunk = batch_size if propagation == "extended" else min(batch_size, memory.propagation_chunk or batch_size)
         end = min(b + chunk, frames.stop)
         try:
-            out[b - frames.start:end - frames.start] = _propagation_batch(
+            out[:, b - frames.start:end - frames.start] = _propagation_batch(
                 unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
                 range(b, end), frames.start, offset, offload, memory.device)
         except Exception as e:
@@ -90,7 +97,7 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
         b = end
     state.cache.clear()
     state.cache_rows = None
-    return out
+    return out[0] if one_prompt else out
 
 
 def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, memory, plan, group) -> None:
@@ -106,8 +113,8 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
     rows = local - plan.frames().start
     if not len(local):  # no keyframe here: a dummy row keeps this rank in the layers' collectives
         local, rows = torch.zeros(1, dtype=torch.long), None
-    x_k = x[rows] if rows is not None else x.new_zeros((1, *x.shape[1:]))
-    s_k = source[rows] if rows is not None else x_k
+    x_k = x[:, rows] if rows is not None else x.new_zeros((len(x), 1, *x.shape[2:]))  # (P, K_r, C, h, w)
+    s_k = source[rows] if rows is not None else x_k[0]
     while True:
         split = memory.split_keyframe_pass
         if split is None:
@@ -118,7 +125,7 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
             if not split:
                 unet(x_k, s_k, t, frames=local)
                 return
-            for branch in range(3):
+            for branch in range(state.n_branches):
                 state.keyframe_branch = branch
                 unet(x_k, s_k, t, branches=(branch,), frames=local)
             return
@@ -141,7 +148,7 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
                        frames: range, first: int, offset: int, offload: bool, device) -> torch.Tensor:
     """Frames ``frames`` (global indices; the rank's rows start at frame ``first``) through the UNet:
     propagation (TokenFlow), or the baselines' per-frame attention (none) or joint attention
-    within the batch (extended); then guidance and the DDIM step."""
+    within the batch (extended); then guidance and the DDIM step. Returns (P, F, C, h, w)."""
     index = torch.arange(frames.start, frames.stop)
     if propagation in POLICIES:
         slots, weights = propagation_plan(index, keyframes, batch_size, propagation)
@@ -155,11 +162,14 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
         state.blend = not bool((weights == 1).all())
         state.slots, state.weights = slots.to(device), weights.to(device)
     local = slice(frames.start - first, frames.stop - first)
-    noise = unet(x[local], source[local], t, frames=index)
-    _, uncond, cond = noise.chunk(3)
-    guided = uncond + guidance_scale * (cond - uncond)
-    x_b = x[local].to(device=device, dtype=torch.float32)
-    return scheduler.step(guided, t.to(device), x_b).prev_sample.cpu()
+    noise = unet(x[:, local], source[local], t, frames=index).chunk(1 + 2 * len(x))  # per branch
+    x_b = x[:, local].to(device=device, dtype=torch.float32)
+    out = []
+    for p in range(len(x)):  # each prompt: classifier-free guidance and the DDIM step
+        uncond, cond = noise[1 + 2 * p], noise[2 + 2 * p]
+        guided = uncond + guidance_scale * (cond - uncond)
+        out.append(scheduler.step(guided, t.to(device), x_b[p]).prev_sample.cpu())
+    return torch.stack(out)
 
 
 def _relieve_propagation(memory: MemorySettings, propagation: str, batch_size: int) -> None:

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -563,13 +563,16 @@ class TokenFlowPipeline:
 
     # ------------------------------------------------------------------ editing
     def _unet(self, x: torch.Tensor, source: torch.Tensor, t: torch.Tensor, text: PromptEmbeds | torch.Tensor,
-              branches: tuple[int, ...] = (0, 1, 2), frames: Optional[torch.Tensor] = None,
+              branches: Optional[tuple[int, ...]] = None, frames: Optional[torch.Tensor] = None,
               conditioning: Optional[Conditioning] = None) -> torch.Tensor:
-        """UNet on F frames of the given branches (0: ``source`` latents, 1 uncond / 2 cond: ``x``),
-        branch-major, each with its row of ``text`` (3 rows) and the conditions of ``frames``."""
-        n = len(x)
+        """UNet on F frames of the given branches (all by default), branch-major: 0 the ``source``
+        latents, 2p+1 / 2p+2 prompt p's uncond / cond on ``x[p]`` (x: (P, F, C, h, w), or (F, C, h, w)
+        for one prompt). Branch b takes row b of ``text`` (1 + 2P rows) and the conditions of ``frames``."""
+        x = x[None] if x.ndim == 4 else x
+        n = x.shape[1]
+        branches = tuple(range(1 + 2 * len(x))) if branches is None else branches
         text = text if isinstance(text, PromptEmbeds) else PromptEmbeds(text)
-        latent_input = torch.cat([source if b == 0 else x for b in branches])
+        latent_input = torch.cat([source if b == 0 else x[(b - 1) // 2] for b in branches])
         rows = [b for b in branches for _ in range(n)]  # (len(branches)*F,)
         frames = torch.arange(n) if frames is None else frames.cpu()
         return self._predict(latent_input, t, text.rows(rows), frames.repeat(len(branches)), conditioning)
@@ -585,7 +588,7 @@ class TokenFlowPipeline:
         keyframes (K,). Returns x at the next timestep (CPU, float32). Hooks must be installed
         (see :func:`tokenflow_hooks`).
         """
-        def unet(x_, source_, t_, branches=(0, 1, 2), frames=None):
+        def unet(x_, source_, t_, branches=None, frames=None):
             return self._unet(x_, source_, t_, text, branches, frames, conditioning)
 
         return tokenflow_step(unet, x, t, source, keyframes, state, scheduler, config.guidance_scale,
@@ -608,23 +611,34 @@ class TokenFlowPipeline:
             logger.warning("out of memory %s frames; retrying %d frames at a time", what, self.vae_batch_size)
             free_memory(self.device)
 
-    def edit_key(self, inversion_key: str, config: EditConfig, generator_state: Optional[torch.Tensor] = None) -> str:
-        """Identity of an edit's result: the inversion, every setting, the model and its numerics."""
+    def edit_key(self, inversion_key: str, config: EditConfig, generator_state: Optional[torch.Tensor] = None,
+                 prompts: Optional[list[str]] = None) -> str:
+        """Identity of an edit's result: the inversion, every setting, the model and its numerics
+        (and the prompts, when several are edited together)."""
         schedule = None
         if config.keyframe_schedule:
             with open(config.keyframe_schedule, "rb") as f:
                 schedule = hashlib.sha256(f.read()).hexdigest()
         generator = None if generator_state is None else hashlib.sha256(generator_state.numpy().tobytes()).hexdigest()
+        extra = {"prompts": prompts} if prompts else {}
         return key_of(kind="edit", inversion=inversion_key, config=config.to_dict(), schedule=schedule,
-                      model=self.model_id, dtype=str(self.dtype), device=self.device.type, generator=generator)
+                      model=self.model_id, dtype=str(self.dtype), device=self.device.type, generator=generator,
+                      **extra)
 
     @torch.no_grad()
     def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
              inversion: Optional[Inversion] = None, cache_dir: Optional[str] = None, use_cache: bool = True,
              return_latents: bool = False, progress: bool = True, checkpoint: bool = False,
              restart: bool = False, callback: Optional[ProgressCallback] = None,
-             generator: Optional[torch.Generator] = None, output_type: str = "pt", **overrides: Any) -> EditResult:
+             generator: Optional[torch.Generator] = None, output_type: str = "pt",
+             prompts: Optional[Sequence[str]] = None, **overrides: Any) -> Union[EditResult, list[EditResult]]:
         """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
+
+        With ``prompts`` (a list), the video is edited towards each of them in one run and a list of
+        results comes back, in order: the source branch and the keyframes do not depend on the prompt,
+        so they run once per step and the prompts' edit branches share the UNet batch (1 + 2P
+        image-forwards per frame and step instead of 3P). Each result equals the single-prompt edit of
+        its prompt up to float rounding.
 
         Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
         With ``checkpoint``, the inversion and the editing loop are checkpointed beside the cache
@@ -633,9 +647,15 @@ class TokenFlowPipeline:
         ``result.discard_checkpoint()`` once the result is saved.
         """
         config = (config or EditConfig()).replace(**overrides)
+        if prompts is not None:
+            if isinstance(prompts, str) or not len(prompts) or prompt is not None:
+                raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
+            prompt_list = [config.replace(prompt=p).validate().prompt for p in prompts]
+            config = config.replace(prompt=prompt_list[0])
         if prompt is not None:
             config = config.replace(prompt=prompt)
         config.validate()
+        prompt_list = prompt_list if prompts is not None else [config.prompt]
         if output_type not in OUTPUT_TYPES:
             raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if generator is not None and generator.device.type != "cpu":
@@ -675,21 +695,24 @@ class TokenFlowPipeline:
                                  f"invert with the same --steps as the edit")
         if generator is None:
             generator = torch.Generator().manual_seed(config.seed)
-        text = PromptEmbeds.cat([self.prompt_embeds(config.inversion_prompt),
-                                 self.prompt_embeds(config.negative_prompt),
-                                 self.prompt_embeds(config.prompt)])  # 3 rows: source, uncond, cond
+        negative = self.prompt_embeds(config.negative_prompt)
+        text = PromptEmbeds.cat([self.prompt_embeds(config.inversion_prompt),  # 1 + 2P rows: source, then
+                                 *(e for p in prompt_list for e in (negative, self.prompt_embeds(p)))])  # uncond/cond
         x = editor.start_latents(inversion, scheduler, timesteps[0], generator).float()
+        x = x[None].repeat(len(prompt_list), *([1] * x.ndim))  # (P, n, C, h, w): every prompt starts alike
         latents = [x.clone()] if return_latents else None
         keyframe_log: list[list[int]] = []
         saver = None
         if checkpoint and inversion.key and not return_latents:
-            key = self.edit_key(inversion.key, config, generator_state)
+            key = self.edit_key(inversion.key, config, generator_state,
+                                prompt_list if len(prompt_list) > 1 else None)
             if group.distributed:  # each rank checkpoints its own frames
                 key = f"{key}-{group.world_size}-{group.rank}"
             saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key), sampler, group)
             restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored
+                x = x[None] if x.ndim == 4 else x  # one prompt's checkpoint of an earlier version
         first = len(keyframe_log)
         state = TokenFlowState(n_branches=3)
         with timer("editing"), self._on_device(*self._denoisers()), tokenflow_hooks(self.unet, state, self.layers):
@@ -707,7 +730,7 @@ class TokenFlowPipeline:
                 # 2.-5. on this rank's frames (smaller UNet batches when the device runs out of memory)
                 x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
                                       config, qk, feat, conditioning, plan)
-                bar.set_postfix_str(f"{n / (time.perf_counter() - started):.2f} frames/s", refresh=False)
+                bar.set_postfix_str(f"{n * len(x) / (time.perf_counter() - started):.2f} frames/s", refresh=False)
                 if saver:
                     saver.after_step(x, keyframe_log, len(timesteps), time.perf_counter() - started)
                 if latents is not None:
@@ -716,19 +739,23 @@ class TokenFlowPipeline:
                     callback("editing", i + 1, len(timesteps))
         with timer("decode"):
             with self._on_device(self.vae):
-                edited = self._vae(lambda bs: decode_latents(self.vae, x, bs), "decoding") if len(x) else \
-                    torch.zeros((0, 3, x.shape[-2] * 8, x.shape[-1] * 8))
+                edited = [self._vae(lambda bs: decode_latents(self.vae, x_p, bs), "decoding") if x.shape[1] else
+                          torch.zeros((0, 3, x.shape[-2] * 8, x.shape[-1] * 8)) for x_p in x]  # per prompt
         if group.distributed:  # rank 0 gets the whole video; the other ranks' results have no frames
             counts = plan.frame_counts()
-            edited = group.gather_rows(edited, counts)
-            if latents is not None:
-                latents = [group.gather_rows(v, counts) for v in latents]
-                latents = None if latents[0] is None else latents
-        if output_type != "pt" and edited is not None:
-            edited = _convert_frames(edited, output_type)
-        return EditResult(edited, fps, config, [int(t) for t in timesteps], keyframe_log, inversion,
-                          latents, timer.seconds, audio, audio_start, first, source_size,
-                          saver.handle() if saver else None)
+            edited = [group.gather_rows(e, counts) for e in edited]
+            if latents is not None:  # (P, n_r, ...) -> (P, N, ...): rows gathered along the frames
+                latents = [group.gather_rows(v.transpose(0, 1), counts) for v in latents]
+                latents = None if latents[0] is None else [v.transpose(0, 1) for v in latents]
+        results = []
+        for p, frames_p in enumerate(edited):
+            if output_type != "pt" and frames_p is not None:
+                frames_p = _convert_frames(frames_p, output_type)
+            results.append(EditResult(frames_p, fps, config.replace(prompt=prompt_list[p]),
+                                      [int(t) for t in timesteps], keyframe_log, inversion,
+                                      None if latents is None else [v[p] for v in latents], timer.seconds, audio,
+                                      audio_start, first, source_size, saver.handle() if saver else None))
+        return results if prompts is not None else results[0]
 
 
 OUTPUT_TYPES = ("pt", "np", "pil")

@@ -1,0 +1,96 @@
+"""Several prompts in one run: the source branch and the keyframes once, each prompt's result equal to
+its single-prompt edit, 1 + 2P UNet image-forwards per frame and step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tokenflow import EditConfig
+
+from conftest import moving_frames, run_cli, write_clip
+
+PROMPTS = ["a robot", "a marble statue", "a watercolor painting of a fox"]
+
+
+def _video(n: int = 10) -> torch.Tensor:
+    return torch.from_numpy(moving_frames(n, 32, 48)).permute(0, 3, 1, 2).float() / 255
+
+
+def _count_forwards(pipe, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = pipe._predict
+
+    def predict(latents, *a, **k):
+        calls.append(len(latents))
+        return real(latents, *a, **k)
+
+    monkeypatch.setattr(pipe, "_predict", predict)
+    return calls
+
+
+@pytest.mark.parametrize("settings", [dict(editor="pnp", propagation="paper"),
+                                      dict(editor="pnp", propagation="original"),
+                                      dict(editor="sdedit", propagation="paper", sdedit_start=1.0,
+                                           sdedit_noise="random")])
+def test_each_prompt_of_one_run_equals_its_own_edit(tiny_pipe, monkeypatch, settings):
+    video = _video()
+    config = EditConfig(steps=3, inversion_steps=3, height=32, width=48, batch_size=4, seed=5, **settings)
+    inversion = tiny_pipe.invert(video, "", 3, 3, use_cache=False, progress=False)
+    calls = _count_forwards(tiny_pipe, monkeypatch)
+    together = tiny_pipe.edit(video, config=config, prompts=PROMPTS, inversion=inversion, progress=False,
+                              return_latents=True)
+    joint = list(calls)
+    calls.clear()
+    alone = [tiny_pipe.edit(video, p, config=config, inversion=inversion, progress=False, return_latents=True)
+             for p in PROMPTS]
+    assert [r.config.prompt for r in together] == PROMPTS
+    for got, want in zip(together, alone):
+        assert got.keyframes == want.keyframes  # drawn once, the same draws as alone
+        # The UNet batch holds 7 images per frame instead of 3, and oneDNN's convolutions round
+        # differently at another batch size: up to about 2e-5 after the DDIM steps (measured)
+        for a, b in zip(got.latents, want.latents):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5)
+        torch.testing.assert_close(got.frames, want.frames, atol=1e-4, rtol=1e-4)
+    # the work: 10 frames, 3 keyframes per step, 3 steps (SDEdit here runs 2)
+    n_steps = len(alone[0].timesteps)
+    per_step = 10 + 3
+    assert sum(joint) == (1 + 2 * len(PROMPTS)) * per_step * n_steps  # 7 x 13 per step
+    assert sum(calls) == 3 * len(PROMPTS) * per_step * n_steps        # 9 x 13 per step
+
+
+def test_prompts_are_checked(tiny_pipe):
+    from tokenflow.errors import TokenFlowError
+
+    for bad in ([], "a robot", ["a robot", "bad\x00prompt"]):
+        with pytest.raises(TokenFlowError):
+            tiny_pipe.edit(_video(4), prompts=bad, steps=2, inversion_steps=2, height=32, width=48, progress=False)
+
+
+def test_several_prompts_on_the_command_line_write_one_output_each(tmp_path, capsys):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(6, 32, 48), audio=True)
+    common = ["--model", "tiny", "--steps", "2", "--inversion-steps", "2", "--height", "32", "--width", "48",
+              "--cache-dir", tmp_path / "cache", "-q"]
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "a robot", "-p", "a statue", "-o", tmp_path / "out.mp4",
+                             "--frames-dir", tmp_path / "frames", *common)
+    assert code == 0, err
+    assert out.count("edited 6 frames") == 2
+    for i, prompt in ((1, "a robot"), (2, "a statue")):
+        assert (tmp_path / f"out-{i}.mp4").exists() and len(list((tmp_path / "frames" / str(i)).iterdir())) == 6
+        assert yaml.safe_load((tmp_path / f"out-{i}.yaml").read_text())["prompt"] == prompt
+    assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "cache" / "checkpoints").exists()
+    # the settings of the second output reproduce it alone, with one prompt
+    code, _, err = run_cli(capsys, "edit", clip, "--config", tmp_path / "out-2.yaml", "-o", tmp_path / "again.mp4",
+                           "--frames-dir", tmp_path / "again", "-q")
+    assert code == 0, err
+    for name in sorted((tmp_path / "again").iterdir()):
+        a = np.asarray(Image.open(name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "frames" / "2" / name.name)).astype(int)
+        assert np.abs(a - b).max() <= 1, name.name
+    # a frames "folder" that is a file is refused before any work
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "a", "-p", "b", "--frames-dir", tmp_path / "file", *common)
+    assert code == 2 and "is a file" in err
