@@ -55,9 +55,10 @@ def test_each_prompt_of_one_run_equals_its_own_edit(tiny_pipe, monkeypatch, sett
         for a, b in zip(got.latents, want.latents):
             torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5)
         torch.testing.assert_close(got.frames, want.frames, atol=1e-4, rtol=1e-4)
-    # the work: 10 frames, 3 keyframes per step, 3 steps (SDEdit here runs 2)
+    # the work: 10 frames, 3 keyframes per step, 3 steps (SDEdit here runs 2); under the paper's policy
+    # the keyframes' propagation passes reuse their keyframe-pass predictions
     n_steps = len(alone[0].timesteps)
-    per_step = 10 + 3
+    per_step = 10 + 3 - (3 if settings["propagation"] == "paper" else 0)
     assert sum(joint) == (1 + 2 * len(PROMPTS)) * per_step * n_steps  # 7 x 13 per step
     assert sum(calls) == 3 * len(PROMPTS) * per_step * n_steps        # 9 x 13 per step
 
@@ -94,3 +95,31 @@ def test_several_prompts_on_the_command_line_write_one_output_each(tmp_path, cap
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli(capsys, "edit", clip, "-p", "a", "-p", "b", "--frames-dir", tmp_path / "file", *common)
     assert code == 2 and "is a file" in err
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_keyframes_reuse_their_keyframe_pass_prediction_under_the_paper_policy(tiny_pipe, monkeypatch, split):
+    """A keyframe blends its own outputs with weight 1 at its own tokens, so its propagation pass would
+    recompute its keyframe-pass prediction: reusing it leaves the edit unchanged and saves 3K forwards."""
+    video = _video(10)
+    config = EditConfig(prompt="a robot", steps=3, inversion_steps=3, height=32, width=48, batch_size=4,
+                        propagation="paper", seed=2)
+    inversion = tiny_pipe.invert(video, "", 3, 3, use_cache=False, progress=False)
+    calls = _count_forwards(tiny_pipe, monkeypatch)
+    results = {}
+    try:
+        tiny_pipe.split_keyframe_pass = split
+        for reuse in (False, True):
+            tiny_pipe.reuse_keyframe_outputs = reuse
+            calls.clear()
+            results[reuse] = (tiny_pipe.edit(video, config=config, inversion=inversion, progress=False,
+                                             return_latents=True), sum(calls))
+    finally:
+        tiny_pipe.reuse_keyframe_outputs, tiny_pipe.split_keyframe_pass = True, None
+    (full, full_forwards), (reused, reused_forwards) = results[False], results[True]
+    assert reused.keyframes == full.keyframes
+    for a, b in zip(reused.latents, full.latents):  # other UNet batches: float rounding only
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5)
+    assert full_forwards - reused_forwards == 3 * 3 * 3  # 3 branches x 3 keyframes x 3 steps saved
+    # the edit did move the latents: the comparison above is not between two untouched inputs
+    assert (reused.latents[-1] - reused.latents[0]).abs().max() > 1e-3

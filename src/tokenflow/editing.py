@@ -48,6 +48,7 @@ class UNetCall(Protocol):
 
 class MemorySettings(Protocol):
     device: torch.device
+    reuse_keyframe_outputs: bool  # paper propagation: a keyframe takes its keyframe-pass prediction
     split_keyframe_pass: Optional[bool]  # None: split when a rank has more keyframes than the batch size
     propagation_chunk: Optional[int]  # frames per UNet call in the propagation pass; None: the batch size
     offload_cache: Optional[bool]  # keyframe caches on the CPU; None: when the device is not the CPU
@@ -76,9 +77,16 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     state.cache_device = torch.device("cpu") if offload else None
     tokenflow = propagation in POLICIES
     offset = 0  # global keyframe index of the first local cache row
+    kept = None  # frame -> its keyframe-pass noise (B, C, h, w), where the propagation would recompute it
     if tokenflow:
-        _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group)
+        noise = _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group)
         offset = group.exchange_boundaries(state.cache, plan, propagation)
+        if propagation == "paper" and getattr(memory, "reuse_keyframe_outputs", True) and noise is not None:
+            # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own
+            # tokens (its nearest neighbours in itself), so its propagation pass recomputes, layer by
+            # layer, exactly the keyframe pass's prediction: take that instead of a second UNet call.
+            mine = keyframes[plan.batches().start:plan.batches().stop]
+            kept = {int(f): noise[:, i] for i, f in enumerate(mine)}
     out = torch.empty(x.shape, dtype=torch.float32)
     state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
     b = frames.start
@@ -88,7 +96,7 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
         try:
             out[:, b - frames.start:end - frames.start] = _propagation_batch(
                 unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
-                range(b, end), frames.start, offset, offload, memory.device)
+                range(b, end), frames.start, offset, offload, memory.device, kept)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -100,8 +108,10 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     return out[0] if one_prompt else out
 
 
-def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, memory, plan, group) -> None:
-    """Extended attention on this rank's keyframes; only the layers' caches are kept.
+def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, memory, plan,
+                    group) -> Optional[torch.Tensor]:
+    """Extended attention on this rank's keyframes: the layers keep their caches. Returns the UNet's
+    prediction of every branch at this rank's keyframes (B, K_r, C, h, w), None if it has none.
 
     One UNet call on all three branches while that is no bigger than a propagation batch
     (3 x batch_size images); beyond that (a rank with more than ``batch_size`` keyframes: long
@@ -123,12 +133,14 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
         state.gather = (lambda v: group.gather_keyframes(v, counts)) if group.distributed else None
         try:
             if not split:
-                unet(x_k, s_k, t, frames=local)
-                return
-            for branch in range(state.n_branches):
-                state.keyframe_branch = branch
-                unet(x_k, s_k, t, branches=(branch,), frames=local)
-            return
+                noise = unet(x_k, s_k, t, frames=local)
+            else:
+                noise = []
+                for branch in range(state.n_branches):
+                    state.keyframe_branch = branch
+                    noise.append(unet(x_k, s_k, t, branches=(branch,), frames=local))
+                noise = torch.cat(noise)
+            return None if rows is None else noise.reshape(state.n_branches, len(local), *noise.shape[1:])
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -145,11 +157,15 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
 
 
 def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
-                       frames: range, first: int, offset: int, offload: bool, device) -> torch.Tensor:
+                       frames: range, first: int, offset: int, offload: bool, device,
+                       kept: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
     """Frames ``frames`` (global indices; the rank's rows start at frame ``first``) through the UNet:
     propagation (TokenFlow), or the baselines' per-frame attention (none) or joint attention
-    within the batch (extended); then guidance and the DDIM step. Returns (P, F, C, h, w)."""
-    index = torch.arange(frames.start, frames.stop)
+    within the batch (extended); then guidance and the DDIM step. Returns (P, F, C, h, w).
+    Frames in ``kept`` take that prediction and leave the UNet batch."""
+    kept = kept or {}
+    all_frames = list(frames)
+    index = torch.tensor([f for f in all_frames if f not in kept], dtype=torch.long)
     if propagation in POLICIES:
         slots, weights = propagation_plan(index, keyframes, batch_size, propagation)
         slots = slots - offset  # into this rank's caches
@@ -162,7 +178,17 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
         state.blend = not bool((weights == 1).all())
         state.slots, state.weights = slots.to(device), weights.to(device)
     local = slice(frames.start - first, frames.stop - first)
-    noise = unet(x[:, local], source[local], t, frames=index).chunk(1 + 2 * len(x))  # per branch
+    n_branches = 1 + 2 * len(x)
+    if len(index):
+        computed = unet(x[:, index - first], source[index - first], t, frames=index)
+        computed = computed.reshape(n_branches, len(index), *computed.shape[1:])  # (B, F', C, h, w)
+    if len(index) == len(all_frames):
+        noise = computed
+    else:  # the batch in frame order: computed rows and kept keyframe predictions
+        rows = iter(range(len(index)))
+        noise = torch.stack([kept[f].to(device) if f in kept else computed[:, next(rows)] for f in all_frames],
+                            dim=1)
+    noise = noise.unbind(0)  # per branch: (F, C, h, w)
     x_b = x[:, local].to(device=device, dtype=torch.float32)
     out = []
     for p in range(len(x)):  # each prompt: classifier-free guidance and the DDIM step
