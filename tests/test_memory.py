@@ -133,3 +133,57 @@ def test_released_text_encoder_gives_the_same_edit(frames_small):
 @pytest.fixture(scope="module")
 def frames_small():
     return moving_frames(6, 48, 64, seed=1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("policy", ["original", "paper"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_no_host_sync_inside_the_attention_layers(tiny_pipe, monkeypatch, policy, offload):
+    """On a GPU, .item(), .tolist(), .cpu(), .numpy(), .nonzero() and bool(tensor) wait for the device.
+    None of them may run inside TokenFlow's per-layer code (the processors and the feature hook): a
+    step's per-batch facts are computed once on the host before the UNet call."""
+    from tokenflow import attention, injection
+
+    inside, calls = [False], []
+
+    def counting(name, real):
+        def wrapper(self, *a, **k):
+            if inside[0]:
+                calls.append(name)
+            return real(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    real_call = attention.TokenFlowAttnProcessor.__call__
+
+    def layer(self, *a, **k):
+        inside[0] = True
+        try:
+            return real_call(self, *a, **k)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(attention.TokenFlowAttnProcessor, "__call__", layer)
+    real_hook = injection._feature_hook
+
+    def feature_hook(state):
+        hook = real_hook(state)
+
+        def counted(*a):
+            inside[0] = True
+            try:
+                return hook(*a)
+            finally:
+                inside[0] = False
+        return counted
+
+    monkeypatch.setattr(injection, "_feature_hook", feature_hook)
+    x, source, text, scheduler, t = _step_inputs(tiny_pipe, 12)
+    config = EditConfig(prompt="x", batch_size=4, propagation=policy)
+    try:
+        tiny_pipe.offload_cache = offload
+        _step(tiny_pipe, x, source, text, scheduler, t, torch.tensor([1, 6, 11]), config)
+    finally:
+        tiny_pipe.offload_cache = None
+    layers = len(tiny_pipe.layers.self_attention)
+    assert calls == [], f"{len(calls)} host syncs in {2 * layers} layer calls: {sorted(set(calls))}"

@@ -54,7 +54,7 @@ class TokenFlowState:
     feature_injection: bool = False  # Plug-and-Play residual-feature injection in this step
     slots: Optional[torch.Tensor] = None  # (F, 2) propagation plan of the current batch
     weights: Optional[torch.Tensor] = None  # (F,)
-    keyframe_ids: Optional[list[int]] = None  # distinct slots of the batch (host side: no sync per layer)
+    slot_groups: Optional[list] = None  # correspondence.slot_groups of ``slots`` (made once per batch: no sync per layer)
     blend: Optional[bool] = None  # False when every weight is 1
     cache: dict[str, LayerCache] = field(default_factory=dict)
     nn_max_elements: int = 1 << 26  # bound on similarities held at once per layer
@@ -99,7 +99,7 @@ class TokenFlowAttnProcessor:
                 keyframe_outputs = keyframe_outputs[:, rows].to(device, non_blocking=True)
             source = hidden_states[:n_frames]  # (F, L, D) source branch, same frames
             nn = nearest_keyframe_tokens(source, keyframe_tokens, state.slots,
-                                         state.nn_max_elements, state.keyframe_ids)  # (F, 2, L)
+                                         state.nn_max_elements, state.slot_groups)  # (F, 2, L)
             out = gather_blend(keyframe_outputs, state.slots, nn, state.weights, state.blend)  # (B, F, L, D)
             return self._finish(attn, out.reshape(batch, n_tokens, -1), residual)
 

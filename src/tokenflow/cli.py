@@ -357,8 +357,9 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
     aspect = aspect_note(result.source_size, (h, w), result.config.fit)
     aspect = f" ({aspect})" if aspect else ""
-    print(f"{label} {n} frames at {w}x{h}{aspect} in {time.perf_counter() - started:.1f}s ({stages}{resumed}) "
-          f"-> {output}")
+    numerics = f"{pipe.device.type} {str(pipe.dtype).replace('torch.', '')}"
+    print(f"{label} {n} frames at {w}x{h}{aspect} in {time.perf_counter() - started:.1f}s ({numerics}; {stages}"
+          f"{resumed}) -> {output}")
 
 
 def _settings_and_input(args: argparse.Namespace, usage: str):
@@ -451,9 +452,11 @@ def _cache_root(run: dict[str, Any]) -> str:
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
-    if not config.prompt.strip():
-        raise TokenFlowError("no prompt given: use -p/--prompt 'what the video should show'")
     prompts = args.prompt if args.prompt and len(args.prompt) > 1 else None
+    for i, p in enumerate(prompts or [config.prompt]):
+        if not p.strip():
+            where = f" (-p number {i + 1} is blank)" if prompts else ""
+            raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show'")
     runs = _prompt_runs(run, prompts)  # one output per prompt
     outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None))
                for r, p in zip(runs, prompts or [config.prompt])]

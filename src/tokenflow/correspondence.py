@@ -70,25 +70,39 @@ def cosine_nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor,
     return torch.cat([(q[i:i + chunk] @ kt).argmax(dim=-1) for i in range(0, n_frames, chunk)])
 
 
+SlotGroups = list  # [(keyframe slot j, rows (R,), positions in rows of slot 0 (R0,), of slot 1 (R1,))]
+
+
+def slot_groups(slots: torch.Tensor, device: Optional[torch.device] = None) -> SlotGroups:
+    """For each keyframe slot a batch uses: the frames that use it, and where it is their first or
+    second slot, as index tensors on ``device``. Computed once per batch on the host, so the layers
+    index with them and never ask the device for a data-dependent shape (no sync per layer)."""
+    slots = slots.cpu()
+    groups = []
+    for j in slots.unique().tolist():
+        uses = slots == j  # (F, 2)
+        rows = uses.any(dim=1).nonzero().squeeze(1)
+        positions = [uses[rows, s].nonzero().squeeze(1) for s in range(2)]
+        groups.append((j, rows.to(device), positions[0].to(device), positions[1].to(device)))
+    return groups
+
+
 def nearest_keyframe_tokens(source_tokens: torch.Tensor, keyframe_tokens: torch.Tensor,
                             slots: torch.Tensor, max_elements: int = 1 << 26,
-                            keyframe_ids: Optional[list[int]] = None) -> torch.Tensor:
+                            groups: Optional[SlotGroups] = None) -> torch.Tensor:
     """Nearest-neighbour field of every frame to each of its two keyframes.
 
     source_tokens (F, L, D): the frames' source-video tokens; keyframe_tokens (K, L, D);
     slots (F, 2). Returns (F, 2, L) int64 token indices into the slotted keyframe.
-    The loop runs over the few keyframes a batch uses, never over frames. ``keyframe_ids``
-    (the distinct values of ``slots``) can be given to spare a device sync per call.
+    The loop runs over the few keyframes a batch uses, never over frames. ``groups``
+    (:func:`slot_groups` of ``slots``, made once per batch) spares the device syncs of finding them.
     """
     n_frames, n_tokens, _ = source_tokens.shape
     nn = torch.empty(n_frames, 2, n_tokens, dtype=torch.long, device=source_tokens.device)
-    for j in (keyframe_ids if keyframe_ids is not None else slots.unique().tolist()):
-        uses = slots == j  # (F, 2)
-        rows = uses.any(dim=1).nonzero().squeeze(1)
-        field = cosine_nearest_neighbours(source_tokens[rows], keyframe_tokens[j], max_elements)
-        for s in range(2):
-            sel = uses[rows, s]
-            nn[rows[sel], s] = field[sel]
+    for j, rows, first, second in (groups if groups is not None else slot_groups(slots, source_tokens.device)):
+        field = cosine_nearest_neighbours(source_tokens[rows], keyframe_tokens[j], max_elements)  # (R, L)
+        nn[rows[first], 0] = field[first]
+        nn[rows[second], 1] = field[second]
     return nn
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Protocol
 import torch
 
 from .attention import TokenFlowState
-from .correspondence import POLICIES, propagation_plan
+from .correspondence import POLICIES, propagation_plan, slot_groups
 from .distributed import Group, ShardPlan
 from .errors import OutOfMemory
 from .models import free_memory, is_out_of_memory
@@ -170,11 +170,10 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
         slots, weights = propagation_plan(index, keyframes, batch_size, propagation)
         slots = slots - offset  # into this rank's caches
         # per-batch facts computed once here, on the CPU, not in every attention layer
-        rows = slots.unique()
         if offload:  # the layers bring over only these keyframes' caches, slots renumbered
+            rows = slots.unique()
             state.cache_rows, slots = rows, torch.searchsorted(rows, slots)
-            rows = torch.arange(len(rows))
-        state.keyframe_ids = rows.tolist()
+        state.slot_groups = slot_groups(slots, device)
         state.blend = not bool((weights == 1).all())
         state.slots, state.weights = slots.to(device), weights.to(device)
     local = slice(frames.start - first, frames.stop - first)
