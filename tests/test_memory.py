@@ -135,8 +135,7 @@ def frames_small():
     return moving_frames(6, 48, 64, seed=1).astype(np.uint8)
 
 
-@pytest.mark.parametrize("policy", ["original", "paper"])
-@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("policy, offload", [("original", False), ("paper", True)])
 def test_no_host_sync_inside_the_attention_layers(tiny_pipe, monkeypatch, policy, offload):
     """On a GPU, .item(), .tolist(), .cpu(), .numpy(), .nonzero() and bool(tensor) wait for the device.
     None of them may run inside TokenFlow's per-layer code (the processors and the feature hook): a

@@ -33,8 +33,7 @@ def _count_forwards(pipe, monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("settings", [dict(editor="pnp", propagation="paper"),
-                                      dict(editor="pnp", propagation="original"),
-                                      dict(editor="sdedit", propagation="paper", sdedit_start=1.0,
+                                      dict(editor="sdedit", propagation="original", sdedit_start=1.0,
                                            sdedit_noise="random")])
 def test_each_prompt_of_one_run_equals_its_own_edit(tiny_pipe, monkeypatch, settings):
     video = _video()

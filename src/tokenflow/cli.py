@@ -317,7 +317,7 @@ def _prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict
 
         check_writable_name(frames_dir)
         try:
-            os.makedirs(frames_dir)
+            os.makedirs(frames_dir, exist_ok=True)  # exist_ok: under torchrun every rank gets here
         except OSError as e:
             raise TokenFlowError(f"cannot create --frames-dir '{frames_dir}': {e.strerror or e}") from None
     return [{**run, "output": f"{root}-{i}{ext}",
@@ -464,6 +464,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     rank, world, local_rank = environment()
     if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
+        if str(run.get("device") or "").startswith("cuda:"):
+            raise TokenFlowError(f"--device {run['device']} under torchrun would put every rank on one GPU; "
+                                 f"give --device cuda (or auto): each rank takes cuda:LOCAL_RANK")
         device = local_device(run.get("device") or "auto", local_rank)
         if device != (run.get("device") or "auto"):
             run = {**run, "device": device}
@@ -471,12 +474,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = _load_pipeline(run)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(prompts or [config.prompt])])
-    if world > 1:
-        pipe.distribute()
-    group = pipe.group
+    from .distributed import Group
+    from .errors import OutOfMemory
     from .models import is_out_of_memory, short_error
 
+    group = Group()
     try:
+        if world > 1:
+            group = pipe.distribute().group
         results = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
                             use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
                             checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts)
@@ -488,7 +493,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if group.distributed and group.agree(True) and not group.is_main:
             results[0].discard_checkpoint()  # only once rank 0 has written the outputs
     except RuntimeError as e:
-        if not group.distributed or is_out_of_memory(e):
+        if is_out_of_memory(e):  # what the retries inside could not lower (e.g. gathering the output)
+            raise OutOfMemory(f"out of memory: {short_error(e)}; lower --height/--width or --max-frames, "
+                              f"or use --offload") from None
+        if world <= 1:
             raise
         raise RankStopped(f"rank {rank} of {world} stopped: {short_error(e)}; the other ranks' messages say "
                           f"why, and the same command resumes from the checkpoints") from None

@@ -122,7 +122,10 @@ class Group:
         digest = hash(tuple(values)) & ((1 << 62) - 1)
         seen = [v[0] for v in self.all_ints([digest])]
         if len(set(seen)) != 1:
-            raise RuntimeError(f"the ranks disagree on the {what}: rank {self.rank} has {values[:8]}")
+            from .errors import RunFailed
+
+            raise RunFailed(f"the ranks disagree on the {what} (rank {self.rank} has {values[:8]}): every rank "
+                            f"must run the same command with the same settings")
 
     # ---------------------------------------------------------------- tensors
     def gather_keyframes(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -142,21 +145,31 @@ class Group:
         self.bytes_sent += padded.numel() * padded.element_size()
         return torch.cat([o[:, :c] for o, c in zip(out, counts)], dim=1).to(x.device)
 
-    def gather_rows(self, x: torch.Tensor, counts: list[int]) -> Optional[torch.Tensor]:
-        """Rows (n_r, ...) of every rank concatenated in rank order on rank 0; None on the others."""
+    def gather_rows(self, x: torch.Tensor, counts: list[int], rows_per_call: int = 16) -> Optional[torch.Tensor]:
+        """Rows (n_r, ...) of every rank concatenated in rank order on rank 0 (on ``x``'s device);
+        None on the others. A few rows per collective, each piece moved off the communication device
+        at once: rank 0 never holds the whole gathered video on a GPU."""
         if not self.distributed:
             return x
         import torch.distributed as dist
 
         n_max, mine = max(counts), counts[self.rank]
-        padded = x.new_zeros((max(n_max, 1), *x.shape[1:]), device=self.device)
-        padded[:mine] = x[:mine]
-        out = [torch.empty_like(padded) for _ in range(self.world_size)] if self.is_main else None
-        dist.gather(padded, out, dst=0)
-        self.bytes_sent += padded.numel() * padded.element_size()
+        pieces: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
+        for start in range(0, max(n_max, 1), rows_per_call):
+            stop = min(start + rows_per_call, max(n_max, 1))
+            padded = torch.zeros((stop - start, *x.shape[1:]), dtype=x.dtype, device=self.device)
+            if start < mine:
+                padded[:min(stop, mine) - start] = x[start:min(stop, mine)]
+            out = [torch.empty_like(padded) for _ in range(self.world_size)] if self.is_main else None
+            dist.gather(padded, out, dst=0)
+            self.bytes_sent += padded.numel() * padded.element_size()
+            if self.is_main:
+                for r, o in enumerate(out):
+                    if start < counts[r]:
+                        pieces[r].append(o[:min(stop, counts[r]) - start].to(x.device))
         if not self.is_main:
             return None
-        return torch.cat([o[:c] for o, c in zip(out, counts)]).to(x.device)
+        return torch.cat([p for rank_pieces in pieces for p in rank_pieces]) if any(pieces) else x[:0]
 
     def exchange_boundaries(self, cache: dict, plan: ShardPlan, policy: str) -> int:
         """Give every rank the caches of the neighbouring keyframes its first and last batches read.
@@ -250,11 +263,12 @@ def init_group(device: torch.device, timeout: Optional[float] = None) -> Group:
         return Group()
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout or timeout_seconds()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout or timeout_seconds()))
+    backend = dist.get_backend()  # the caller's group, if it made one: collectives go where it expects them
     return Group(dist.get_rank(), dist.get_world_size(), device if backend == "nccl" else "cpu")
 
 

@@ -84,7 +84,9 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
         if propagation == "paper" and getattr(memory, "reuse_keyframe_outputs", True) and noise is not None:
             # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own
             # tokens (its nearest neighbours in itself), so its propagation pass recomputes, layer by
-            # layer, exactly the keyframe pass's prediction: take that instead of a second UNet call.
+            # layer, the keyframe pass's prediction: take that instead of a second UNet call. (Only
+            # exactly identical source tokens could make a token pick another one: then the keyframe's
+            # own attention output, reused here, is the better value anyway.)
             mine = keyframes[plan.batches().start:plan.batches().stop]
             kept = {int(f): noise[:, i] for i, f in enumerate(mine)}
     out = torch.empty(x.shape, dtype=torch.float32)
