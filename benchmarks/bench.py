@@ -80,6 +80,19 @@ def _proc_status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def count_forwards(pipe: TokenFlowPipeline) -> dict:
+    """Count UNet image-forwards from here on: the returned ``{"n": ...}`` grows with every call."""
+    forwards = {"n": 0}
+    real = pipe._predict
+
+    def counting(latents, *a, **k):
+        forwards["n"] += len(latents)
+        return real(latents, *a, **k)
+
+    pipe._predict = counting
+    return forwards
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: the workload's peak, not the model build's (Linux: clear_refs 5 resets VmHWM)."""
     if device.type == "cuda":

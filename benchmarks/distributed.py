@@ -112,6 +112,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     from tokenflow import EditConfig, TokenFlowPipeline
     from tokenflow.distributed import Group
 
+    sys.path.insert(0, HERE)
+    from bench import count_forwards, memory_mb, peak_memory_mb, reset_peak_memory
+
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
@@ -124,22 +127,12 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(args.frames, 3, args.height, args.width, generator=g)
 
-    forwards = {"n": 0}
-    real = pipe._predict
-
-    def counting(latents, *a, **k):
-        forwards["n"] += len(latents)
-        return real(latents, *a, **k)
-
-    pipe._predict = counting
+    forwards = count_forwards(pipe)
     marks = []  # (forwards, bytes, time) after every editing step
 
     def callback(stage, step, total):
         if stage == "editing":
             marks.append((forwards["n"], pipe.group.bytes_sent, time.perf_counter()))
-
-    sys.path.insert(0, HERE)
-    from bench import memory_mb, peak_memory_mb, reset_peak_memory
 
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
 from tokenflow import EditConfig, TokenFlowPipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import count_forwards  # noqa: E402
 
 PROMPTS = ["a robot", "a marble statue", "a watercolor painting", "a bronze sculpture", "a lego model"]
 
@@ -45,14 +50,7 @@ def main() -> None:
     inversion = pipe.invert(frames, "", args.steps, args.steps, use_cache=False, progress=False)
     inversion_s = time.perf_counter() - started
 
-    forwards = {"n": 0}
-    real = pipe._predict
-
-    def counting(latents, *a, **k):
-        forwards["n"] += len(latents)
-        return real(latents, *a, **k)
-
-    pipe._predict = counting
+    forwards = count_forwards(pipe)
 
     def separate():
         for p in prompts:
