@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""How far a bfloat16 (or float16) edit drifts from the float32 one, and how long each takes.
+
+    python benchmarks/dtype_drift.py --frames 8 --height 64 --width 64 --steps 4
+    python benchmarks/dtype_drift.py --full-size --frames 8 --height 64 --width 64 --steps 4
+
+The same SD-2.1-shaped random model (``--full-size``: the real widths) edits the same frames with the
+same settings twice: in float32 and in ``--dtype`` (each inverting in its own dtype, as a run would).
+It prints the per-pixel difference of the edited frames on the 0-255 scale (max, mean, and the share
+of pixels that differ by more than 8 levels) and both edits' times. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tokenflow import EditConfig, TokenFlowPipeline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    frames = torch.rand(args.frames, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
+    config = EditConfig(prompt="a robot", steps=args.steps, inversion_steps=args.steps, height=args.height,
+                        width=args.width, batch_size=args.batch_size)
+    results, seconds = {}, {}
+    for dtype in ("float32", args.dtype):
+        pipe = TokenFlowPipeline.from_tiny(seed=0, full_size=args.full_size)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.to(getattr(torch, dtype))
+        started = time.perf_counter()
+        results[dtype] = pipe.edit(frames, config=config, use_cache=False, progress=False).uint8().astype(int)
+        seconds[dtype] = time.perf_counter() - started
+        del pipe
+    diff = abs(results["float32"] - results[args.dtype])
+    figures = {"max": int(diff.max()), "mean": float(diff.mean()), "over_8": float((diff > 8).mean()),
+               "seconds": seconds}
+    print(f"{args.frames} frames at {args.width}x{args.height}, {args.steps} steps, "
+          f"{'full-size' if args.full_size else 'tiny'} model, {torch.get_num_threads()} threads")
+    print(f"{args.dtype} vs float32, per pixel on 0-255: max {figures['max']}, mean {figures['mean']:.2f}, "
+          f"{100 * figures['over_8']:.2f}% of pixels off by more than 8")
+    print(f"edit time: float32 {seconds['float32']:.1f} s, {args.dtype} {seconds[args.dtype]:.1f} s "
+          f"({seconds[args.dtype] / seconds['float32']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), **figures}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
