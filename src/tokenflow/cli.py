@@ -348,7 +348,6 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
         encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
                      audio_start=result.audio_start)
         if run.get("frames_dir"):
-            os.makedirs(os.path.dirname(os.path.abspath(run["frames_dir"])), exist_ok=True)  # DIR of DIR/1
             save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job

@@ -101,11 +101,11 @@ class Group:
     # ---------------------------------------------------------------- small agreements
     def all_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's ``values`` (the same length on every rank), in rank order."""
+        if not self.distributed:
+            return [values]
         import torch.distributed as dist
 
         mine = torch.tensor(values, dtype=torch.long, device=self.device)
-        if not self.distributed:
-            return [values]
         out = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(out, mine)
         self.bytes_sent += mine.numel() * 8

@@ -129,8 +129,8 @@ class TokenFlowPipeline:
         # device runs out of memory (frames are independent there: same result up to rounding)
         self.propagation_chunk: Optional[int] = None
         # paper propagation: a keyframe's propagation pass would recompute its keyframe-pass prediction
-        # exactly (it blends its own outputs with weight 1), so that prediction is reused: K fewer
-        # frames through the UNet per step. False recomputes them (the result is the same up to rounding).
+        # (it blends its own outputs with weight 1 at its own tokens), so that prediction is reused: K
+        # fewer frames through the UNet per step. False recomputes them (the same result up to rounding).
         self.reuse_keyframe_outputs = True
         self.group = Group()  # the ranks one edit is split across (see distribute); one process by default
         self._kept_prompts: Optional[dict[str, PromptEmbeds]] = None  # set by release_text_encoders
