@@ -12,7 +12,9 @@ weights) and get the same video, frame count, size, inversion and editing steps,
 prompts, guidance, PnP thresholds, seed, and torch thread count. Each runs in its own process;
 wall time is measured around the process and peak memory is the process's peak RSS (``wait4``).
 Edit-only figures: the official ``pnp`` stage (model load + editing + writing) against our
-editing + decode stages. Nothing is asserted; the figures are printed and written as JSON.
+editing + decode stages. ``--dtype`` sets our side's dtype (the official side is float32, as the
+harness runs it): ``--dtype bfloat16`` is what ``--dtype auto`` picks on a CPU with native bfloat16.
+Nothing is asserted; the figures, per stage too, are printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="our side's dtype (the official side runs float32)")
     ap.add_argument("--inversion-prompt", default="a wolf")
     ap.add_argument("--prompt", default="a shiny silver robotic wolf")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -85,7 +89,7 @@ def main() -> int:
                     "--n_timesteps", str(args.steps), "--inversion_prompt", args.inversion_prompt,
                     "--prompt", args.prompt, "--modes", "pnp", "--threads", str(args.threads)]
     ours_cmd = [sys.executable, "-m", "tokenflow.cli", "edit", args.input, "--model", args.model,
-                "--device", "cpu", "--dtype", "float32", "--height", str(args.height), "--width", str(args.width),
+                "--device", "cpu", "--dtype", args.dtype, "--height", str(args.height), "--width", str(args.width),
                 "--max-frames", str(args.frames), "--inversion-steps", str(args.inversion_steps),
                 "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                 "--inversion-prompt", args.inversion_prompt, "-p", args.prompt, "--editor", "pnp",
@@ -104,6 +108,7 @@ def main() -> int:
         summary = f.read()
     seconds = {k: float(v) for k, v in re.findall(r"(inversion|editing|decode) ([0-9.]+)s", summary)}
     ours["inversion_s"] = seconds.get("inversion")
+    ours["editing_s"], ours["decode_s"] = seconds.get("editing"), seconds.get("decode")
     ours["edit_s"] = round(seconds.get("editing", 0) + seconds.get("decode", 0), 2)
 
     ratios = {"time_end_to_end": ours["wall_s"] / official["wall_s"],
@@ -111,13 +116,15 @@ def main() -> int:
               "peak_memory": ours["peak_rss_mb"] / official["peak_rss_mb"]}
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     settings = {k: getattr(args, k) for k in ("model", "input", "frames", "height", "width", "inversion_steps",
-                                              "steps", "batch_size", "threads", "inversion_prompt", "prompt")}
+                                              "steps", "batch_size", "threads", "inversion_prompt", "prompt", "dtype")}
     report = {"settings": settings, "official": official, "ours": ours, "ours_over_official": ratios}
     print(f"{'':<10} {'end to end':>11} {'edit':>8} {'peak RSS':>10}")
     for name, r in (("official", official), ("ours", ours)):
         print(f"{name:<10} {r['wall_s']:>10.1f}s {r['edit_s']:>7.1f}s {r['peak_rss_mb']:>8.0f}MB")
     print(f"{'ratio':<10} {ratios['time_end_to_end']:>11.2f} {ratios['time_edit']:>8.2f} "
           f"{ratios['peak_memory']:>10.2f}")
+    print(f"stages: official preprocess {official['preprocess_s']:.1f}s, pnp {official['edit_s']:.1f}s; ours ({args.dtype}) "
+          f"inversion {ours['inversion_s']}s, editing {ours['editing_s']}s, decode {ours['decode_s']}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype "auto" stays float32 on the CPU in every test, whatever the CPU: the suite's numbers (and the
+# comparisons with float32 references) must not depend on the machine. test_models.py checks auto's
+# bfloat16 choice by setting this itself.
+os.environ["TOKENFLOW_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

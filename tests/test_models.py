@@ -38,6 +38,59 @@ def _frames(path):
     return read_video(path).frames.astype(np.float32)
 
 
+# ------------------------------------------------------------------ dtype auto
+def test_auto_dtype_takes_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
+    from tokenflow import models
+    from tokenflow.errors import TokenFlowError
+
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    monkeypatch.delenv(models.CPU_BF16_ENV)
+    for native, on_cpu in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+        assert models.resolve_dtype("auto", cpu) == on_cpu
+        assert models.resolve_dtype("auto", cuda) == torch.float16
+        assert models.resolve_dtype("auto", mps) == torch.float32
+        assert models.resolve_dtype("float32", cpu) == torch.float32  # asked for: always kept
+        assert models.resolve_dtype(torch.float16, cpu) == torch.float16
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")  # forced, although the CPU lacks it (the last setattr)
+    assert models.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert models.resolve_dtype("auto", cpu) == torch.float32
+    assert models.resolve_dtype("auto", cuda) == torch.float16
+    monkeypatch.setenv(models.CPU_BF16_ENV, "yes")
+    with pytest.raises(TokenFlowError, match="TOKENFLOW_CPU_BF16 must be 0, 1 or auto"):
+        models.resolve_dtype("auto", cpu)
+
+
+def test_the_command_edits_in_bfloat16_by_default_on_such_a_cpu(tmp_path, capsys, tiny_model_dir, clip,
+                                                                  monkeypatch):
+    import yaml
+
+    from tokenflow import models
+
+    monkeypatch.delenv(models.CPU_BF16_ENV)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "a robot", "--model", tiny_model_dir, "--device", "cpu",
+                             "-o", tmp_path / "auto.mp4", *FAST)
+    assert code == 0, err
+    assert "(cpu bfloat16;" in out  # the summary line says which
+    assert yaml.safe_load((tmp_path / "auto.yaml").read_text())["dtype"] == "bfloat16"  # reruns the same
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "a robot", "--model", tiny_model_dir, "--device", "cpu",
+                             "--dtype", "float32", "-o", tmp_path / "f32.mp4", *FAST)
+    assert code == 0 and "(cpu float32;" in out, err
+    drift = np.abs(_frames(tmp_path / "auto.mp4") - _frames(tmp_path / "f32.mp4"))
+    assert 0 < drift.mean() < 64  # another dtype, the same edit (the tiny model drifts most: benchmarks/)
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "a robot", "--model", "tiny", "-o", tmp_path / "t.mp4",
+                             *FAST)
+    assert code == 0 and "(cpu float32;" in out, err  # the built-in tiny model stays float32 unless asked
+    monkeypatch.setenv(models.CPU_BF16_ENV, "maybe")
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "--device", "cpu",
+                           "-o", tmp_path / "bad.mp4", *FAST)
+    assert code == 2 and "TOKENFLOW_CPU_BF16" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.mp4").exists()
+
+
 # ------------------------------------------------------------------ single-file checkpoints
 def test_single_file_checkpoint_loads_the_same_weights_and_edits(tmp_path, capsys, tiny_model_dir, clip):
     c = build_tiny_components(0)

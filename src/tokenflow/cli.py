@@ -86,7 +86,8 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, then mps, "
                                                   "then cpu)")
     p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
-                                                 "cuda, float32 elsewhere)")
+                                                 "cuda, bfloat16 on a CPU with native bfloat16, float32 elsewhere; "
+                                                 "--model tiny: float32)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
     p.add_argument("--no-resume", action="store_true", default=None,
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--share", action="store_true", help="ask Gradio for a public link (off by default)")
     ui.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
     ui.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
-                                                  "cuda, float32 elsewhere)")
+                                                  "cuda, bfloat16 on a CPU with native bfloat16, float32 "
+                                                  "elsewhere; --model tiny: float32)")
     ui.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     ui.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload (default %(default)s MB)")
     ui.add_argument("--max-frames", type=int, default=120, help="most frames a visitor may edit (default %(default)s)")
@@ -280,7 +282,7 @@ def _load_pipeline(run: dict[str, Any]):
         from .models import resolve_device
 
         return apply_runtime_options(TokenFlowPipeline.from_tiny(seed=0, device=str(resolve_device(
-            run.get("device") or "auto"))), run)
+            run.get("device") or "auto")), dtype=run.get("dtype") or "float32"), run)
     loras = run.get("lora") or []
     pipe = TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
                                              dtype=run.get("dtype") or "auto", model_config=run.get("model_config"),

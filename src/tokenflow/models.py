@@ -56,12 +56,51 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+CPU_BF16_ENV = "TOKENFLOW_CPU_BF16"  # 0: auto stays float32 on the CPU; 1: auto takes bfloat16 there anyway
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, or an Arm CPU with BF16),
+    where bfloat16 matmuls and convolutions are faster than float32 rather than emulated."""
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # a torch build without the probe
+            pass
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:
+            return False
+    return False
+
+
+def cpu_auto_bf16() -> bool:
+    """auto's choice on the CPU: bfloat16 where the CPU has it natively, unless TOKENFLOW_CPU_BF16 says."""
+    raw = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return cpu_has_native_bf16()
+    if raw not in ("0", "1"):
+        raise TokenFlowError(f"environment variable {CPU_BF16_ENV} must be 0, 1 or auto, got {shown(raw)}")
+    return raw == "1"
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
-    """auto: float16 on CUDA, float32 elsewhere."""
+    """auto: float16 on CUDA; bfloat16 on a CPU with native bfloat16 (``cpu_has_native_bf16``;
+    TOKENFLOW_CPU_BF16=0 keeps float32 there); float32 elsewhere. Exact agreement with the official
+    code's recorded outputs is a float32 property: ask for float32 for it."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_auto_bf16() else torch.float32
     if dtype not in DTYPES:
         raise TokenFlowError(f"unknown dtype {shown(dtype)}; allowed: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -255,14 +255,17 @@ class TokenFlowPipeline:
                    feature_extractor=parts.get("feature_extractor") if parts.get("depth_estimator") else None)
 
     @classmethod
-    def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False) -> "TokenFlowPipeline":
-        """A tiny randomly initialised SD-2.1-shaped model built in code: noise out, machinery checked."""
+    def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False,
+                  dtype: str | torch.dtype = "float32") -> "TokenFlowPipeline":
+        """A tiny randomly initialised SD-2.1-shaped model built in code: noise out, machinery checked.
+        float32 by default, so that it gives the same numbers on every CPU; any dtype, or "auto", may be asked for."""
         from .tiny import build_tiny_components
 
         c = build_tiny_components(seed, full_size)
         dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
         for m in (c.unet, c.vae, c.text_encoder):
-            m.to(dev)
+            m.to(device=dev, dtype=dt)
         return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
 
     @property
