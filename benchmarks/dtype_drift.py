@@ -7,7 +7,10 @@
 The same SD-2.1-shaped random model (``--full-size``: the real widths) edits the same frames with the
 same settings twice: in float32 and in ``--dtype`` (each inverting in its own dtype, as a run would).
 It prints the per-pixel difference of the edited frames on the 0-255 scale (max, mean, and the share
-of pixels that differ by more than 8 levels) and both edits' times. Nothing here asserts a time.
+of pixels that differ by more than 8 levels) and both edits' times. ``--kernels`` first times the two
+kinds of work the UNet is made of, a square GEMM and a 3x3 convolution, in both dtypes: where the CPU
+computes bfloat16 no faster than float32 (AVX512-BF16 without AMX), only memory-bound sizes gain.
+Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,35 @@ import torch
 from tokenflow import EditConfig, TokenFlowPipeline
 
 
+def time_kernels(other: str) -> dict:
+    """GFLOP/s of a 2048x2048 GEMM and of a 3x3 convolution (8x320x16x24, the UNet's first stage at
+    192x128) in float32 and ``other``, each the best of 5 after a warm-up."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    x, w = torch.randn(8, 320, 16, 24, generator=g), torch.randn(320, 320, 3, 3, generator=g)
+    work = {"gemm": 2 * 2048 ** 3, "conv3x3": 2 * 8 * 320 * 320 * 9 * 16 * 24}
+    out = {}
+    for name, flops in work.items():
+        for dtype in ("float32", other):
+            d = getattr(torch, dtype)
+            args = (a.to(d), b.to(d)) if name == "gemm" else (x.to(d), w.to(d))
+            op = (lambda p, q: p @ q) if name == "gemm" else (lambda p, q: F.conv2d(p, q, padding=1))
+            op(*args)
+            best = min(_timed(op, *args) for _ in range(5))
+            out[f"{name}_{dtype}_gflops"] = round(flops / best / 1e9, 1)
+        print(f"{name}: float32 {out[f'{name}_float32_gflops']} GFLOP/s, {other} {out[f'{name}_{other}_gflops']} "
+              f"GFLOP/s ({out[f'{name}_{other}_gflops'] / out[f'{name}_float32_gflops']:.2f}x)", flush=True)
+    return out
+
+
+def _timed(op, *args) -> float:
+    started = time.perf_counter()
+    op(*args)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -30,8 +62,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="time a GEMM and a convolution in both dtypes first")
     parser.add_argument("--json")
     args = parser.parse_args()
+    kernels = time_kernels(args.dtype) if args.kernels else {}
     frames = torch.rand(args.frames, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
     config = EditConfig(prompt="a robot", steps=args.steps, inversion_steps=args.steps, height=args.height,
                         width=args.width, batch_size=args.batch_size)
@@ -46,7 +80,7 @@ def main() -> None:
         del pipe
     diff = abs(results["float32"] - results[args.dtype])
     figures = {"max": int(diff.max()), "mean": float(diff.mean()), "over_8": float((diff > 8).mean()),
-               "seconds": seconds}
+               "seconds": seconds, "kernels": kernels}
     print(f"{args.frames} frames at {args.width}x{args.height}, {args.steps} steps, "
           f"{'full-size' if args.full_size else 'tiny'} model, {torch.get_num_threads()} threads")
     print(f"{args.dtype} vs float32, per pixel on 0-255: max {figures['max']}, mean {figures['mean']:.2f}, "

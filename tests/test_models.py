@@ -91,6 +91,73 @@ def test_the_command_edits_in_bfloat16_by_default_on_such_a_cpu(tmp_path, capsys
     assert not (tmp_path / "bad.mp4").exists()
 
 
+def test_safetensors_are_read_in_pieces_into_the_target_dtype(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from tokenflow import weights
+
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 100)  # 25 float32 values a piece: most tensors take several
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 11, generator=g), "ids": torch.arange(5), "half": torch.randn(3).half(),
+               "scalar": torch.tensor(2.5), "long": torch.randn(1000, generator=g), "empty": torch.zeros(0, 4)}
+    path = str(tmp_path / "w.safetensors")
+    save_file(tensors, path)
+    for dtype in (torch.bfloat16, torch.float16, None):
+        got = weights.read_safetensors(path, dtype)
+        assert got.keys() == tensors.keys()
+        for k, t in tensors.items():
+            want = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            assert got[k].dtype == want.dtype and got[k].shape == want.shape and torch.equal(got[k], want), k
+    with open(path, "r+b") as f:  # cut short inside the last tensor
+        f.truncate(os.path.getsize(path) - 8)
+    with pytest.raises(ValueError, match="ends inside tensor"):
+        weights.read_safetensors(path, torch.bfloat16)
+
+
+def test_loading_into_another_dtype_reads_the_weights_tensor_by_tensor(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    from tokenflow import weights
+
+    read = []
+    original = weights.read_safetensors
+    monkeypatch.setattr(weights, "read_safetensors", lambda path, dtype=None: read.append(
+        os.path.basename(os.path.dirname(path))) or original(path, dtype))
+    pipe = TokenFlowPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16")
+    assert sorted(read) == ["unet", "vae"]  # the diffusers models; transformers loads the text encoder
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16,
+                                                            safety_checker=None, feature_extractor=None)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name), getattr(ref, name)
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        if name != "text_encoder":
+            assert not ours.training and dict(ours.config) == dict(theirs.config)
+    read.clear()
+    TokenFlowPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    assert read == []  # the file's own dtype: diffusers keeps the weights memory-mapped, no copy at all
+    # a VAE saved with the legacy attention names: left to diffusers, which renames them
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_model_dir, legacy)
+    path = legacy / "vae" / "diffusion_pytorch_model.safetensors"
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for k, v in load_file(str(path)).items():
+        for new, was in names.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{was}.")
+        old[k] = v
+    assert any(".query." in k for k in old)
+    save_file(old, str(path))
+    read.clear()
+    pipe = TokenFlowPipeline.from_pretrained(str(legacy), device="cpu", dtype="bfloat16")
+    assert read == ["unet"]
+    a, b = pipe.vae.state_dict(), ref.vae.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 # ------------------------------------------------------------------ single-file checkpoints
 def test_single_file_checkpoint_loads_the_same_weights_and_edits(tmp_path, capsys, tiny_model_dir, clip):
     c = build_tiny_components(0)

@@ -31,7 +31,8 @@ def test_session_edits_writes_video_and_settings_and_reuses_the_inversion(sessio
     os.makedirs(session.output_dir)
     clip = write_clip(tmp_path / "in.mp4", moving_frames(5, 32, 48), fps=8, audio=True)
     seen = []
-    out, settings, status = session.run(clip, "a robot", progress=lambda f, t: seen.append((f, t)), **SMALL)
+    done = session.run(clip, "a robot", progress=lambda f, t: seen.append((f, t)), **SMALL)
+    (out,), (settings,), status = done.videos, done.settings, done.status
     with av.open(out) as c:
         assert c.streams.video[0].average_rate == 8 and c.streams.audio
     assert "prompt: a robot" in open(settings).read() and "model: tiny" in open(settings).read()
@@ -48,7 +49,7 @@ def test_session_edits_writes_video_and_settings_and_reuses_the_inversion(sessio
 def test_session_random_seed(session, tmp_path):
     os.makedirs(session.output_dir)
     clip = write_clip(tmp_path / "in.mp4", moving_frames(4, 32, 48))
-    _, settings, status = session.run(clip, "a robot", random_seed=True, **{**SMALL, "seed": 1})
+    status = session.run(clip, "a robot", random_seed=True, **{**SMALL, "seed": 1}).status
     assert "(seed 1)" not in status
 
 
@@ -92,8 +93,7 @@ def test_session_preview_edits_one_frame_and_stop_ends_a_job(session, tmp_path):
     with pytest.raises(Stopped):
         session.run(clip, "a robot", progress=progress, **{**SMALL, "steps": 20, "inversion_steps": 20})
     assert not session.stop_event.is_set() and not session.lock.locked()
-    _, _, status = session.run(clip, "a robot", **SMALL)
-    assert status.startswith("Edited 4 frames")
+    assert session.run(clip, "a robot", **SMALL).status.startswith("Edited 4 frames")
 
 
 def test_page_speaks_in_its_labels_and_offers_what_the_model_can_run(session, tmp_path):
@@ -106,8 +106,38 @@ def test_page_speaks_in_its_labels_and_offers_what_the_model_can_run(session, tm
     # Steps alone: the inversion steps are chosen (0 on the page means automatic)
     os.makedirs(session.output_dir)
     clip = write_clip(tmp_path / "in.mp4", moving_frames(4, 32, 48))
-    _, settings, _ = session.run(clip, "a robot", **{**SMALL, "steps": 3, "inversion_steps": 0})
+    settings = session.run(clip, "a robot", **{**SMALL, "steps": 3, "inversion_steps": 0}).settings[0]
     assert "inversion_steps: 102" in open(settings).read()
+
+
+def test_several_prompts_one_per_line_are_edited_in_one_run(session, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tokenflow.video import read_video
+
+    os.makedirs(session.output_dir)
+    clip = write_clip(tmp_path / "in.mp4", moving_frames(5, 32, 48))
+    calls = []
+    edit = session.pipe.edit
+    session.pipe.edit = lambda *a, **k: calls.append(k.get("prompts")) or edit(*a, **k)
+    try:
+        done = session.run(clip, "a robot\n\n  a marble statue  \n", **SMALL)
+        alone = session.run(clip, "a marble statue", **SMALL)
+    finally:
+        del session.pipe.edit
+    assert calls == [["a robot", "a marble statue"], None]  # one run for both, blank lines skipped
+    assert done.prompts == ["a robot", "a marble statue"] and len(set(done.videos)) == 2
+    assert done.status.startswith("Edited 4 frames at 48x32 for 2 prompts in one run")
+    assert ["prompt: a robot" in open(p).read() for p in done.settings] == [True, False]
+    assert "prompt: a marble statue" in open(done.settings[1]).read()
+    # each output is that prompt's own edit (the batched run rounds differently, by far less than a level)
+    both, one = read_video(done.videos[1]).frames.astype(float), read_video(alone.videos[0]).frames.astype(float)
+    assert np.abs(both - one).mean() < 0.5
+    image, line = session.preview(clip, "a robot\na marble statue", **SMALL)
+    assert Image.open(image).size == (2 * 48, 32) and "for 2 prompts, left to right" in line
+    with pytest.raises(TokenFlowError, match="at most 4 in one run"):
+        session.run(clip, "\n".join(f"prompt {i}" for i in range(5)), **SMALL)
 
 
 def test_session_needs_a_prompt(session, tmp_path):
@@ -209,6 +239,14 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     assert frames == 6
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, "ui.png"), full_page=True)
+    # two prompts, one per line: one run, one video each in the page
+    page.locator("#prompt textarea").first.fill("a shiny silver robotic wolf\na marble statue of a wolf")
+    page.click("#run")
+    page.wait_for_selector("#status:has-text('Edited 6 frames at 112x64 for 2 prompts in one run')",
+                           timeout=180_000)
+    page.wait_for_selector("#results", state="visible", timeout=30_000)
+    assert page.locator("#download-video a").count() == 2
+    _fill(page, "prompt", "a shiny silver robotic wolf")
     # Stop ends a long job cleanly, and the next Run goes through
     _fill(page, "steps", 400)
     page.click("#run")

@@ -60,19 +60,20 @@ CPU_BF16_ENV = "TOKENFLOW_CPU_BF16"  # 0: auto stays float32 on the CPU; 1: auto
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, or an Arm CPU with BF16),
-    where bfloat16 matmuls and convolutions are faster than float32 rather than emulated."""
-    cpu = getattr(torch, "cpu", None)
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(cpu, name, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # a torch build without the probe
-            pass
+    """Whether bfloat16 matmuls and convolutions run faster than float32 on this CPU: an x86 CPU with
+    AMX (Sapphire Rapids and later) or an Arm CPU with BF16. AVX512-BF16 alone is not enough: on such a
+    Xeon without AMX, bfloat16 GEMMs ran at 0.65x the float32 rate and a full-size edit took 1.5x as
+    long (benchmarks/README.md), so auto stays float32 there."""
     import platform
 
-    if platform.machine().lower() in ("aarch64", "arm64"):
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+        try:
+            return bool(check and check())
+        except Exception:  # a torch build without the probe
+            return False
+    if machine in ("aarch64", "arm64"):
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except Exception:
@@ -81,7 +82,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_auto_bf16() -> bool:
-    """auto's choice on the CPU: bfloat16 where the CPU has it natively, unless TOKENFLOW_CPU_BF16 says."""
+    """auto's choice on the CPU: bfloat16 where the CPU computes it faster than float32, unless
+    TOKENFLOW_CPU_BF16 says otherwise."""
     raw = os.environ.get(CPU_BF16_ENV, "").strip().lower()
     if raw in ("", "auto"):
         return cpu_has_native_bf16()
@@ -91,8 +93,9 @@ def cpu_auto_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
-    """auto: float16 on CUDA; bfloat16 on a CPU with native bfloat16 (``cpu_has_native_bf16``;
-    TOKENFLOW_CPU_BF16=0 keeps float32 there); float32 elsewhere. Exact agreement with the official
+    """auto: float16 on CUDA; bfloat16 on a CPU that computes it faster than float32 (AMX or Arm BF16,
+    ``cpu_has_native_bf16``; TOKENFLOW_CPU_BF16=0 keeps float32 there, 1 takes bfloat16 on any CPU);
+    float32 elsewhere. Exact agreement with the official
     code's recorded outputs is a float32 property: ask for float32 for it."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -283,6 +286,22 @@ def _no_safety_checker(cls) -> dict[str, Any]:
     return {}
 
 
+def _lean_skeletons(cls, model: str, dtype: torch.dtype, kwargs: dict[str, Any],
+                    extra: dict[str, Any]) -> dict[str, Any]:
+    """The UNet and VAE (any diffusers model of the pipeline) as weightless skeletons, to be read
+    tensor by tensor into ``dtype`` where their files hold another dtype: no full-precision copy
+    resident at any moment (``weights.py``). Whatever this cannot take, diffusers loads as usual."""
+    from .weights import lean_skeletons
+
+    folder = model
+    if not os.path.isdir(model):
+        try:  # the hub snapshot from_pretrained would use; downloaded here, once
+            folder = cls.download(model, **kwargs, **extra)
+        except Exception:
+            return {}  # from_pretrained reports the problem
+    return lean_skeletons(str(folder), dtype, extra.get("variant"))
+
+
 def _load_single_file(path: str, dtype: torch.dtype, model_config: Optional[str], allow_pickle: bool):
     """An A1111/civitai-style checkpoint through diffusers' single-file loading."""
     import diffusers
@@ -373,6 +392,8 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
     """
     import diffusers
 
+    from .weights import fill_lean
+
     model = canonical_model_id(str(model))
     is_file = os.path.isfile(model)
     is_local = is_file or os.path.isdir(model)
@@ -387,7 +408,11 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
                 model, **kwargs, **({"revision": revision} if revision else {})).get("_class_name", "")
             cls = _pipeline_class(class_name)
             extra = {k: v for k, v in (("variant", variant), ("revision", revision)) if v}
-            pipe = cls.from_pretrained(model, torch_dtype=dtype, **_no_safety_checker(cls), **kwargs, **extra)
+            lean = _lean_skeletons(cls, model, dtype, kwargs, extra)
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, **_no_safety_checker(cls), **kwargs, **extra,
+                                       **lean)
+            for skeleton in lean.values():
+                fill_lean(skeleton)
     except TokenFlowError:
         raise
     except Exception as e:  # diffusers/transformers/hub raise many types for a bad model

@@ -265,7 +265,7 @@ class TokenFlowPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         for m in (c.unet, c.vae, c.text_encoder):
-            m.to(device=dev, dtype=dt)
+            torch.nn.Module.to(m, device=dev, dtype=dt)  # not diffusers' .to, which warns about any dtype
         return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
 
     @property

@@ -30,6 +30,7 @@ class Limits:
     max_upload_mb: float = 200.0
     max_frames: int = 120
     max_side: int = 1024  # largest working height or width
+    max_prompts: int = 4  # prompts edited together in one run (one per line of the prompt box)
 
 
 # A first result in a minute, and the full-quality settings one click away
@@ -65,6 +66,20 @@ class Stopped(Exception):
 
 
 @dataclass
+class RunOutput:
+    """What one Run wrote: a video and its settings file per prompt, in prompt order."""
+    prompts: list[str]
+    videos: list[str]
+    settings: list[str]
+    status: str
+
+
+def split_prompts(text: Optional[str]) -> list[str]:
+    """The prompt box's prompts: one per non-empty line."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+@dataclass
 class EditorSession:
     pipe: Any
     model_name: str
@@ -95,6 +110,13 @@ class EditorSession:
             raise TokenFlowError(f"the upload is {size_mb:.0f} MB; this page takes at most "
                                  f"{self.limits.max_upload_mb:.0f} MB")
         return path
+
+    def _prompts(self, text: Optional[str]) -> list[str]:
+        prompts = split_prompts(text)
+        if len(prompts) > self.limits.max_prompts:
+            raise TokenFlowError(f"{len(prompts)} prompts: this page edits at most {self.limits.max_prompts} "
+                                 f"in one run (one per line)")
+        return prompts
 
     def _config(self, path: str, prompt: str, random_seed: bool, settings: dict[str, Any]) -> EditConfig:
         from .inversion import choose_inversion_steps
@@ -130,7 +152,8 @@ class EditorSession:
         if max(h, w) > self.limits.max_side:
             raise TokenFlowError(f"size {w}x{h}: this page edits at most {self.limits.max_side} pixels a side")
 
-    def _edit(self, path: str, config: EditConfig, progress: Optional[ProgressFn]):
+    def _edit(self, path: str, config: EditConfig, progress: Optional[ProgressFn],
+              prompts: Optional[list[str]] = None):
         """One job at a time per model: a second visitor waits here, never shares the UNet mid-edit."""
         with self.lock:
             self.stop_event.clear()
@@ -144,35 +167,46 @@ class EditorSession:
 
             try:
                 return self.pipe.edit(path, config=config, cache_dir=self.cache_dir, progress=False,
-                                      callback=callback)
+                                      callback=callback, prompts=prompts)
             finally:
                 self.stop_event.clear()
 
     def run(self, video: Optional[str], prompt: str, *, progress: Optional[ProgressFn] = None,
-            random_seed: bool = False, **settings: Any) -> tuple[str, str, str]:
-        """Edit; returns (edited video path, settings YAML path, a status line). Raises
-        :class:`Stopped` when the visitor stops the job."""
+            random_seed: bool = False, **settings: Any) -> RunOutput:
+        """Edit towards each line of ``prompt`` (several prompts share one run: the source branch and
+        the keyframe draws are computed once per step); writes a video and its settings per prompt.
+        Raises :class:`Stopped` when the visitor stops the job."""
         from .video import write_video
 
         started = time.perf_counter()
         path = self.check_upload(video)
-        config = self._config(path, prompt, random_seed, settings)
+        prompts = self._prompts(prompt)
+        config = self._config(path, prompts[0] if prompts else "", random_seed, settings)
         self._check_size(path, config)
-        result = self._edit(path, config, progress)
+        results = self._edit(path, config, progress, prompts if len(prompts) > 1 else None)
+        results = results if isinstance(results, list) else [results]
         stem = f"tokenflow-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16 ** 6):06x}"
-        out = os.path.join(self.output_dir, stem + ".mp4")
-        write_video(out, result.uint8(), result.fps, result.audio_source, audio_start=result.audio_start)
-        yaml_path = os.path.join(self.output_dir, stem + ".yaml")
-        save_settings(yaml_path, {"model": self.model_name, **result.config.to_dict()})
-        n, _, fh, fw = result.frames.shape
-        status = (f"Edited {n} frames at {fw}x{fh} in {time.perf_counter() - started:.1f}s "
+        videos, yamls = [], []
+        for i, result in enumerate(results, 1):
+            name = stem if len(results) == 1 else f"{stem}-{i}"
+            out, yaml_path = os.path.join(self.output_dir, name + ".mp4"), os.path.join(self.output_dir, name + ".yaml")
+            write_video(out, result.uint8(), result.fps, result.audio_source, audio_start=result.audio_start)
+            save_settings(yaml_path, {"model": self.model_name, **result.config.to_dict()})
+            videos.append(out)
+            yamls.append(yaml_path)
+        n, _, fh, fw = results[0].frames.shape
+        together = f" for {len(results)} prompts in one run" if len(results) > 1 else ""
+        status = (f"Edited {n} frames at {fw}x{fh}{together} in {time.perf_counter() - started:.1f}s "
                   f"(seed {config.seed}).")
-        return out, yaml_path, status
+        return RunOutput([r.config.prompt for r in results], videos, yamls, status)
 
     def preview(self, video: Optional[str], prompt: str, *, progress: Optional[ProgressFn] = None,
                 **settings: Any) -> tuple[str, str]:
         """Edit one frame (the middle of the frames the settings take) with the current settings:
-        the look of the edit in seconds. Returns (PNG path, a status line)."""
+        the look of the edit in seconds. With several prompts (one per line) the frame is edited
+        towards each in one run and the previews sit side by side, in prompt order.
+        Returns (PNG path, a status line)."""
+        import numpy as np
         from PIL import Image
 
         from .preflight import expected_frames
@@ -180,16 +214,19 @@ class EditorSession:
 
         started = time.perf_counter()
         path = self.check_upload(video)
-        config = self._config(path, prompt, False, settings)
+        prompts = self._prompts(prompt)
+        config = self._config(path, prompts[0] if prompts else "", False, settings)
         self._check_size(path, config)
         n = expected_frames(probe_video(path), config) or 1
         middle = config.start_frame + (n // 2) * config.frame_stride
         one = config.replace(max_frames=1, start_frame=middle, start_time=None, frame_stride=1)
-        result = self._edit(path, one, progress)
+        results = self._edit(path, one, progress, prompts if len(prompts) > 1 else None)
+        results = results if isinstance(results, list) else [results]
         out = os.path.join(self.output_dir, f"preview-{time.strftime('%H%M%S')}-{random.randrange(16 ** 6):06x}.png")
-        Image.fromarray(result.uint8()[0]).save(out)
-        _, _, fh, fw = result.frames.shape
-        return out, (f"Preview of frame {middle} at {fw}x{fh} in {time.perf_counter() - started:.1f}s; "
+        Image.fromarray(np.concatenate([r.uint8()[0] for r in results], axis=1)).save(out)
+        _, _, fh, fw = results[0].frames.shape
+        several = f" for {len(results)} prompts, left to right," if len(results) > 1 else ""
+        return out, (f"Preview of frame {middle} at {fw}x{fh}{several} in {time.perf_counter() - started:.1f}s; "
                      f"Run edits the whole video with these settings.")
 
 
@@ -231,7 +268,9 @@ def build_app(session: EditorSession):
                 video_in = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
                 demo_btn = gr.Button("Use the demo clip", elem_id="demo-clip", size="sm")
                 prompt = gr.Textbox(label="Prompt", placeholder="a marble statue of a woman running",
-                                    elem_id="prompt")
+                                    elem_id="prompt", lines=1, max_lines=session.limits.max_prompts,
+                                    info=f"Several prompts, one per line (at most {session.limits.max_prompts}), "
+                                         "are edited together in one run, faster than one by one.")
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
                     preview_btn = gr.Button("Preview one frame", elem_id="preview")
@@ -275,8 +314,12 @@ def build_app(session: EditorSession):
                 video_out = gr.Video(label="Edited video", interactive=False, elem_id="output-video")
                 preview_out = gr.Image(label="Preview (one frame)", interactive=False, elem_id="preview-image",
                                        type="filepath")
-                download = gr.File(label="Download the edited video", elem_id="download-video")
-                settings_file = gr.File(label="Settings used (YAML)", elem_id="download-settings")
+                results = gr.Gallery(label="One edit per prompt", visible=False, elem_id="results",
+                                     columns=2, height="auto", interactive=False)
+                download = gr.File(label="Download the edited video", elem_id="download-video",
+                                   file_count="multiple")
+                settings_file = gr.File(label="Settings used (YAML)", elem_id="download-settings",
+                                        file_count="multiple")
 
         inputs = [video_in, prompt, inversion_prompt, negative_prompt, editor, propagation, control, control_video,
                   max_frames, height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
@@ -308,11 +351,13 @@ def build_app(session: EditorSession):
         def on_run(video, prompt, *rest, progress=gr.Progress()):
             *values, random_seed = rest
             try:
-                out, yaml_path, line = session.run(video, prompt, progress=lambda f, text: progress(f, desc=text),
-                                                   random_seed=random_seed, **settings_of(*values))
+                done = session.run(video, prompt, progress=lambda f, text: progress(f, desc=text),
+                                   random_seed=random_seed, **settings_of(*values))
             except Exception as e:
-                return gr.update(), gr.update(), gr.update(), failure(e, video)
-            return out, out, yaml_path, line
+                return gr.update(), gr.update(), gr.update(), gr.update(), failure(e, video)
+            several = len(done.videos) > 1
+            gallery = gr.update(value=list(zip(done.videos, done.prompts)) if several else None, visible=several)
+            return done.videos[0], gallery, done.videos, done.settings, done.status
 
         def on_preview(video, prompt, *rest, progress=gr.Progress()):
             *values, _ = rest
@@ -343,7 +388,7 @@ def build_app(session: EditorSession):
         editor.change(on_editor, inputs=editor, outputs=control_group)
         control.change(on_control, inputs=control, outputs=control_video)
         # one progress display, in the result panel (the status line), not on every output
-        run_btn.click(on_run, inputs=inputs, outputs=[video_out, download, settings_file, status],
+        run_btn.click(on_run, inputs=inputs, outputs=[video_out, results, download, settings_file, status],
                       concurrency_limit=1, concurrency_id="edit", show_progress_on=[status])
         preview_btn.click(on_preview, inputs=inputs, outputs=[preview_out, status], concurrency_limit=1,
                           concurrency_id="edit", show_progress_on=[status])
