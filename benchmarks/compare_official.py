@@ -67,8 +67,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="our side's dtype (the official side runs float32)")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16", "float16"),
+                    help="our side's dtype, or several: ours runs once per dtype against the one official run "
+                         "(which is float32)")
     ap.add_argument("--inversion-prompt", default="a wolf")
     ap.add_argument("--prompt", default="a shiny silver robotic wolf")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -88,12 +89,14 @@ def main() -> int:
                     "--inv_batch_size", str(args.batch_size), "--batch_size", str(args.batch_size),
                     "--n_timesteps", str(args.steps), "--inversion_prompt", args.inversion_prompt,
                     "--prompt", args.prompt, "--modes", "pnp", "--threads", str(args.threads)]
-    ours_cmd = [sys.executable, "-m", "tokenflow.cli", "edit", args.input, "--model", args.model,
-                "--device", "cpu", "--dtype", args.dtype, "--height", str(args.height), "--width", str(args.width),
+
+    def ours_cmd(dtype: str) -> list[str]:
+        return [sys.executable, "-m", "tokenflow.cli", "edit", args.input, "--model", args.model,
+                "--device", "cpu", "--dtype", dtype, "--height", str(args.height), "--width", str(args.width),
                 "--max-frames", str(args.frames), "--inversion-steps", str(args.inversion_steps),
                 "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                 "--inversion-prompt", args.inversion_prompt, "-p", args.prompt, "--editor", "pnp",
-                "--no-cache", "-q", "-o", os.path.join(work, "ours.mp4")]
+                "--no-cache", "-q", "-o", os.path.join(work, f"ours-{dtype}.mp4")]
 
     print(f"official: {' '.join(official_cmd)}", flush=True)
     official = run(official_cmd, env, os.path.join(work, "official.log"))
@@ -102,29 +105,32 @@ def main() -> int:
     official["edit_s"] = stages["pnp"]["wall_s"]
     official["preprocess_s"] = stages["preprocess"]["wall_s"]
 
-    print(f"ours: {' '.join(ours_cmd)}", flush=True)
-    ours = run(ours_cmd, env, os.path.join(work, "ours.log"))
-    with open(os.path.join(work, "ours.log")) as f:
-        summary = f.read()
-    seconds = {k: float(v) for k, v in re.findall(r"(inversion|editing|decode) ([0-9.]+)s", summary)}
-    ours["inversion_s"] = seconds.get("inversion")
-    ours["editing_s"], ours["decode_s"] = seconds.get("editing"), seconds.get("decode")
-    ours["edit_s"] = round(seconds.get("editing", 0) + seconds.get("decode", 0), 2)
-
-    ratios = {"time_end_to_end": ours["wall_s"] / official["wall_s"],
-              "time_edit": ours["edit_s"] / official["edit_s"],
-              "peak_memory": ours["peak_rss_mb"] / official["peak_rss_mb"]}
-    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    ours, ratios = {}, {}
+    for dtype in args.dtype:
+        cmd = ours_cmd(dtype)
+        print(f"ours: {' '.join(cmd)}", flush=True)
+        log = os.path.join(work, f"ours-{dtype}.log")
+        r = run(cmd, env, log)
+        with open(log) as f:
+            summary = f.read()
+        seconds = {k: float(v) for k, v in re.findall(r"(inversion|editing|decode) ([0-9.]+)s", summary)}
+        r["inversion_s"], r["editing_s"], r["decode_s"] = (seconds.get(k) for k in ("inversion", "editing", "decode"))
+        r["edit_s"] = round(seconds.get("editing", 0) + seconds.get("decode", 0), 2)
+        ours[dtype] = r
+        ratios[dtype] = {k: round(v, 3) for k, v in (("time_end_to_end", r["wall_s"] / official["wall_s"]),
+                                                      ("time_edit", r["edit_s"] / official["edit_s"]),
+                                                      ("peak_memory", r["peak_rss_mb"] / official["peak_rss_mb"]))}
     settings = {k: getattr(args, k) for k in ("model", "input", "frames", "height", "width", "inversion_steps",
                                               "steps", "batch_size", "threads", "inversion_prompt", "prompt", "dtype")}
     report = {"settings": settings, "official": official, "ours": ours, "ours_over_official": ratios}
-    print(f"{'':<10} {'end to end':>11} {'edit':>8} {'peak RSS':>10}")
-    for name, r in (("official", official), ("ours", ours)):
-        print(f"{name:<10} {r['wall_s']:>10.1f}s {r['edit_s']:>7.1f}s {r['peak_rss_mb']:>8.0f}MB")
-    print(f"{'ratio':<10} {ratios['time_end_to_end']:>11.2f} {ratios['time_edit']:>8.2f} "
-          f"{ratios['peak_memory']:>10.2f}")
-    print(f"stages: official preprocess {official['preprocess_s']:.1f}s, pnp {official['edit_s']:.1f}s; ours ({args.dtype}) "
-          f"inversion {ours['inversion_s']}s, editing {ours['editing_s']}s, decode {ours['decode_s']}s")
+    print(f"{'':<16} {'end to end':>11} {'edit':>8} {'peak RSS':>10}   stages")
+    print(f"{'official':<16} {official['wall_s']:>10.1f}s {official['edit_s']:>7.1f}s "
+          f"{official['peak_rss_mb']:>8.0f}MB   preprocess {official['preprocess_s']:.1f}s, pnp {official['edit_s']:.1f}s")
+    for dtype, r in ours.items():
+        print(f"{'ours ' + dtype:<16} {r['wall_s']:>10.1f}s {r['edit_s']:>7.1f}s {r['peak_rss_mb']:>8.0f}MB   "
+              f"inversion {r['inversion_s']}s, editing {r['editing_s']}s, decode {r['decode_s']}s")
+        q = ratios[dtype]
+        print(f"{'  / official':<16} {q['time_end_to_end']:>11.2f} {q['time_edit']:>8.2f} {q['peak_memory']:>10.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

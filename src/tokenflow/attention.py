@@ -36,6 +36,32 @@ from .correspondence import gather_blend, nearest_keyframe_tokens
 MODES = ("plain", "keyframe", "extended", "propagate")
 
 
+def host_empty(shape, dtype: torch.dtype, source: torch.device) -> torch.Tensor:
+    """A CPU tensor for copies from ``source``: page-locked (pinned) when that is a CUDA GPU, so that
+    the copies both ways run asynchronously. A copy into it with ``non_blocking`` must be waited
+    for (``wait_for_host_copies``) before the host reads it."""
+    return torch.empty(shape, dtype=dtype, pin_memory=torch.device(source).type == "cuda")
+
+
+def wait_for_host_copies(device: torch.device) -> None:
+    """Wait until the GPU's asynchronous copies into host caches are done (one sync, per step)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def rows_to(cache: torch.Tensor, dim: int, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cache``'s ``rows`` along ``dim``, on ``device``. From a pinned cache they are gathered into a
+    pinned buffer and copied asynchronously (PyTorch's pinned-memory cache keeps the buffer from
+    being reused until the copy is done)."""
+    if torch.device(device).type != "cuda" or not cache.is_pinned():
+        return cache.index_select(dim, rows).to(device)
+    shape = list(cache.shape)
+    shape[dim] = len(rows)
+    staged = torch.empty(shape, dtype=cache.dtype, pin_memory=True)
+    torch.index_select(cache, dim, rows, out=staged)
+    return staged.to(device, non_blocking=True)
+
+
 @dataclass
 class LayerCache:
     source_tokens: torch.Tensor  # (K, L, D) source-branch attn1 input of the keyframes
@@ -95,8 +121,8 @@ class TokenFlowAttnProcessor:
             keyframe_tokens, keyframe_outputs = cache.source_tokens, cache.outputs
             if state.cache_rows is not None:  # offloaded: bring only this batch's keyframes over
                 rows, device = state.cache_rows, hidden_states.device
-                keyframe_tokens = keyframe_tokens[rows].to(device, non_blocking=True)
-                keyframe_outputs = keyframe_outputs[:, rows].to(device, non_blocking=True)
+                keyframe_tokens = rows_to(keyframe_tokens, 0, rows, device)
+                keyframe_outputs = rows_to(keyframe_outputs, 1, rows, device)
             source = hidden_states[:n_frames]  # (F, L, D) source branch, same frames
             nn = nearest_keyframe_tokens(source, keyframe_tokens, state.slots,
                                          state.nn_max_elements, state.slot_groups)  # (F, 2, L)
@@ -141,7 +167,7 @@ class TokenFlowAttnProcessor:
         device = self.state.cache_device
         if device is None or torch.device(device) == x.device:
             return x.clone()
-        return x.to(device)
+        return host_empty(x.shape, x.dtype, x.device).copy_(x, non_blocking=x.is_cuda)  # pinned: async
 
     def _keyframe_branch(self, attn, hidden_states: torch.Tensor, branch: int) -> torch.Tensor:
         """Split keyframe pass: this call holds one branch's K keyframes (the source first)."""
@@ -168,9 +194,10 @@ class TokenFlowAttnProcessor:
             out = self._attend(attn, query, key, value, n_tokens, n_frames, kv_frames)
         out = attn.to_out[1](attn.to_out[0](out))
         if cache.outputs is None:
-            device = state.cache_device or out.device
-            cache.outputs = out.new_empty((state.n_branches, n_frames, n_tokens, out.shape[-1]), device=device)
-        cache.outputs[branch].copy_(out.reshape(n_frames, n_tokens, -1))
+            shape = (state.n_branches, n_frames, n_tokens, out.shape[-1])
+            cache.outputs = (out.new_empty(shape) if state.cache_device is None or torch.device(state.cache_device)
+                             == out.device else host_empty(shape, out.dtype, out.device))
+        cache.outputs[branch].copy_(out.reshape(n_frames, n_tokens, -1), non_blocking=out.is_cuda)
         if branch == state.n_branches - 1:
             cache.query = cache.key = None
         return self._finish(attn, out, hidden_states)

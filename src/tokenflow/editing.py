@@ -29,7 +29,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from .attention import TokenFlowState
+from .attention import TokenFlowState, wait_for_host_copies
 from .correspondence import POLICIES, propagation_plan, slot_groups
 from .distributed import Group, ShardPlan
 from .errors import OutOfMemory
@@ -80,6 +80,8 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     kept = None  # frame -> its keyframe-pass noise (B, C, h, w), where the propagation would recompute it
     if tokenflow:
         noise = _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group)
+        if offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
+            wait_for_host_copies(memory.device)
         offset = group.exchange_boundaries(state.cache, plan, propagation)
         if propagation == "paper" and getattr(memory, "reuse_keyframe_outputs", True) and noise is not None:
             # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own

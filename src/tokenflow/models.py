@@ -62,8 +62,8 @@ CPU_BF16_ENV = "TOKENFLOW_CPU_BF16"  # 0: auto stays float32 on the CPU; 1: auto
 def cpu_has_native_bf16() -> bool:
     """Whether bfloat16 matmuls and convolutions run faster than float32 on this CPU: an x86 CPU with
     AMX (Sapphire Rapids and later) or an Arm CPU with BF16. AVX512-BF16 alone is not enough: on such a
-    Xeon without AMX, bfloat16 GEMMs ran at 0.65x the float32 rate and a full-size edit took 1.5x as
-    long (benchmarks/README.md), so auto stays float32 there."""
+    Xeon without AMX, bfloat16 GEMMs ran at 0.52x the float32 rate and a full-size edit took 1.28x as
+    long (benchmarks/dtype_drift.py --kernels), so auto stays float32 there."""
     import platform
 
     machine = platform.machine().lower()
@@ -95,8 +95,8 @@ def cpu_auto_bf16() -> bool:
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
     """auto: float16 on CUDA; bfloat16 on a CPU that computes it faster than float32 (AMX or Arm BF16,
     ``cpu_has_native_bf16``; TOKENFLOW_CPU_BF16=0 keeps float32 there, 1 takes bfloat16 on any CPU);
-    float32 elsewhere. Exact agreement with the official
-    code's recorded outputs is a float32 property: ask for float32 for it."""
+    float32 elsewhere. Exact agreement with the official code's recorded outputs is a float32
+    property: ask for float32 for it."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
