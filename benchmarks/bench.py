@@ -124,17 +124,11 @@ def main() -> int:
     ap.add_argument("--editor", default="pnp")
     ap.add_argument("--full-size", action="store_true", help="SD 2.1-base widths (random weights)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: as the command picks it (float16 on CUDA)")
     ap.add_argument("--json", help="write the figures as JSON")
     args = ap.parse_args()
 
-    pipe = TokenFlowPipeline.from_tiny(seed=0, device=args.device, full_size=args.full_size)
-    if args.dtype != "auto" or pipe.device.type == "cuda":
-        from tokenflow.models import resolve_dtype
-
-        dtype = resolve_dtype(args.dtype, pipe.device)
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.to(dtype)
+    pipe = TokenFlowPipeline.from_tiny(seed=0, device=args.device, full_size=args.full_size, dtype=args.dtype)
     probe = Probe(pipe)
     config = EditConfig(prompt="a robot", editor=args.editor, steps=args.steps, inversion_steps=args.inversion_steps,
                         batch_size=args.batch_size, height=args.height, width=args.width)

@@ -71,9 +71,7 @@ def main() -> None:
                         width=args.width, batch_size=args.batch_size)
     results, seconds = {}, {}
     for dtype in ("float32", args.dtype):
-        pipe = TokenFlowPipeline.from_tiny(seed=0, full_size=args.full_size)
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.to(getattr(torch, dtype))
+        pipe = TokenFlowPipeline.from_tiny(seed=0, full_size=args.full_size, dtype=dtype)
         started = time.perf_counter()
         results[dtype] = pipe.edit(frames, config=config, use_cache=False, progress=False).uint8().astype(int)
         seconds[dtype] = time.perf_counter() - started

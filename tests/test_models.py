@@ -114,6 +114,32 @@ def test_safetensors_are_read_in_pieces_into_the_target_dtype(tmp_path, monkeypa
         weights.read_safetensors(path, torch.bfloat16)
 
 
+def test_lean_loading_leaves_what_it_cannot_read_to_diffusers(tmp_path, tiny_model_dir):
+    import shutil
+
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    from tokenflow.weights import fill_lean, lean_skeleton
+
+    folder = tmp_path / "vae"
+    shutil.copytree(os.path.join(tiny_model_dir, "vae"), folder)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    cls = diffusers.AutoencoderKL
+    assert lean_skeleton(cls, str(folder), torch.float32) is None  # float32 into float32: memory-mapped
+    skeleton = lean_skeleton(cls, str(folder), torch.bfloat16)
+    assert skeleton is not None and all(p.is_meta for p in skeleton.parameters())
+    fill_lean(skeleton)
+    assert not any(t.is_meta for t in skeleton.state_dict().values())
+    assert {p.dtype for p in skeleton.parameters()} == {torch.bfloat16}
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    save_file({**tensors, first: tensors[first].to(torch.float8_e4m3fn)}, str(path))
+    assert lean_skeleton(cls, str(folder), torch.bfloat16) is None  # float8: not read here
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(path))
+    assert lean_skeleton(cls, str(folder), torch.bfloat16) is None  # already bfloat16: memory-mapped
+
+
 def test_loading_into_another_dtype_reads_the_weights_tensor_by_tensor(tmp_path, tiny_model_dir, monkeypatch):
     import shutil
 

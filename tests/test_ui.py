@@ -240,7 +240,10 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, "ui.png"), full_page=True)
     # two prompts, one per line: one run, one video each in the page
-    page.locator("#prompt textarea").first.fill("a shiny silver robotic wolf\na marble statue of a wolf")
+    box = page.locator("#prompt textarea").first
+    box.press("End")
+    box.press("Enter")  # a visitor types the second prompt on a new line
+    box.press_sequentially("a marble statue of a wolf")
     page.click("#run")
     page.wait_for_selector("#status:has-text('Edited 6 frames at 112x64 for 2 prompts in one run')",
                            timeout=180_000)

@@ -38,9 +38,22 @@ MODES = ("plain", "keyframe", "extended", "propagate")
 
 def host_empty(shape, dtype: torch.dtype, source: torch.device) -> torch.Tensor:
     """A CPU tensor for copies from ``source``: page-locked (pinned) when that is a CUDA GPU, so that
-    the copies both ways run asynchronously. A copy into it with ``non_blocking`` must be waited
-    for (``wait_for_host_copies``) before the host reads it."""
-    return torch.empty(shape, dtype=dtype, pin_memory=torch.device(source).type == "cuda")
+    the copies both ways run asynchronously; ordinary memory where pinning fails. A copy into it with
+    ``non_blocking`` must be waited for (``wait_for_host_copies``) before the host reads it."""
+    if torch.device(source).type == "cuda":
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # no page-locked memory left: the copies block instead
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
+def release_host_cache() -> None:
+    """Give the pinned blocks PyTorch keeps for reuse back to the system (after an edit: the caches'
+    pinned memory is not held for the life of the process)."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
 
 
 def wait_for_host_copies(device: torch.device) -> None:
@@ -57,7 +70,7 @@ def rows_to(cache: torch.Tensor, dim: int, rows: torch.Tensor, device: torch.dev
         return cache.index_select(dim, rows).to(device)
     shape = list(cache.shape)
     shape[dim] = len(rows)
-    staged = torch.empty(shape, dtype=cache.dtype, pin_memory=True)
+    staged = host_empty(shape, cache.dtype, device)
     torch.index_select(cache, dim, rows, out=staged)
     return staged.to(device, non_blocking=True)
 
@@ -162,12 +175,16 @@ class TokenFlowAttnProcessor:
                 outputs=self._keep(out.reshape(n_branches, n_frames, n_tokens, -1)))
         return self._finish(attn, out, residual)
 
+    def _cache_empty(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """An empty cache tensor: on ``like``'s device, or on the host when the caches are offloaded."""
+        device = self.state.cache_device
+        if device is None or torch.device(device) == like.device:
+            return like.new_empty(shape)
+        return host_empty(shape, like.dtype, like.device)
+
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """A copy for the cache (never a view of the UNet batch), on the cache device."""
-        device = self.state.cache_device
-        if device is None or torch.device(device) == x.device:
-            return x.clone()
-        return host_empty(x.shape, x.dtype, x.device).copy_(x, non_blocking=x.is_cuda)  # pinned: async
+        return self._cache_empty(x.shape, x).copy_(x, non_blocking=x.is_cuda)  # from a GPU to pinned: async
 
     def _keyframe_branch(self, attn, hidden_states: torch.Tensor, branch: int) -> torch.Tensor:
         """Split keyframe pass: this call holds one branch's K keyframes (the source first)."""
@@ -194,9 +211,7 @@ class TokenFlowAttnProcessor:
             out = self._attend(attn, query, key, value, n_tokens, n_frames, kv_frames)
         out = attn.to_out[1](attn.to_out[0](out))
         if cache.outputs is None:
-            shape = (state.n_branches, n_frames, n_tokens, out.shape[-1])
-            cache.outputs = (out.new_empty(shape) if state.cache_device is None or torch.device(state.cache_device)
-                             == out.device else host_empty(shape, out.dtype, out.device))
+            cache.outputs = self._cache_empty((state.n_branches, n_frames, n_tokens, out.shape[-1]), out)
         cache.outputs[branch].copy_(out.reshape(n_frames, n_tokens, -1), non_blocking=out.is_cuda)
         if branch == state.n_branches - 1:
             cache.query = cache.key = None

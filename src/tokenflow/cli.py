@@ -282,7 +282,8 @@ def _load_pipeline(run: dict[str, Any]):
         from .models import resolve_device
 
         return apply_runtime_options(TokenFlowPipeline.from_tiny(seed=0, device=str(resolve_device(
-            run.get("device") or "auto")), dtype=run.get("dtype") or "float32"), run)
+            run.get("device") or "auto")), dtype=run.get("dtype") if run.get("dtype") not in (None, "auto")
+            else "float32"), run)
     loras = run.get("lora") or []
     pipe = TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
                                              dtype=run.get("dtype") or "auto", model_config=run.get("model_config"),

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .attention import TokenFlowAttnProcessor, TokenFlowState
+from .attention import TokenFlowAttnProcessor, TokenFlowState, release_host_cache
 
 _SELF_ATTN = re.compile(r"^(.*\.transformer_blocks\.\d+\.attn1)\.processor$")
 _DECODER = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.")
@@ -103,3 +103,5 @@ def tokenflow_hooks(unet: torch.nn.Module, state: TokenFlowState,
         unet.set_attn_processor(original)
         state.cache.clear()
         state.features = None
+        if state.cache_device is not None:
+            release_host_cache()

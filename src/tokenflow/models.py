@@ -68,9 +68,10 @@ def cpu_has_native_bf16() -> bool:
 
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
-        check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
-        try:
-            return bool(check and check())
+        cpu = getattr(torch, "cpu", None)
+        check, enable = getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_init_amx", None)
+        try:  # the CPU has AMX, and the kernel lets this process use it
+            return bool(check and check() and (enable is None or enable()))
         except Exception:  # a torch build without the probe
             return False
     if machine in ("aarch64", "arm64"):
@@ -296,7 +297,8 @@ def _lean_skeletons(cls, model: str, dtype: torch.dtype, kwargs: dict[str, Any],
     folder = model
     if not os.path.isdir(model):
         try:  # the hub snapshot from_pretrained would use; downloaded here, once
-            folder = cls.download(model, **kwargs, **extra)
+            skip = {k: None for k in _no_safety_checker(cls) if k in ("safety_checker", "feature_extractor")}
+            folder = cls.download(model, **kwargs, **extra, **skip)  # without what from_pretrained skips
         except Exception:
             return {}  # from_pretrained reports the problem
     return lean_skeletons(str(folder), dtype, extra.get("variant"))
@@ -431,9 +433,15 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, *, mod
     for name, m in c.modules.items():
         if isinstance(m, torch.nn.Module):
             m.to(device).eval().requires_grad_(False)
-    if dtype == torch.float16 and getattr(c.vae.config, "force_upcast", False):
-        c.vae.to(torch.float32)  # SDXL's VAE overflows in float16
+    upcast_vae(c.vae, dtype)
     return c
+
+
+def upcast_vae(vae, dtype: torch.dtype) -> None:
+    """Keep a VAE whose config asks for it (``force_upcast``: SDXL's overflows in float16) in float32
+    when the model runs in float16, as diffusers' pipelines do."""
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        torch.nn.Module.to(vae, torch.float32)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

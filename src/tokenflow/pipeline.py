@@ -46,7 +46,7 @@ from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, mis
 from .keyframes import ScheduledKeyframes, make_sampler
 from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl, free_memory,
                      is_out_of_memory, load_components, module_identity, path_identity, resolve_device,
-                     resolve_dtype, short_error)
+                     resolve_dtype, short_error, upcast_vae)
 from .video import Selection, Video, fit_frames, read_video, to_tensor, working_size
 
 logger = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ class TokenFlowPipeline:
         dt = resolve_dtype(dtype, dev)
         for m in (c.unet, c.vae, c.text_encoder):
             torch.nn.Module.to(m, device=dev, dtype=dt)  # not diffusers' .to, which warns about any dtype
+        upcast_vae(c.vae, dt)
         return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
 
     @property

@@ -111,13 +111,6 @@ class EditorSession:
                                  f"{self.limits.max_upload_mb:.0f} MB")
         return path
 
-    def _prompts(self, text: Optional[str]) -> list[str]:
-        prompts = split_prompts(text)
-        if len(prompts) > self.limits.max_prompts:
-            raise TokenFlowError(f"{len(prompts)} prompts: this page edits at most {self.limits.max_prompts} "
-                                 f"in one run (one per line)")
-        return prompts
-
     def _config(self, path: str, prompt: str, random_seed: bool, settings: dict[str, Any]) -> EditConfig:
         from .inversion import choose_inversion_steps
 
@@ -152,9 +145,21 @@ class EditorSession:
         if max(h, w) > self.limits.max_side:
             raise TokenFlowError(f"size {w}x{h}: this page edits at most {self.limits.max_side} pixels a side")
 
-    def _edit(self, path: str, config: EditConfig, progress: Optional[ProgressFn],
-              prompts: Optional[list[str]] = None):
-        """One job at a time per model: a second visitor waits here, never shares the UNet mid-edit."""
+    def _prepare(self, video: Optional[str], prompt: str, random_seed: bool,
+                 settings: dict[str, Any]) -> tuple[str, list[str], EditConfig]:
+        """The upload, the prompt box's prompts and the settings, checked: (path, prompts, config)."""
+        path = self.check_upload(video)
+        prompts = split_prompts(prompt)
+        if len(prompts) > self.limits.max_prompts:
+            raise TokenFlowError(f"{len(prompts)} prompts: this page edits at most {self.limits.max_prompts} "
+                                 f"in one run (one per line)")
+        config = self._config(path, prompts[0] if prompts else "", random_seed, settings)
+        self._check_size(path, config)
+        return path, prompts, config
+
+    def _edit(self, path: str, config: EditConfig, progress: Optional[ProgressFn], prompts: list[str]) -> list:
+        """Every prompt's result, from one run. One job at a time per model: a second visitor waits
+        here, never shares the UNet mid-edit."""
         with self.lock:
             self.stop_event.clear()
             report = _progress_adapter(progress)
@@ -166,8 +171,10 @@ class EditorSession:
                     report(stage, step, total)
 
             try:
-                return self.pipe.edit(path, config=config, cache_dir=self.cache_dir, progress=False,
-                                      callback=callback, prompts=prompts)
+                several = prompts if len(prompts) > 1 else None
+                results = self.pipe.edit(path, config=config, cache_dir=self.cache_dir, progress=False,
+                                         callback=callback, prompts=several)
+                return results if several else [results]
             finally:
                 self.stop_event.clear()
 
@@ -179,12 +186,8 @@ class EditorSession:
         from .video import write_video
 
         started = time.perf_counter()
-        path = self.check_upload(video)
-        prompts = self._prompts(prompt)
-        config = self._config(path, prompts[0] if prompts else "", random_seed, settings)
-        self._check_size(path, config)
-        results = self._edit(path, config, progress, prompts if len(prompts) > 1 else None)
-        results = results if isinstance(results, list) else [results]
+        path, prompts, config = self._prepare(video, prompt, random_seed, settings)
+        results = self._edit(path, config, progress, prompts)
         stem = f"tokenflow-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16 ** 6):06x}"
         videos, yamls = [], []
         for i, result in enumerate(results, 1):
@@ -213,15 +216,11 @@ class EditorSession:
         from .video import probe_video
 
         started = time.perf_counter()
-        path = self.check_upload(video)
-        prompts = self._prompts(prompt)
-        config = self._config(path, prompts[0] if prompts else "", False, settings)
-        self._check_size(path, config)
+        path, prompts, config = self._prepare(video, prompt, False, settings)
         n = expected_frames(probe_video(path), config) or 1
         middle = config.start_frame + (n // 2) * config.frame_stride
         one = config.replace(max_frames=1, start_frame=middle, start_time=None, frame_stride=1)
-        results = self._edit(path, one, progress, prompts if len(prompts) > 1 else None)
-        results = results if isinstance(results, list) else [results]
+        results = self._edit(path, one, progress, prompts)
         out = os.path.join(self.output_dir, f"preview-{time.strftime('%H%M%S')}-{random.randrange(16 ** 6):06x}.png")
         Image.fromarray(np.concatenate([r.uint8()[0] for r in results], axis=1)).save(out)
         _, _, fh, fw = results[0].frames.shape
@@ -268,7 +267,7 @@ def build_app(session: EditorSession):
                 video_in = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
                 demo_btn = gr.Button("Use the demo clip", elem_id="demo-clip", size="sm")
                 prompt = gr.Textbox(label="Prompt", placeholder="a marble statue of a woman running",
-                                    elem_id="prompt", lines=1, max_lines=session.limits.max_prompts,
+                                    elem_id="prompt", lines=2, max_lines=session.limits.max_prompts,
                                     info=f"Several prompts, one per line (at most {session.limits.max_prompts}), "
                                          "are edited together in one run, faster than one by one.")
                 with gr.Row():

@@ -107,11 +107,14 @@ def lean_skeleton(cls, folder: str, dtype: torch.dtype, variant: Optional[str] =
         return None
     header, _ = safetensors_header(path)
     stored = {SAFETENSORS_DTYPES.get(i["dtype"]) for i in header.values()}
-    if stored <= {dtype} or not any(d is not None and d.is_floating_point for d in stored):
-        return None  # same dtype: diffusers keeps the weights memory-mapped, which costs nothing
+    floats = {d for d in stored if d is not None and d.is_floating_point}
+    if None in stored or floats <= {dtype}:
+        return None  # the floats in the target dtype already: diffusers keeps them memory-mapped, which
+        # costs nothing; a dtype not read here (float8, ...): diffusers' job
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(folder))
-    if set(header) != set(model.state_dict()) or any(not b.is_meta for b in model.buffers()):
+    state = set(model.state_dict())
+    if set(header) != state or any(name not in state for name, _ in model.named_buffers()):
         return None  # other key names (a legacy layout), or buffers the file does not hold: diffusers' job
     model._tokenflow_lean = (path, dtype)
     model.register_to_config(_name_or_path=folder)
@@ -122,6 +125,9 @@ def fill_lean(model) -> None:
     """Read the weights of a :func:`lean_skeleton` model, tensor by tensor, into its dtype."""
     path, dtype = model.__dict__.pop("_tokenflow_lean")
     model.load_state_dict(read_safetensors(path, dtype), strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{os.path.basename(path)} left {left[0]} unset")
     model.eval()
 
 
