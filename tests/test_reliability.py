@@ -586,10 +586,17 @@ def test_out_of_memory_in_the_vae_halves_its_batch(tiny_pipe, clip, monkeypatch)
 
 
 # --------------------------------------------------------------------------- interrupted runs
+def _as_in_a_terminal():
+    """Ctrl-C reaches the run as it does from a terminal: a suite started in the background
+    (``pytest &`` in a script) has SIGINT ignored, and a child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "tokenflow", *map(str, argv)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_in_a_terminal)
 
 
 def wait_for(pattern: str, proc, timeout: float = 1200) -> None:
