@@ -83,7 +83,7 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
         if offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
             wait_for_host_copies(memory.device)
         offset = group.exchange_boundaries(state.cache, plan, propagation)
-        if propagation == "paper" and getattr(memory, "reuse_keyframe_outputs", True) and noise is not None:
+        if propagation == "paper" and memory.reuse_keyframe_outputs and noise is not None:
             # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own
             # tokens (its nearest neighbours in itself), so its propagation pass recomputes, layer by
             # layer, the keyframe pass's prediction: take that instead of a second UNet call. (Only
@@ -181,10 +181,9 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
         state.blend = not bool((weights == 1).all())
         state.slots, state.weights = slots.to(device), weights.to(device)
     local = slice(frames.start - first, frames.stop - first)
-    n_branches = 1 + 2 * len(x)
     if len(index):
         computed = unet(x[:, index - first], source[index - first], t, frames=index)
-        computed = computed.reshape(n_branches, len(index), *computed.shape[1:])  # (B, F', C, h, w)
+        computed = computed.reshape(state.n_branches, len(index), *computed.shape[1:])  # (B, F', C, h, w)
     if len(index) == len(all_frames):
         noise = computed
     else:  # the batch in frame order: computed rows and kept keyframe predictions

@@ -658,12 +658,12 @@ class TokenFlowPipeline:
         if prompts is not None:
             if isinstance(prompts, str) or not len(prompts) or prompt is not None:
                 raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
-            prompt_list = [config.replace(prompt=p).validate().prompt for p in prompts]
-            config = config.replace(prompt=prompt_list[0])
+            prompt = prompts[0]
         if prompt is not None:
             config = config.replace(prompt=prompt)
         config.validate()
-        prompt_list = prompt_list if prompts is not None else [config.prompt]
+        prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
+                                                                for p in prompts]
         if output_type not in OUTPUT_TYPES:
             raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if generator is not None and generator.device.type != "cpu":
