@@ -262,7 +262,9 @@ def test_torchrun_edit_with_bad_input_is_one_line_on_every_rank(tmp_path):
     proc = _torchrun(tmp_path, "edit", tmp_path / "missing.mp4", "-p", "x", "--model", "tiny", "-q")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("tokenflow: error:")]
-    assert len(lines) == 2 and "missing.mp4" in lines[0]  # each rank: the same one line
+    # each rank that gets to report says the same one line (torchrun stops the other rank once the
+    # first exits, so a slower rank may be ended before it reports: then it says nothing else)
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1 and "missing.mp4" in lines[0], proc.stderr[-2000:]
     assert "exitcode: 2" in proc.stderr  # as torchrun reports the ranks' exits (its own traceback follows)
     assert "tokenflow/" not in proc.stderr  # no traceback through our code
 
