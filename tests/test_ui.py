@@ -197,7 +197,10 @@ def _upload(page, path):
 
 
 def _fill(page, elem_id, value):
-    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+    """Type a value and leave the field, as a visitor does: the page takes the value on leaving it."""
+    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    field.fill(str(value))
+    field.press("Tab")
 
 
 def _open_settings(page):
@@ -224,7 +227,9 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
         _fill(page, elem_id, value)
     # a one-frame preview first
     page.click("#preview")
-    page.wait_for_selector("#status:has-text('Preview of frame 3 at 112x64')", timeout=180_000)
+    status = page.wait_for_selector("#status:has-text('Preview of frame'), #status:has-text('Error:')",
+                                    timeout=180_000)
+    assert "Preview of frame 3 at 112x64" in status.inner_text(), status.inner_text()
     page.wait_for_selector("#preview-image img", timeout=30_000)
     page.click("#run")
     page.wait_for_selector("#output-video video", timeout=180_000)
