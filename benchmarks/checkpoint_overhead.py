@@ -21,7 +21,7 @@ import time
 import torch
 
 from tokenflow import EditConfig, TokenFlowPipeline
-from tokenflow import checkpoints, pipeline
+from tokenflow import checkpoints
 
 
 def main() -> int:
@@ -65,7 +65,7 @@ def main() -> int:
                "checkpoint_mb": round(max(sizes or [0]) / 2 ** 20, 3),
                "overhead_share": round(sum(saves) / editing, 4),
                "device": str(pipe.device), "threads": torch.get_num_threads(),
-               "interval_limit": pipeline._EditCheckpoints.OVERHEAD}
+               "interval_limit": checkpoints.EditCheckpoints.OVERHEAD}
     for k, v in figures.items():
         print(f"{k:>26}: {v}")
     if args.json:

@@ -88,6 +88,8 @@ class TokenFlowState:
     """Everything the processors and hooks read; set by the editing loop, never by a module."""
 
     n_branches: int = 3
+    n_source_branches: int = 1  # the first branches describe the source: per-frame attention in the keyframe pass
+    text_tokens: Optional[int] = None  # joint attention (MM-DiT): text tokens per frame in a single-stream block
     mode: str = "plain"
     qk_injection: bool = False  # Plug-and-Play Q/K injection in this step
     feature_injection: bool = False  # Plug-and-Play residual-feature injection in this step

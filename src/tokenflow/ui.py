@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .config import EDITORS, OFFICIAL_NEGATIVE_PROMPT, PROPAGATIONS, EditConfig, save_settings
+from .config import EDITORS, OFFICIAL_NEGATIVE_PROMPT, UNET_EDITORS, PROPAGATIONS, EditConfig, save_settings
 from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class EditorSession:
         """The editors this model can run: ControlNet only where a default ControlNet exists."""
         from .conditioning import model_family
 
-        return [e for e in EDITORS if e != "controlnet" or model_family(self.pipe.unet) is not None]
+        return [e for e in EDITORS if e in UNET_EDITORS and (e != "controlnet" or model_family(self.pipe.unet) is not None)]
 
     def request_stop(self) -> None:
         """Stop the running job at its next step (it ends cleanly, the queue moves on)."""

@@ -1,0 +1,472 @@
+"""TokenFlow on rectified-flow transformers (SD3 / SD3.5, FLUX.1) with FlowEdit or SDEdit.
+
+FlowEdit (Kulikov et al., 2024) edits without inversion. With ``x_src`` the clean source latents and
+``y = z_edit - x_src`` the edit so far (0 at the start), each of the last ``n_max`` steps ``i``:
+
+1. noise ``eps`` (one draw, shared by every frame: the source is noised alike across the video);
+   ``z_src = (1 - sigma_i) x_src + sigma_i eps``, ``z_tar = z_src + y``;
+2. keyframes, then the TokenFlow step (:func:`tokenflow.editing.denoise_step`) on the branches
+   ``[source..., target...]``: the source branches (``z_src`` with the source prompt, which is
+   ``--inversion-prompt``; SD3 adds its unconditional branch) give the tokens for the
+   correspondences; the target branches (``z_tar`` with each prompt) are edited;
+3. ``y += (sigma_{i+1} - sigma_i) (v_tar - v_src)``, with classifier-free guidance on each side for
+   SD3 and the guidance embedding for FLUX.1-dev (averaged over ``n_avg`` draws).
+
+The last ``n_min`` steps sample the target plainly from ``z_tar`` (one more noise draw at the switch);
+SDEdit is that from its start (``--sdedit-start``). The result is ``x_src + y`` (or the sampled
+target), decoded. A one-frame video, its own keyframe, is FlowEdit's image edit exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import TokenFlowState
+from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
+from .conditioning import PromptEmbeds
+from .config import FLOW_EDITORS, EditConfig
+from .correspondence import POLICIES
+from .distributed import Group
+from .editing import denoise_step
+from .errors import TokenFlowError
+from .families.base import FlowFamily
+from .inputs import VideoInput, VideoInputs
+from .joint_attention import joint_tokenflow_hooks
+from .keyframes import ScheduledKeyframes, make_sampler
+from .models import module_identity, resolve_device, resolve_dtype
+from .pipeline import OUTPUT_TYPES, EditResult, ProgressCallback, _convert_frames, _Timer
+
+logger = logging.getLogger(__name__)
+
+
+class _Generators:
+    """The keyframe sampler's and the noise's generator states as one (what a checkpoint keeps)."""
+
+    def __init__(self, sampler, noise: torch.Generator):
+        self.sampler, self.noise = sampler, noise
+
+    def get_state(self) -> torch.Tensor:
+        parts = [self.noise.get_state()]
+        if hasattr(self.sampler, "get_state"):
+            parts.append(self.sampler.get_state())
+        return torch.cat(parts)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        n = len(self.noise.get_state())
+        self.noise.set_state(state[:n].clone())
+        if hasattr(self.sampler, "set_state"):
+            self.sampler.set_state(state[n:].clone())
+
+
+class FlowPipeline(VideoInputs):
+    """TokenFlow on an SD3 or FLUX.1 model: the family (:mod:`tokenflow.families`) owns the network."""
+
+    size_multiple = 16
+
+    def __init__(self, family: FlowFamily, model_id: Optional[str] = None):
+        self.family = family
+        self.model_id = model_id or module_identity(family.transformer, family.vae)
+        sample = getattr(family.transformer.config, "sample_size", 64) or 64
+        self.native_side = max(512, int(sample) * 8)
+        self.layers = family.attention_layers()
+        self._device = family.transformer.device
+        # memory settings read by the editing loop (see editing.MemorySettings)
+        self.reuse_keyframe_outputs = True
+        self.split_keyframe_pass: Optional[bool] = None
+        self.propagation_chunk: Optional[int] = None
+        self.offload_cache: Optional[bool] = None
+        self.offload = False
+        self.vae_batch_size = 8
+        self.group = Group()
+        self._prompts: dict[str, PromptEmbeds] = {}
+        self._released = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str, device: str = "auto", dtype: Union[str, torch.dtype] = "auto", *,
+                        family: Optional[str] = None, loras: Sequence[str] = (), model_config: Optional[str] = None,
+                        variant: Optional[str] = None, revision: Optional[str] = None, **_: Any) -> "FlowPipeline":
+        """SD3/SD3.5 or FLUX.1 from a hub id, a local diffusers folder or a single checkpoint file
+        (``model_config``: the diffusers folder or id its configs come from), LoRAs fused in."""
+        from .families import detect_family
+        from .models import apply_loras, hub_kwargs, short_error
+
+        family = family or detect_family(model)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        cls_ = _pipeline_class(family)
+        try:
+            if os.path.isfile(model):
+                kwargs = {"config": model_config} if model_config else {}
+                pipe = cls_.from_single_file(model, torch_dtype=dt, **kwargs)
+            else:
+                extra = {k: v for k, v in (("variant", variant), ("revision", revision)) if v}
+                pipe = cls_.from_pretrained(model, torch_dtype=dt, **extra, **hub_kwargs(model, "model"))
+        except TokenFlowError:
+            raise
+        except Exception as e:
+            raise TokenFlowError(f"cannot load {family} model '{model}': {short_error(e)}") from None
+        if loras:
+            apply_loras(pipe, list(loras))
+        pipe.to(dev)
+        model_id = f"hub:{model}" if not os.path.exists(model) else None
+        return cls(_family(family, pipe), model_id)
+
+    @classmethod
+    def from_tiny(cls, kind: str, seed: int = 0, device: str = "cpu",
+                  dtype: Union[str, torch.dtype] = "float32") -> "FlowPipeline":
+        """A tiny random SD3 (``sd3``) or FLUX.1 (``flux``) built in code: noise out, machinery real."""
+        from .tiny_flow import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(kind, seed)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                torch.nn.Module.to(module, device=dev, dtype=dt)
+        return cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.family.dtype
+
+    def default_config(self, **changes: Any) -> EditConfig:
+        """The edit settings this family starts from: FlowEdit with its published defaults."""
+        d = self.family.defaults
+        return EditConfig(editor="flowedit", steps=d.steps, guidance_scale=d.guidance_scale, negative_prompt="",
+                          source_guidance_scale=d.source_guidance_scale, n_max=d.n_max).replace(**changes)
+
+    # ------------------------------------------------------------------ options (the UNet pipeline's names)
+    def enable_offload(self) -> "FlowPipeline":
+        self.offload = True
+        return self
+
+    def enable_vae_slicing(self) -> "FlowPipeline":
+        self.vae_batch_size = 1
+        return self
+
+    def enable_vae_tiling(self) -> "FlowPipeline":
+        self.family.vae.enable_tiling()
+        return self
+
+    def distribute(self, group: Optional[Group] = None) -> "FlowPipeline":
+        """Split every edit across the ranks of a ``torchrun`` launch (see TokenFlowPipeline.distribute)."""
+        if group is None:
+            from .distributed import init_group
+
+            group = init_group(self.device)
+        self.group = group
+        return self
+
+    def release_text_encoders(self, prompts) -> "FlowPipeline":
+        """Encode these prompts now and free the text encoders (T5-XXL is 9.5 GB in bfloat16)."""
+        for p in dict.fromkeys(prompts):
+            if p is not None:
+                self.prompt_embeds(p)
+        self.family.release_text_encoders()
+        self._released = True
+        return self
+
+    def prompt_embeds(self, prompt: str) -> PromptEmbeds:
+        if prompt not in self._prompts:
+            if self._released:
+                raise TokenFlowError(f"the text encoders were released; prompt {prompt!r} was not encoded before")
+            with self._on_device(*self.family.text_encoders()):
+                self._prompts[prompt] = self.family.encode_prompt(prompt)
+        return self._prompts[prompt]
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module):
+        if not self.offload or self._device.type == "cpu":
+            yield
+            return
+        for m in modules:
+            m.to(self._device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ the edit
+    def _check(self, config: EditConfig, prompt_list: list[str]) -> None:
+        if config.editor not in FLOW_EDITORS:
+            raise TokenFlowError(f"editor {config.editor} is for the UNet models; {self.family.name} takes "
+                                 f"{', '.join(FLOW_EDITORS)} (pipe.default_config() has the family's defaults)")
+        if config.control:
+            raise TokenFlowError(f"--control (ControlNet) is for the UNet models, not {self.family.name}")
+        for p in prompt_list:
+            if not p.strip():
+                raise TokenFlowError("no prompt given: the edit needs a prompt that says what the video should show")
+
+    def flow_steps(self, config: EditConfig) -> tuple[int, int]:
+        """(steps run, of which the last sample plainly): FlowEdit's n_max/n_min, SDEdit's start."""
+        if config.editor == "sdedit":
+            run = config.sdedit_steps()
+            return run, run
+        n_max = min(config.n_max if config.n_max is not None else self.family.defaults.n_max, config.steps)
+        return n_max, min(config.n_min, n_max)
+
+    def edit_key(self, frames_key: str, config: EditConfig, prompts: list[str]) -> str:
+        return key_of(kind="flow-edit", frames=frames_key, config=config.to_dict(), prompts=prompts,
+                      model=self.model_id, dtype=str(self.dtype), device=self.device.type,
+                      world=self.group.world_size, rank=self.group.rank)
+
+    @torch.no_grad()
+    def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
+             prompts: Optional[Sequence[str]] = None, progress: bool = True, checkpoint: bool = False,
+             restart: bool = False, cache_dir: Optional[str] = None, callback: Optional[ProgressCallback] = None,
+             generator: Optional[torch.Generator] = None, output_type: str = "pt", return_latents: bool = False,
+             use_cache: bool = True, inversion=None, **overrides: Any) -> Union[EditResult, list[EditResult]]:
+        """Edit a video towards ``prompt`` (or each of ``prompts`` in one run, the source branch shared).
+
+        Settings: ``config`` (default :meth:`default_config`) with keyword ``overrides``. ``generator``
+        draws the per-step noise (default: seeded from ``config.seed``); the keyframes have their own,
+        seeded from ``config.seed``. With ``checkpoint`` the loop is checkpointed under ``cache_dir`` and
+        an interrupted run resumes (unless ``restart``) to the same result. There is no inversion here:
+        ``inversion`` and ``use_cache`` are accepted for the UNet pipeline's signature and unused.
+        """
+        config = (config or self.default_config()).replace(**overrides)
+        if prompts is not None:
+            if isinstance(prompts, str) or not len(prompts) or prompt is not None:
+                raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
+            prompt = prompts[0]
+        if prompt is not None:
+            config = config.replace(prompt=prompt)
+        config.validate()
+        prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
+                                                                for p in prompts]
+        self._check(config, prompt_list)
+        if output_type not in OUTPUT_TYPES:
+            raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        timer = _Timer()
+        with timer("read"):
+            fitted = self.load_video(video, config)
+        frames = fitted.frames
+        n, _, height, width = frames.shape
+        if height % self.size_multiple or width % self.size_multiple:
+            raise TokenFlowError(f"frame size {width}x{height} is not a multiple of {self.size_multiple} "
+                                 f"({self.family.name}: VAE factor 8, patches of 2); give --height/--width")
+        plan = self.group.plan(n, config.batch_size)
+        mine = plan.frames()
+        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
+        n_run, n_sample = self.flow_steps(config)
+        if isinstance(sampler, ScheduledKeyframes):
+            sampler.check(n_run, n, config.batch_size)
+        with timer("encode"), self._on_device(self.family.vae):
+            x_src = self.family.encode(frames[mine.start:mine.stop], self.vae_batch_size)  # (n_r, ...)
+        from .cache import frames_digest
+
+        frames_key = frames_digest(frames)
+        del frames
+        if hasattr(self.family, "set_frame_size"):
+            self.family.set_frame_size(height, width)
+        noise = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+        loop = _FlowLoop(self, config, prompt_list, x_src, plan, sampler, noise, (height, width), n_run, n_sample)
+        saver = None
+        if checkpoint and not return_latents:
+            key = self.edit_key(frames_key, config, prompt_list)
+            saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key),
+                                    _Generators(sampler, noise), self.group, extra=loop.extra_state)
+            if not restart:
+                loop.restore(saver)
+        with timer("editing"), self._on_device(self.family.transformer):
+            latents = loop.run(progress, callback, saver, return_latents)
+        with timer("decode"), self._on_device(self.family.vae):
+            edited = [self.family.decode(x_p, height, width, self.vae_batch_size) for x_p in latents]
+        if self.group.distributed:
+            counts = plan.frame_counts()
+            edited = [self.group.gather_rows(e, counts) for e in edited]
+        results = []
+        for p, frames_p in enumerate(edited):
+            if output_type != "pt" and frames_p is not None:
+                frames_p = _convert_frames(frames_p, output_type)
+            results.append(EditResult(frames_p, fitted.fps, config.replace(prompt=prompt_list[p]), loop.timesteps,
+                                      loop.keyframe_log, None, loop.trace(p), timer.seconds, fitted.audio_source,
+                                      fitted.audio_start, loop.first, fitted.source_size,
+                                      saver.handle() if saver else None))
+        return results if prompts is not None else results[0]
+
+    def working_size(self, source_hw: tuple[int, int], config: EditConfig) -> tuple[int, int]:
+        """As the UNet pipeline's, with sides that are multiples of 16 (VAE 8 x patch 2)."""
+        from .video import working_size
+
+        h, w = working_size(source_hw, config.height, config.width, self.native_side ** 2)
+        for name, given, value in (("height", config.height, h), ("width", config.width, w)):
+            if given is not None and given % self.size_multiple:
+                raise TokenFlowError(f"{name} must be a multiple of {self.size_multiple} for {self.family.name} "
+                                     f"(VAE factor 8, patches of 2), got {given}")
+        return max(16, round(h / 16) * 16), max(16, round(w / 16) * 16)
+
+
+class _FlowLoop:
+    """The sampling loop of one flow edit: branches, noise, the update, checkpoints."""
+
+    def __init__(self, pipe: FlowPipeline, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan,
+                 sampler, noise: torch.Generator, size: tuple[int, int], n_run: int, n_sample: int):
+        self.pipe, self.family, self.config, self.prompts = pipe, pipe.family, config, prompts
+        self.x_src, self.plan, self.sampler, self.noise = x_src, plan, sampler, noise
+        self.n_run, self.n_sample = n_run, n_sample
+        self.latent_shape = self.family.latent_shape(*size)
+        timesteps, self.sigmas = self.family.schedule(config.steps, self.latent_shape)
+        self.all_timesteps = timesteps
+        self.first_index = config.steps - n_run  # FlowEdit skips steps with T - i > n_max
+        self.timesteps = [float(t) for t in timesteps[self.first_index:]]
+        self.sample_from = config.steps - n_sample  # steps from here on sample plainly
+        self.y = torch.zeros((len(prompts), *x_src.shape))  # (P, n_r, ...): the edit so far (or the target)
+        self.sample_noise: Optional[torch.Tensor] = None  # the draw that started plain sampling
+        self.keyframe_log: list[list[int]] = []
+        self.first = 0
+        self.trail: Optional[list[torch.Tensor]] = None
+        self._text_rows()
+
+    def _text_rows(self) -> None:
+        """Branch texts: SD3 ``[source, negative, (negative, prompt_p)...]`` (classifier-free guidance on
+        both sides), FLUX ``[source, prompt_p...]`` with the guidance embedding's values."""
+        pipe, cfg, config = self.pipe, self.family.uses_cfg, self.config
+        source, negative = pipe.prompt_embeds(config.inversion_prompt), pipe.prompt_embeds(config.negative_prompt)
+        source_gs = config.source_guidance_scale
+        if source_gs is None:
+            source_gs = self.family.defaults.source_guidance_scale
+        if cfg:
+            rows = [source, negative, *(e for p in self.prompts for e in (negative, pipe.prompt_embeds(p)))]
+            self.n_source, guidance = 2, None
+        else:
+            rows = [source, *(pipe.prompt_embeds(p) for p in self.prompts)]
+            self.n_source = 1
+            guidance = torch.tensor([source_gs] + [config.guidance_scale] * len(self.prompts), dtype=torch.float32)
+        self.text, self.guidance, self.source_gs = PromptEmbeds.cat(rows), guidance, source_gs
+        self.n_branches = len(rows)
+
+    # ------------------------------------------------------------------ one step
+    def model(self, mode: str):
+        """The network on a batch of branches (see editing.UNetCall): source branches at ``source``
+        (z_src), target branches at x + z_src (FlowEdit) or x (plain sampling)."""
+        family, state = self.family, self.state
+
+        def call(x, source, t, branches=None, frames=None):
+            branches = tuple(range(self.n_branches)) if branches is None else branches
+            n = x.shape[1]
+            inputs = [source if b < self.n_source else
+                      x[self.prompt_of(b)] + source if mode == "delta" else x[self.prompt_of(b)] for b in branches]
+            rows = [b for b in branches for _ in range(n)]
+            text = self.text.rows(rows)
+            state.text_tokens = family.text_tokens(text)
+            guidance = None if self.guidance is None else self.guidance[rows]
+            return family.velocity(torch.cat(inputs), t, text, guidance)
+
+        return call
+
+    def prompt_of(self, branch: int) -> int:
+        """The prompt a target branch edits towards."""
+        return (branch - self.n_source) // (2 if self.family.uses_cfg else 1)
+
+    def update(self, mode: str, dt: float):
+        cfg, g_src, g_tar, n_src = self.family.uses_cfg, self.source_gs, self.config.guidance_scale, self.n_source
+
+        def step(v, x, frames):  # v: per branch (F, ...); x: (P, F, ...)
+            v_src = v[1] + g_src * (v[0] - v[1]) if cfg else v[0]
+            out = []
+            for p in range(len(x)):
+                v_tar = v[n_src + 2 * p] + g_tar * (v[n_src + 2 * p + 1] - v[n_src + 2 * p]) if cfg else v[n_src + p]
+                out.append(x[p] + dt * (v_tar - v_src if mode == "delta" else v_tar))
+            return torch.stack(out)
+
+        return step
+
+    def _noised_source(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+        return (1 - sigma) * self.x_src + sigma * eps  # eps (1, ...) broadcast over the frames
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randn((1, *self.latent_shape), generator=self.noise)
+
+    def step(self, i: int, keyframes: torch.Tensor) -> None:
+        config, pipe = self.config, self.pipe
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        t = self.all_timesteps[i]
+        mode = "delta" if i < self.sample_from else "sample"
+        if mode == "sample" and self.sample_noise is None:  # the switch: z_tar = x_src + y noised, sampled on
+            self.sample_noise = self._draw()
+            self.y = self.y + self._noised_source(self.sample_noise, sigma)
+        draws = config.n_avg if mode == "delta" else 1
+        kwargs = dict(keyframes=keyframes, state=self.state, scheduler=None, guidance_scale=0.0,
+                      batch_size=config.batch_size, propagation=config.propagation, qk_injection=False,
+                      feature_injection=False, memory=pipe, plan=self.plan,
+                      group=pipe.group if pipe.group.distributed else None,
+                      update=self.update(mode, sigma_next - sigma), n_branches=self.n_branches)
+        total = None
+        for _ in range(draws):
+            eps = self._draw() if mode == "delta" else self.sample_noise
+            out = denoise_step(self.model(mode), self.y, t, self._noised_source(eps, sigma), **kwargs)
+            total = out if total is None else total + out
+        self.y = total if draws == 1 else total / draws
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, progress: bool, callback, saver, return_latents: bool) -> torch.Tensor:
+        """Every step from the first (or the one resumed at); returns the latents (P, n_r, ...)."""
+        self.state = TokenFlowState(n_branches=self.n_branches, n_source_branches=self.n_source)
+        self.trail = [self.result()] if return_latents else None
+        n, total = self.plan.n_frames, len(self.timesteps)
+        group = self.pipe.group
+        with joint_tokenflow_hooks(self.family.transformer, self.state, self.pipe.layers, self.family.text_first):
+            bar = tqdm(range(self.first, total), desc="Editing", unit="step", initial=self.first, total=total,
+                       disable=not progress or not group.is_main, leave=False)
+            for k in bar:
+                started = time.perf_counter()
+                keyframes = self.sampler(k, n, self.config.batch_size) if self.config.propagation in POLICIES \
+                    else torch.empty(0, dtype=torch.long)
+                self.keyframe_log.append(keyframes.tolist())
+                group.check_same(self.keyframe_log[-1], f"keyframes of step {k + 1}")
+                self.step(self.first_index + k, keyframes)
+                bar.set_postfix_str(f"{n * len(self.y) / (time.perf_counter() - started):.2f} frames/s",
+                                    refresh=False)
+                if saver:
+                    saver.after_step(self.y, self.keyframe_log, total, time.perf_counter() - started)
+                if self.trail is not None:
+                    self.trail.append(self.result())
+                if callback:
+                    callback("editing", k + 1, total)
+        return self.result()
+
+    def result(self) -> torch.Tensor:
+        """The latents now: x_src + y while FlowEdit runs, the sampled target after the switch."""
+        return self.y.clone() if self.sample_noise is not None else self.y + self.x_src
+
+    def trace(self, p: int) -> Optional[list[torch.Tensor]]:
+        return None if self.trail is None else [v[p] for v in self.trail]
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.sample_noise is None else {"sample_noise": self.sample_noise}
+
+    def restore(self, saver: EditCheckpoints) -> None:
+        found = saver.restore(len(self.timesteps))
+        if found is not None:
+            self.y, self.keyframe_log = found
+            self.first = len(self.keyframe_log)
+            self.sample_noise = saver.restored.get("sample_noise")
+
+
+def _pipeline_class(family: str):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+
+
+def _family(name: str, pipe) -> FlowFamily:
+    from .families.flux import FluxFamily
+    from .families.sd3 import SD3Family
+
+    return {"sd3": SD3Family, "flux": FluxFamily}[name](pipe)
