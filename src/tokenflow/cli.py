@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
                      load_config_file, result_settings, settings_path, validate_run)
 from .errors import Interrupted, RankStopped, RunFailed, TokenFlowError
+from .flow import flow_defaults, flow_kind
 
 EXIT_USAGE = 2
 logger = logging.getLogger("tokenflow.cli")
@@ -121,7 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--propagation", help=f"{', '.join(PROPAGATIONS)} (default original: the official code's)")
     edit.add_argument("--keyframes", help=f"keyframe sampler: {', '.join(KEYFRAME_SAMPLERS)} (default random)")
     edit.add_argument("--keyframe-schedule", help="JSON file with the keyframes of every step (default: drawn)")
-    edit.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
+    edit.add_argument("--seed", type=int, help="seed of the keyframe draws (and SD3/FLUX's noise; default 1)")
+    edit.add_argument("--n-max", type=int, help="FlowEdit (SD3/FLUX): run the last N of the steps "
+                                                "(default: the family's, 33 of 50 SD3, 24 of 28 FLUX)")
+    edit.add_argument("--n-min", type=int, help="FlowEdit: of those, sample the last N plainly (default 0)")
+    edit.add_argument("--n-avg", type=int, help="FlowEdit: velocity differences averaged per step (default 1)")
+    edit.add_argument("--source-guidance-scale", type=float,
+                      help="FlowEdit: the source branch's guidance (default 3.5 SD3, 1.5 FLUX); "
+                           "--guidance-scale is the target's (default 13.5 SD3, 5.5 FLUX)")
     edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder (default: none)")
 
     inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
@@ -192,7 +200,8 @@ _ARG_TO_FIELD = {"prompt", "inversion_prompt", "negative_prompt", "editor", "ste
                  "guidance_scale", "pnp_attn_t", "pnp_f_t", "sdedit_start", "batch_size", "propagation",
                  "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps", "control",
                  "fit", "start_frame", "start_time", "frame_stride",
-                 "controlnet", "control_scale", "canny_low", "canny_high", "depth_model"}
+                 "controlnet", "control_scale", "canny_low", "canny_high", "depth_model",
+                 "n_max", "n_min", "n_avg", "source_guidance_scale"}
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, Any]]:
@@ -214,11 +223,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         value = getattr(args, name, None)
         if value is not None:
             run[name] = value
-    try:
-        config = EditConfig(**edit)
+    kind = flow_kind(run.get("model"))
+    try:  # SD3/FLUX start from FlowEdit's published settings
+        config = EditConfig(**({**flow_defaults(kind), **edit} if kind else edit))
     except TypeError as e:
         raise TokenFlowError(f"bad settings: {e}") from None
-    config = with_inversion_steps(config.validate(), "inversion_steps" in edit)
+    config = config.validate() if kind else with_inversion_steps(config.validate(), "inversion_steps" in edit)
     run = validate_run(run)
     device = run.get("device")
     if device and getattr(args, "device", None) is None and device == from_config.get("device") and device != "auto":
@@ -276,6 +286,9 @@ TINY = "tiny"  # --model tiny: the tiny random model built in code (checks the m
 def _load_pipeline(run: dict[str, Any]):
     from .pipeline import TokenFlowPipeline
 
+    kind = flow_kind(run.get("model"))
+    if kind:
+        return apply_runtime_options(_load_flow_pipeline(run, kind), run)
     if run.get("model") == TINY:
         if run.get("lora") or run.get("model_config"):
             raise TokenFlowError("--model tiny takes no --lora or --model-config")
@@ -290,6 +303,22 @@ def _load_pipeline(run: dict[str, Any]):
                                              allow_pickle=bool(run.get("allow_pickle")),
                                              loras=[loras] if isinstance(loras, str) else list(loras))
     return apply_runtime_options(pipe, run)
+
+
+def _load_flow_pipeline(run: dict[str, Any], kind: str):
+    from .flow import TINY_MODELS, FlowPipeline
+    from .models import resolve_device
+
+    model, device = run["model"], run.get("device") or "auto"
+    if model in TINY_MODELS:
+        if run.get("lora") or run.get("model_config"):
+            raise TokenFlowError(f"--model {model} takes no --lora or --model-config")
+        dtype = run.get("dtype") if run.get("dtype") not in (None, "auto") else "float32"
+        return FlowPipeline.from_tiny(kind, seed=0, device=str(resolve_device(device)), dtype=dtype)
+    loras = run.get("lora") or []
+    return FlowPipeline.from_pretrained(model, device=device, dtype=run.get("dtype") or "auto", family=kind,
+                                        model_config=run.get("model_config"),
+                                        loras=[loras] if isinstance(loras, str) else list(loras))
 
 
 def apply_runtime_options(pipe, run: dict[str, Any]):
@@ -379,8 +408,30 @@ def _settings_and_input(args: argparse.Namespace, usage: str):
     device = resolve_device(run.get("device") or "auto")
     resolve_dtype(run.get("dtype") or "auto", device)
     check_local_paths(config, run)
-    _check_steps(config)
+    if flow_kind(run.get("model")):  # no inversion: the rectified-flow pipeline checks its own settings
+        _check_flow(config, run)
+    else:
+        _check_steps(config)
     return config, run, probe_video(run["input"])
+
+
+def _check_flow(config: EditConfig, run: dict[str, Any]) -> None:
+    from .config import FLOW_EDITORS
+
+    if config.editor not in FLOW_EDITORS:
+        raise TokenFlowError(f"editor {config.editor} is for the UNet models; SD3/FLUX take "
+                             f"{', '.join(FLOW_EDITORS)} (default flowedit)")
+    if config.control:
+        raise TokenFlowError("--control (ControlNet) is for the UNet models, not SD3/FLUX")
+    for name in ("height", "width"):
+        value = getattr(config, name)
+        if value is not None and value % 16:
+            raise TokenFlowError(f"{name} must be a multiple of 16 for SD3/FLUX (VAE factor 8, patches of 2), "
+                                 f"got {value}")
+    if config.keyframe_schedule:
+        from .keyframes import ScheduledKeyframes
+
+        ScheduledKeyframes.from_json(config.keyframe_schedule)
 
 
 def _check_steps(config: EditConfig) -> None:
@@ -400,7 +451,7 @@ def _check_schedule_frames(config: EditConfig, info) -> None:
     from .preflight import expected_frames
 
     n = expected_frames(info, config)
-    if not config.keyframe_schedule or not n:
+    if not config.keyframe_schedule or not n or config.editor == "flowedit":  # flow: checked before the work
         return
     import torch
 

@@ -143,9 +143,7 @@ class FlowPipeline(VideoInputs):
 
     def default_config(self, **changes: Any) -> EditConfig:
         """The edit settings this family starts from: FlowEdit with its published defaults."""
-        d = self.family.defaults
-        return EditConfig(editor="flowedit", steps=d.steps, guidance_scale=d.guidance_scale, negative_prompt="",
-                          source_guidance_scale=d.source_guidance_scale, n_max=d.n_max).replace(**changes)
+        return EditConfig(**{**flow_defaults(self.family.name), **changes})
 
     # ------------------------------------------------------------------ options (the UNet pipeline's names)
     def enable_offload(self) -> "FlowPipeline":
@@ -158,6 +156,15 @@ class FlowPipeline(VideoInputs):
 
     def enable_vae_tiling(self) -> "FlowPipeline":
         self.family.vae.enable_tiling()
+        return self
+
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None) -> "FlowPipeline":
+        """``torch.compile`` the transformer's feed-forward blocks in place (attention stays eager)."""
+        from diffusers.models.attention import FeedForward
+
+        for module in self.family.transformer.modules():
+            if isinstance(module, FeedForward):
+                module.compile(backend=backend, mode=mode, dynamic=False)
         return self
 
     def distribute(self, group: Optional[Group] = None) -> "FlowPipeline":
@@ -459,6 +466,42 @@ class _FlowLoop:
             self.sample_noise = saver.restored.get("sample_noise")
 
 
+TINY_MODELS = {"tiny-sd3": "sd3", "tiny-flux": "flux"}  # --model names of the tiny random models built in code
+
+
+def flow_kind(model: Optional[str]) -> Optional[str]:
+    """``sd3``/``flux`` when ``model`` (a --model value) is a rectified-flow model, else None. Cheap: reads
+    at most a ``model_index.json``."""
+    if not model:
+        return None
+    if model in TINY_MODELS:
+        return TINY_MODELS[model]
+    from .families import detect_family
+
+    kind = detect_family(model) if not os.path.isfile(model) else _file_kind(model)
+    return kind if kind in ("sd3", "flux") else None
+
+
+def _file_kind(path: str) -> Optional[str]:
+    name = os.path.basename(path).lower()
+    return "sd3" if "sd3" in name or "stable-diffusion-3" in name else "flux" if "flux" in name else None
+
+
+def flow_defaults(kind: str) -> dict[str, Any]:
+    """The edit settings a family starts from: FlowEdit with its published settings (and FlowEdit's empty
+    negative prompt)."""
+    d = _family_class(kind).defaults
+    return dict(editor="flowedit", steps=d.steps, guidance_scale=d.guidance_scale, negative_prompt="",
+                source_guidance_scale=d.source_guidance_scale, n_max=d.n_max)
+
+
+def _family_class(kind: str):
+    from .families.flux import FluxFamily
+    from .families.sd3 import SD3Family
+
+    return {"sd3": SD3Family, "flux": FluxFamily}[kind]
+
+
 def _pipeline_class(family: str):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -466,7 +509,4 @@ def _pipeline_class(family: str):
 
 
 def _family(name: str, pipe) -> FlowFamily:
-    from .families.flux import FluxFamily
-    from .families.sd3 import SD3Family
-
-    return {"sd3": SD3Family, "flux": FluxFamily}[name](pipe)
+    return _family_class(name)(pipe)

@@ -1,0 +1,237 @@
+"""TokenFlow on the rectified-flow families (SD3, FLUX.1) with FlowEdit and SDEdit, on tiny models.
+
+- a one-frame video equals the official FlowEdit's image edit (recorded by scripts/record_flowedit.sh);
+- every frame a keyframe equals plain extended attention over all frames;
+- the hooks leave the transformer bit-identical;
+- each of several prompts equals its single run; an interrupted run resumes to the same result;
+- 2 and 3 ranks (gloo) equal one process.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokenflow.flow import FlowPipeline
+from tokenflow.video import Video
+
+from conftest import moving_frames, run_cli, write_clip
+
+DATA = Path(__file__).parent / "data" / "flowedit"
+KINDS = ("sd3", "flux")
+BASE = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a wolf", steps=4, n_max=3, height=32, width=48,
+            batch_size=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {kind: FlowPipeline.from_tiny(kind) for kind in KINDS}
+
+
+def _video(n: int) -> torch.Tensor:
+    return torch.from_numpy(moving_frames(n, 32, 48)).permute(0, 3, 1, 2).float() / 255
+
+
+def _edit(pipe: FlowPipeline, n: int = 5, **settings):
+    config = pipe.default_config(**{**BASE, **settings})
+    return pipe.edit(_video(n), config=config, progress=False, return_latents=True)
+
+
+@pytest.mark.parametrize("case", ["sd3", "sd3_avg2", "flux", "flux_nmin"])
+def test_one_frame_equals_the_official_flowedit(case, pipes):
+    ref = np.load(DATA / f"{case}.npz")
+    meta = json.loads((DATA / f"{case}.json").read_text())
+    pipe = pipes[meta["family"]]
+    h, w = ref["frame"].shape[:2]
+    config = pipe.default_config(
+        steps=meta["T_steps"], n_max=meta["n_max"], n_min=meta["n_min"], n_avg=meta["n_avg"],
+        source_guidance_scale=meta["src_guidance_scale"], guidance_scale=meta["tar_guidance_scale"],
+        seed=meta["seed"], inversion_prompt=meta["source_prompt"], prompt=meta["target_prompt"],
+        negative_prompt=meta["negative_prompt"], propagation="paper", height=h, width=w)
+    result = pipe.edit(Video(ref["frame"][None], 10.0), config=config, progress=False, return_latents=True)
+    latents = pipe.family.unpack(result.latents[-1], h, w)
+    assert latents.shape == ref["x_edit"].shape
+    torch.testing.assert_close(latents, torch.from_numpy(ref["x_edit"]), atol=1e-4, rtol=0)
+    assert np.abs(result.uint8()[0].astype(int) - ref["image"].astype(int)).max() <= 1
+    assert len(result.keyframes) == meta["n_max"] and result.keyframes[0] == [0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_frame_a_keyframe_equals_extended_attention(kind, pipes):
+    """Batch size 1: every frame is its own interval's keyframe, the keyframe pass attends across all of
+    them, and every frame's nearest tokens are its own: the same as extended attention over the video."""
+    tokenflow = _edit(pipes[kind], n=3, batch_size=1, propagation="paper")
+    extended = _edit(pipes[kind], n=3, batch_size=3, propagation="extended")
+    per_frame = _edit(pipes[kind], n=3, batch_size=3, propagation="none")
+    torch.testing.assert_close(tokenflow.latents[-1], extended.latents[-1], atol=2e-5, rtol=1e-5)
+    # and the extended attention does something: frames attending to each other differ from per frame
+    assert (extended.latents[-1] - per_frame.latents[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hooks_leave_the_transformer_bit_identical(kind, pipes):
+    pipe = pipes[kind]
+    family = pipe.family
+    family.set_frame_size(32, 48) if hasattr(family, "set_frame_size") else None
+    x = torch.randn((2, *family.latent_shape(32, 48)), generator=torch.Generator().manual_seed(0))
+    text = pipe.prompt_embeds("a wolf")
+    text = type(text).cat([text, text])
+    guidance = torch.tensor([3.5, 3.5])
+    before = family.velocity(x, torch.tensor(700.0), text, guidance)
+    processors = dict(family.transformer.attn_processors)
+    _edit(pipe, n=3, propagation="original")
+    after = family.velocity(x, torch.tensor(700.0), text, guidance)
+    assert torch.equal(before, after)
+    assert all(family.transformer.attn_processors[k] is v for k, v in processors.items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_of_several_prompts_equals_its_single_run(kind, pipes):
+    pipe = pipes[kind]
+    config = pipe.default_config(**{**BASE, "propagation": "original"})
+    both = pipe.edit(_video(3), config=config, prompts=["a robot", "a cat in the snow"], progress=False)
+    for prompt, result in zip(["a robot", "a cat in the snow"], both):
+        single = pipe.edit(_video(3), config=config.replace(prompt=prompt), progress=False)
+        assert result.config.prompt == prompt and result.keyframes == single.keyframes
+        torch.testing.assert_close(result.frames, single.frames, atol=1e-5, rtol=1e-5)
+    assert (both[0].frames - both[1].frames).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,settings", [("sd3", dict(n_avg=2)), ("flux", dict(n_min=2, n_max=4, steps=5))])
+def test_an_interrupted_edit_resumes_to_the_same_result(kind, settings, pipes, tmp_path):
+    pipe = pipes[kind]
+    config = pipe.default_config(**{**BASE, **settings})
+    want = pipe.edit(_video(5), config=config, progress=False)
+    calls = []
+
+    def stop_in_step_2(stage, step, total):
+        calls.append(step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.edit(_video(5), config=config, progress=False, checkpoint=True, cache_dir=str(tmp_path),
+                  callback=stop_in_step_2)
+    got = pipe.edit(_video(5), config=config, progress=False, checkpoint=True, cache_dir=str(tmp_path))
+    # saved after step 1, and after step 2 unless saving costs more than 2% of a step (timing decides)
+    assert got.resumed_from in (1, 2) and got.keyframes == want.keyframes
+    assert torch.equal(got.frames, want.frames)
+    got.discard_checkpoint()
+
+
+def test_sdedit_starts_from_the_noised_source_and_the_editors_are_checked(pipes):
+    pipe = pipes["flux"]
+    result = _edit(pipe, n=3, editor="sdedit", sdedit_start=0.5, steps=6)
+    assert len(result.keyframes) == pipe.default_config(steps=6, sdedit_start=0.5).sdedit_steps() == 2
+    from tokenflow.errors import TokenFlowError
+
+    with pytest.raises(TokenFlowError, match="editor pnp is for the UNet models"):
+        _edit(pipe, n=2, editor="pnp")
+    with pytest.raises(TokenFlowError, match="multiple of 16"):
+        _edit(pipe, n=2, height=40)
+
+
+def test_the_command_edits_with_a_tiny_flow_model(tmp_path, capsys):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48), fps=8, audio=True)
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "a robot", "--model", "tiny-flux", "-o", out, "--steps", "3",
+                           "--height", "32", "--width", "48", "--batch-size", "2", "--quiet")
+    assert code == 0, err
+    from tokenflow.video import read_video
+
+    video = read_video(str(out))
+    assert len(video.frames) == 4 and video.frames.shape[1:3] == (32, 48) and abs(video.fps - 8) < 1e-6
+    settings = (tmp_path / "out.yaml").read_text()
+    assert "editor: flowedit" in settings and "n_max: 24" in settings
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "a robot", "--model", "tiny-sd3", "--editor", "pnp",
+                           "-o", tmp_path / "bad.mp4")
+    assert code == 2 and "flowedit" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+DIST_CASES = {  # name -> (family, settings, frames)
+    "sd3-paper": ("sd3", dict(propagation="paper"), 7),
+    "flux-original": ("flux", dict(propagation="original", n_min=1), 7),
+    "flux-split": ("flux", dict(propagation="paper"), 7),  # one transformer call per branch
+}
+
+
+def _dist_edit(pipes, name):
+    kind, settings, n = DIST_CASES[name]
+    pipes[kind].split_keyframe_pass = True if name.endswith("split") else None
+    try:
+        return _edit(pipes[kind], n=n, **settings)
+    finally:
+        pipes[kind].split_keyframe_pass = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cases(world: int) -> list[str]:
+    return list(DIST_CASES) if world == 2 else ["flux-original"]  # 3 ranks: an uneven split (2, 1, 1 batches)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    from tokenflow.distributed import Group, shutdown
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    group = Group(rank, world)
+    names = _cases(world)
+    pipes = {kind: FlowPipeline.from_tiny(kind).distribute(group) for kind in {DIST_CASES[n][0] for n in names}}
+    record = {}
+    for name in names:
+        result = _dist_edit(pipes, name)
+        record[name] = None if result.frames is None else {"frames": result.frames, "keyframes": result.keyframes}
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    shutdown(group)
+
+
+@pytest.fixture(scope="module")
+def one_process(pipes):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: another thread count sums in another order
+    try:
+        return {name: _dist_edit(pipes, name) for name in DIST_CASES}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_equal_one_process(world, tmp_path, one_process):
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 600  # guards against a hang only
+    for p in procs:
+        p.join(max(1.0, deadline - time.time()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for name in _cases(world):
+        want, got = one_process[name], ranks[0][name]
+        assert all(r[name] is None for r in ranks[1:])  # only rank 0 holds the video
+        assert got["keyframes"] == want.keyframes, name
+        torch.testing.assert_close(got["frames"], want.frames, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
