@@ -157,6 +157,20 @@ def test_the_command_edits_with_a_tiny_flow_model(tmp_path, capsys):
     assert not (tmp_path / "bad.mp4").exists()
 
 
+def test_the_web_page_session_edits_with_flowedit(pipes, tmp_path):
+    from tokenflow.ui import EditorSession, Limits
+
+    session = EditorSession(pipes["sd3"], "tiny-sd3", Limits(max_upload_mb=1, max_frames=6, max_side=256),
+                            cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
+    os.makedirs(session.output_dir)
+    assert session.editors == ["flowedit", "sdedit"]
+    clip = write_clip(tmp_path / "in.mp4", moving_frames(3, 32, 48), fps=8)
+    done = session.run(clip, "a robot", steps=3, height=32, width=48, max_frames=3, batch_size=2)
+    settings = open(done.settings[0]).read()
+    assert done.status.startswith("Edited 3 frames at 48x32") and "editor: flowedit" in settings
+    assert "source_guidance_scale: 3.5" in settings
+
+
 # ---------------------------------------------------------------------------------------------- ranks
 DIST_CASES = {  # name -> (family, settings, frames)
     "sd3-paper": ("sd3", dict(propagation="paper"), 7),

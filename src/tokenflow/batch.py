@@ -25,6 +25,7 @@ from typing import Any, Optional
 from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, default_output, normalise_keys, read_yaml,
                      settings_path, validate_run)
 from .errors import TokenFlowError
+from .flow import flow_defaults, flow_kind
 
 JOB_KEYS = FIELDS | RUN_KEYS
 
@@ -96,7 +97,9 @@ def load_jobs(path: str) -> list[Job]:
             raise TokenFlowError(f"jobs file '{path}': job {i}: unknown key(s) {', '.join(bad)}")
         where = f"jobs file '{path}': job {i}"
         try:
-            config = EditConfig(**{k: v for k, v in merged.items() if k in FIELDS}).validate()
+            kind = flow_kind(merged.get("model"))  # SD3/FLUX start from FlowEdit's settings
+            config = EditConfig(**{**(flow_defaults(kind) if kind else {}),
+                                   **{k: v for k, v in merged.items() if k in FIELDS}}).validate()
             run = validate_run({k: v for k, v in merged.items() if k in RUN_KEYS})
         except TokenFlowError as e:
             raise TokenFlowError(f"{where}: {e}") from None

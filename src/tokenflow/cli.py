@@ -689,7 +689,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise TokenFlowError("limits must be positive (max-upload-mb > 0, max-frames >= 1, max-side >= 8)")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     pipe = _load_pipeline({"model": args.model, "device": args.device, "dtype": args.dtype})
-    name = ("tiny random model (built in code; output is noise)" if args.model == TINY
+    from .flow import TINY_MODELS
+
+    name = ("tiny random model (built in code; output is noise)" if args.model == TINY or args.model in TINY_MODELS
             else args.model or DEFAULT_MODEL)
     session = EditorSession(pipe, name, Limits(args.max_upload_mb, args.max_frames, args.max_side),
                             cache_dir=args.cache_dir)
@@ -764,7 +766,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json, extensions=(".json",))
     jobs = load_jobs(args.jobs)  # every job's settings checked before any work
-    jobs = [dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
+    jobs = [j if flow_kind(j.run.get("model")) else
+            dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
     rank, world, local_rank = environment()
     if world > 1:
         import datetime

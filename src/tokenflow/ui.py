@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .config import EDITORS, OFFICIAL_NEGATIVE_PROMPT, UNET_EDITORS, PROPAGATIONS, EditConfig, save_settings
+from .config import EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig, save_settings
 from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,12 @@ class EditorSession:
 
     @property
     def editors(self) -> list[str]:
-        """The editors this model can run: ControlNet only where a default ControlNet exists."""
+        """The editors this model can run: ControlNet only where a default ControlNet exists; SD3/FLUX:
+        FlowEdit and SDEdit."""
         from .conditioning import model_family
 
+        if is_flow(self.pipe):
+            return list(FLOW_EDITORS)
         return [e for e in EDITORS if e in UNET_EDITORS and (e != "controlnet" or model_family(self.pipe.unet) is not None)]
 
     def request_stop(self) -> None:
@@ -135,7 +138,7 @@ class EditorSession:
                 settings[side] = None
         if not settings.get("inversion_steps") and isinstance(settings.get("steps"), int) and settings["steps"] > 0:
             settings["inversion_steps"] = choose_inversion_steps(settings["steps"])  # 0: automatic
-        return EditConfig(prompt=prompt.strip(), **settings).validate()
+        return defaults_of(self.pipe).replace(prompt=prompt.strip(), **settings).validate()
 
     def _check_size(self, path: str, config: EditConfig) -> None:
         from .video import probe_video
@@ -232,6 +235,16 @@ class EditorSession:
 _INT_FIELDS = {"max_frames", "height", "width", "steps", "inversion_steps", "batch_size", "seed"}
 
 
+def is_flow(pipe) -> bool:
+    """A rectified-flow pipeline (SD3, FLUX): FlowEdit settings, no inversion."""
+    return hasattr(pipe, "family")
+
+
+def defaults_of(pipe) -> EditConfig:
+    """The settings the page starts from: the official TokenFlow's, or FlowEdit's for SD3/FLUX."""
+    return pipe.default_config() if is_flow(pipe) else EditConfig()
+
+
 def _progress_adapter(progress: Optional[ProgressFn]):
     """Turn the pipeline's (stage, step, total) into (fraction, text with time left)."""
     if progress is None:
@@ -257,7 +270,7 @@ def build_app(session: EditorSession):
     display and the result (or the error, as text) in the result panel."""
     import gradio as gr
 
-    d = EditConfig()
+    d = defaults_of(session.pipe)
     quick = PRESETS["Quick look"]
     with gr.Blocks(title="TokenFlow video editing", analytics_enabled=False) as app:
         gr.Markdown(f"# TokenFlow video editing\nModel: `{session.model_name}`. Upload a video, describe "
@@ -287,7 +300,7 @@ def build_app(session: EditorSession):
                     control_video = gr.Video(label="Condition video (one image per frame)", sources=["upload"],
                                              visible=False, elem_id="control-video")
                 with gr.Accordion("Settings", open=False):
-                    negative_prompt = gr.Textbox(label="Negative prompt", value=OFFICIAL_NEGATIVE_PROMPT)
+                    negative_prompt = gr.Textbox(label="Negative prompt", value=d.negative_prompt)
                     with gr.Row():
                         max_frames = gr.Number(value=min(quick["max_frames"], session.limits.max_frames), precision=0,
                                                label=f"Frames (at most {session.limits.max_frames})",
