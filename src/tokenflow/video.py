@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from .atomic import DIR_SUFFIX, TMP_NAME_EXTRA, atomic_dir, atomic_path
 from .errors import TokenFlowError
+from .timing import Timeline, plan
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Video:
     audio_source: Optional[str] = None  # a file whose first audio stream belongs to the frames
     source: str = ""
     start_time: float = 0.0  # seconds: the first frame's time in the source; audio is cut from there
-    source_size: Optional[tuple[int, int]] = None  # (H, W) of the source's upright frames, before fitting
+    source_size: Optional[tuple[int, int]] = None  # (H, W) of the source's upright frames as shown, before fitting
 
     @property
     def size(self) -> tuple[int, int]:
@@ -49,8 +50,8 @@ class Video:
 class VideoInfo:
     """What :func:`probe_video` learns without decoding the whole input."""
 
-    size: tuple[int, int]  # (H, W) of the first frame, upright
-    n_frames: Optional[int]  # frames the container declares (files in a folder); None if it does not say
+    size: tuple[int, int]  # (H, W) of the first frame, upright and as shown (non-square pixels made square)
+    n_frames: Optional[int]  # frames a read gives, counted from the packets (files in a folder); None if unknown
     fps: float
     has_audio: bool
 
@@ -96,10 +97,13 @@ def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
     """Read a video file (anything PyAV decodes) or a folder of images in natural order.
 
     Frames come out upright (a phone video's rotation and a photo's EXIF orientation applied)
-    as 8-bit RGB whatever the source's pixel format. ``size`` fits every frame as it is
-    decoded (``fit``: stretch, crop or pad when the aspect differs), so reading holds no more
-    than the working size of the video, never the source's resolution, and a stream whose
-    resolution changes midway still gives frames of one size. ``fps`` applies to frame folders
+    as 8-bit RGB whatever the source's pixel format, with square pixels (a stream's sample aspect
+    ratio applied). ``size`` fits every frame as it is decoded (``fit``: stretch, crop or pad when
+    the aspect differs), so reading holds no more than the working size of the video, never the
+    source's resolution, and a stream whose resolution changes midway still gives frames of one
+    size. A file's frames are evenly spaced in time: a variable-rate clip is resampled by its
+    timestamps to its average rate (see :mod:`tokenflow.timing`), so it lasts as long and stays in
+    step with its audio; a packet that does not decode is skipped. ``fps`` applies to frame folders
     (a video keeps its own, divided by ``stride``); the frames kept start at ``start_frame`` (or
     ``start_time`` seconds), every ``stride``-th, at most ``max_frames``.
     """
@@ -112,28 +116,35 @@ def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Size, declared frame count, fps and audio of an input, from its first frame and header:
-    cheap, so bad input fails before any model loads."""
+    """Size (as shown), frame count, fps and audio of an input, from its first frame and its packets'
+    timestamps (read, not decoded): cheap, so bad input fails before any model loads. The count and
+    the rate are those :func:`read_video` gives, never a header's claim."""
     path = os.fspath(path)
     _check_input(path, None)
     if os.path.isdir(path):
         names = _frame_names(path)
         first = _read_image(os.path.join(path, names[0]))
         return VideoInfo(first.shape[:2], len(names), DEFAULT_FOLDER_FPS, False)
+    timeline = _scan_timeline(path)
     with _open_video(path) as (container, stream):
-        declared = _declared_frames(container, stream)
-        try:
-            frame = next(container.decode(stream), None)
-        except Exception as e:
-            raise _unreadable(path, e) from None
+        damage = _Damage()
+        frame = next(_decoded(container, stream, damage), None)
         if frame is None:
-            raise TokenFlowError(f"input '{path}' has no video frames")
-        return VideoInfo(_upright(frame).shape[:2], declared, _rate(stream), bool(container.streams.audio))
+            raise _no_frames(path, damage)
+        size = display_size(_upright(frame).shape[:2], _pixel_aspect(frame, stream))
+        if timeline is None:
+            return VideoInfo(size, int(stream.frames) or None, float(_rate(stream)), bool(container.streams.audio))
+        return VideoInfo(size, timeline.slots, float(timeline.rate), bool(container.streams.audio))
+
+
+def display_size(hw: tuple[int, int], pixel_aspect: float = 1.0) -> tuple[int, int]:
+    """(H, W) of a picture as shown: its width stretched by the pixels' aspect (width / height)."""
+    return int(hw[0]), max(1, round(hw[1] * pixel_aspect))
 
 
 class _Fitter:
-    """Resizes each frame to the size ``spec`` gives for the first frame; warns once when a
-    frame's own size differs from the first one's."""
+    """Resizes each frame to the size ``spec`` gives for the first frame as shown (non-square pixels
+    made square); warns once when a frame's own size differs from the first one's."""
 
     def __init__(self, spec: SizeSpec, source: str, fit: str = "stretch"):
         self.spec, self.source, self.fit = spec, source, fit
@@ -141,17 +152,20 @@ class _Fitter:
         self.target: Optional[tuple[int, int]] = None
         self.warned = False
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        hw = tuple(frame.shape[:2])
+    def __call__(self, frame: np.ndarray, pixel_aspect: Fraction = Fraction(1)) -> np.ndarray:
+        hw = display_size(frame.shape[:2], pixel_aspect)
         if self.first is None:
             self.first = hw
             spec = self.spec
             self.target = tuple(spec(hw)) if callable(spec) else (tuple(spec) if spec else hw)
+            if pixel_aspect != 1:
+                logger.info("'%s' has non-square pixels (sample aspect ratio %s): its %dx%d pixels are read as "
+                            "shown, %dx%d", self.source, pixel_aspect, frame.shape[1], frame.shape[0], hw[1], hw[0])
         elif hw != self.first and not self.warned:
             self.warned = True
             logger.warning("'%s' changes size midway (%dx%d, then %dx%d): every frame is fitted to %dx%d",
                            self.source, self.first[1], self.first[0], hw[1], hw[0], self.target[1], self.target[0])
-        return resize_frame(frame, *self.target, fit=self.fit)
+        return resize_frame(frame, *self.target, fit=self.fit, pixel_aspect=float(pixel_aspect))
 
 
 def _frame_names(path: str) -> list[str]:
@@ -223,77 +237,202 @@ def _open_video(path: str):
         # ffmpeg renders any text file as a "video" through its tty (ANSI art) demuxer
         if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
             raise TokenFlowError(f"cannot read '{path}' as a video: it has no video stream")
-        yield container, container.streams.video[0]
+        yield container, _video_stream(container, path)
     finally:
         container.close()
 
 
-def _rate(stream) -> float:
-    return float(stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS))
+def _video_stream(container, path: str):
+    """The first video stream that is not an attached picture (the cover art of an mp4 or mkv,
+    which may come first)."""
+    from av.stream import Disposition
+
+    for stream in container.streams.video:
+        if not stream.disposition & Disposition.attached_pic:
+            return stream
+    raise TokenFlowError(f"cannot read '{path}' as a video: its only picture is a cover (attached picture)")
 
 
-def _declared_frames(container, stream) -> Optional[int]:
-    """The frame count the header gives, else one estimated from its duration; None if neither."""
-    if stream.frames:
-        return int(stream.frames)
-    if stream.duration and stream.time_base:
-        return int(round(float(stream.duration * stream.time_base) * _rate(stream)))
-    if container.duration:
-        return int(round(container.duration / 1_000_000 * _rate(stream)))
-    return None
+def _rate(stream) -> Fraction:
+    return Fraction(stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS))
+
+
+def _scan_timeline(path: str) -> Optional[Timeline]:
+    """When the video stream's frames are shown, from its packets (read, not decoded). None where the
+    timestamps cannot be trusted (missing, or the clock jumps back, as in joined recordings): frames
+    are then taken in decoding order at the header's rate."""
+    times, latest, last_shown, last_dts = [], None, 0.0, None
+    with _open_video(path) as (container, stream):
+        try:
+            for packet in container.demux(stream):
+                if not packet.size or packet.is_discard:  # the end, or cut by an edit list
+                    continue
+                if packet.pts is None or packet.dts is not None and last_dts is not None and packet.dts < last_dts:
+                    return None
+                last_dts = packet.dts if packet.dts is not None else last_dts
+                time = float(packet.pts * packet.time_base)
+                if latest is None or time > latest:  # how long the last frame shows: its packet's duration
+                    latest, last_shown = time, float(packet.duration * packet.time_base) if packet.duration else 0.0
+                times.append(time)
+        except Exception:  # a damaged container: the packets before the damage; decoding reports it
+            pass
+        return plan(times, last_shown, _rate(stream))
+
+
+@dataclass
+class _Damage:
+    """What went wrong while decoding: packets skipped, and the error that ended the container early."""
+
+    skipped: int = 0  # packets whose decoding failed
+    decoded: int = 0  # frames the decoder gave
+    last: Optional[BaseException] = None  # the last decoding error
+    ended: Optional[BaseException] = None  # the error that stopped reading the container
+
+
+def _decoded(container, stream, damage: _Damage):
+    """The stream's frames in presentation order. A packet that does not decode is skipped, as
+    ffmpeg does, and counted; an error reading the container ends the frames there, after those
+    the decoder still holds."""
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets, None)
+        except Exception as e:  # a cut or damaged container
+            damage.ended, packet = e, None
+        try:
+            frames = packet.decode() if packet is not None else stream.decode(None)
+        except av.FFmpegError as e:
+            if packet is None:
+                return
+            damage.skipped, damage.last = damage.skipped + 1, e
+            continue
+        damage.decoded += len(frames)
+        yield from frames
+        if packet is None:
+            return
+
+
+def _no_frames(path: str, damage: _Damage) -> TokenFlowError:
+    error = damage.last or damage.ended
+    return _unreadable(path, error) if error else TokenFlowError(f"input '{path}' has no video frames")
 
 
 def _upright(frame) -> np.ndarray:
     """A decoded frame as RGB, turned by its display matrix (phones store portrait clips sideways)."""
     rgb = frame.to_ndarray(format="rgb24")
-    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as ffmpeg displays it
-    turns = int(round(rotation / 90)) % 4
+    turns = _turns(frame)
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
+def _turns(frame) -> int:
+    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as ffmpeg displays it
+    return int(round(rotation / 90)) % 4
+
+
+def _pixel_aspect(frame, stream) -> Fraction:
+    """Width over height of a pixel of the upright frame (DVD and broadcast video: 8:9, 32:27...)."""
+    sar = stream.sample_aspect_ratio
+    if not sar or sar <= 0:
+        return Fraction(1)
+    return 1 / Fraction(sar) if _turns(frame) % 2 else Fraction(sar)
+
+
 def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
-    frames, start, error, index, first = [], 0.0, None, -1, None
-    max_frames = select.max_frames
+    timeline = _scan_timeline(path)
     fit = _Fitter(size, path, fit_mode)
+    damage = _Damage()
     with _open_video(path) as (container, stream):
-        declared = _declared_frames(container, stream)
+        rate = timeline.rate if timeline else _rate(stream)
+        slots = _slots(_decoded(container, stream, damage), timeline)
+        frames, start, seen, complete = _take(slots, select, rate, lambda f: fit(_upright(f), _pixel_aspect(f, stream)))
         has_audio = bool(container.streams.audio)
-        origin = None
-        try:
-            for frame in container.decode(stream):
-                index += 1
-                time = frame.time
-                origin = time if origin is None else origin
-                if first is None:  # the first frame kept: by index, or by time from the stream's start
-                    if select.start_time is not None:
-                        if time is not None and time - (origin or 0.0) < select.start_time - 1e-6:
-                            continue
-                    elif index < select.start_frame:
-                        continue
-                    first = index
-                    start = float(time) if time is not None else 0.0
-                if (index - first) % select.stride:
-                    continue
-                frames.append(fit(_upright(frame)))
-                if max_frames and len(frames) >= max_frames:
-                    break
-        except Exception as e:  # a damaged tail: keep what decoded, say so below
-            if not frames:
-                raise _unreadable(path, e) from None
-            error = e
-        rate = _rate(stream)
+        declared = _declared_frames(stream, timeline, rate)
     if not frames:
-        if index >= 0:
-            raise TokenFlowError(f"input '{path}' has {index + 1} frames: none from the start asked for")
-        raise TokenFlowError(f"input '{path}' has no video frames")
+        if seen:
+            raise TokenFlowError(f"input '{path}' has {seen} frames: none from the start asked for")
+        raise _no_frames(path, damage)
+    if timeline is not None and not timeline.even:
+        logger.info("'%s' has a variable frame rate (%d frames over %.2f s): read at %.3f fps, each frame at its "
+                    "own time, so the length and the audio sync are kept", path, timeline.count, timeline.duration,
+                    float(rate))
+    _report_damage(path, damage, timeline, complete)
+    if complete:
+        _check_complete(path, len(frames), declared, select, float(rate), damage.ended)
+    return Video(np.stack(frames), float(rate) / select.stride, path if has_audio else None, path, start, fit.first)
+
+
+def _slots(frames, timeline: Optional[Timeline]):
+    """(slot, time, frame): on the timeline's evenly spaced slots, or one per frame in decoding order."""
+    if timeline is None:
+        return ((i, frame.time, frame) for i, frame in enumerate(frames))
+    return timeline.fill((frame.time, frame) for frame in frames)
+
+
+def _take(slots, select: Selection, rate: Fraction, convert: Callable) -> tuple[list, float, int, bool]:
+    """The selected slots' frames, each decoded frame converted once: (frames, the first one's time,
+    slots seen, whether the video ran out before the frame limit did)."""
+    frames, start, seen, begin = [], 0.0, 0, select.first(float(rate))
+    held, array = None, None
+    for slot, time, frame in slots:
+        seen = slot + 1
+        if slot < begin or (slot - begin) % select.stride:
+            continue
+        if not frames:
+            start = float(time) if time is not None else 0.0
+        if frame is not held:  # a frame may fill several slots
+            held, array = frame, convert(frame)
+        frames.append(array)
+        if select.max_frames and len(frames) >= select.max_frames:
+            return frames, start, seen, False
+    return frames, start, seen, True
+
+
+def _declared_frames(stream, timeline: Optional[Timeline], rate: Fraction) -> Optional[int]:
+    """The frames the video stream's own duration holds (never the container's, which covers the
+    audio too); without timestamps, the count its header gives. None if it does not say."""
+    if timeline is None:
+        return int(stream.frames) or None
+    seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+    tag = _tag_seconds(stream.metadata.get("DURATION"))  # Matroska: the track's end, as ffmpeg writes it
+    if seconds is None and tag:
+        seconds = tag - timeline.start if tag > timeline.start else tag
+    return round(seconds * rate) if seconds and seconds > 0 else None
+
+
+def _tag_seconds(text: Optional[str]) -> Optional[float]:
+    """'00:00:03.000000000' -> 3.0"""
+    try:
+        h, m, s = (text or "").split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    except ValueError:
+        return None
+
+
+def _report_damage(path: str, damage: _Damage, timeline: Optional[Timeline], complete: bool) -> None:
+    """Frames lost to data that did not decode; once the whole video is read, the timeline also
+    counts those lost without an error."""
+    lost = max(damage.skipped, timeline.count - damage.decoded if timeline and complete else 0)
+    if lost:
+        total = timeline.count if timeline else damage.decoded + lost
+        logger.warning("'%s': %d of %d frames could not be decoded (damaged data, skipped as ffmpeg does); the "
+                       "frames around them keep their times%s", path, lost, total,
+                       f" ({type(damage.last).__name__}: {short_message(damage.last)})" if damage.last else "")
+
+
+def _check_complete(path: str, n_read: int, declared: Optional[int], select: Selection, rate: float,
+                    ended: Optional[BaseException]) -> None:
+    """Warn when the frames stop early: reading the container failed, or the stream's own
+    duration holds more frames than were read."""
+    first = select.first(rate)
     if declared and (first or select.stride > 1):  # what the selection should have given
-        declared = len(range(first or 0, declared, select.stride))
-    wanted = min(declared, max_frames) if declared and max_frames else declared
-    if error is not None or (wanted and not _close(len(frames), wanted)):
+        declared = len(range(first, declared, select.stride))
+    wanted = min(declared, select.max_frames) if declared and select.max_frames else declared
+    if ended is not None or (wanted and not _close(n_read, wanted)):
         logger.warning("'%s' looks truncated or damaged: read %d frames, the container declares %s%s; "
-                       "editing the frames that were read", path, len(frames), declared or "no count",
-                       f" ({type(error).__name__}: {short_message(error)})" if error else "")
-    return Video(np.stack(frames), rate / select.stride, path if has_audio else None, path, start, fit.first)
+                       "editing the frames that were read", path, n_read, declared or "no count",
+                       f" ({type(ended).__name__}: {short_message(ended)})" if ended else "")
 
 
 def _close(read: int, declared: int) -> bool:
@@ -324,26 +463,30 @@ def working_size(source_hw: tuple[int, int], height: Optional[int] = None,
     return int(height), int(width)
 
 
-def resize_frame(frame: np.ndarray, height: int, width: int, fit: str = "stretch") -> np.ndarray:
+def resize_frame(frame: np.ndarray, height: int, width: int, fit: str = "stretch",
+                 pixel_aspect: float = 1.0) -> np.ndarray:
     """uint8 (H, W, 3) -> (height, width, 3) with Pillow's LANCZOS; unchanged if same size.
 
-    Another aspect is stretched, centre-cropped (``crop``) or letterboxed in black (``pad``).
+    Another aspect is stretched, centre-cropped (``crop``) or letterboxed in black (``pad``). The
+    aspect is the picture's as shown: its width times ``pixel_aspect`` (a pixel's width / height).
     """
     h, w = frame.shape[:2]
-    if (h, w) == (height, width):
+    shown_w = w * pixel_aspect
+    if (h, w) == (height, width) and (fit == "stretch" or pixel_aspect == 1):
         return frame
     image = Image.fromarray(frame)
-    if fit == "crop" and h * width != w * height:
-        if w * height > h * width:  # too wide: keep the middle columns
-            keep = h * width / height
+    other_aspect = abs(h * width - shown_w * height) > 1e-9 * h * width
+    if fit == "crop" and other_aspect:
+        if shown_w * height > h * width:  # too wide: keep the middle columns
+            keep = h * width / height / pixel_aspect
             box = ((w - keep) / 2, 0, (w + keep) / 2, h)
         else:
-            keep = w * height / width
+            keep = shown_w * height / width
             box = (0, (h - keep) / 2, w, (h + keep) / 2)
         return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))
-    if fit == "pad" and h * width != w * height:
-        scale = min(height / h, width / w)
-        inner_h, inner_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if fit == "pad" and other_aspect:
+        scale = min(height / h, width / shown_w)
+        inner_h, inner_w = max(1, round(h * scale)), max(1, round(shown_w * scale))
         out = np.zeros((height, width, 3), np.uint8)
         top, left = (height - inner_h) // 2, (width - inner_w) // 2
         out[top:top + inner_h, left:left + inner_w] = image.resize((inner_w, inner_h), Image.Resampling.LANCZOS)
