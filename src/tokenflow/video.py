@@ -7,7 +7,6 @@ temporary file beside the target and rename it, so the output path never holds h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,14 +21,15 @@ from PIL import Image, ImageOps
 
 from .atomic import DIR_SUFFIX, TMP_NAME_EXTRA, atomic_dir, atomic_path
 from .errors import TokenFlowError
-from .timing import Timeline, plan
+from .decoding import (Damage, declared_frames, decode_frames, frame_pixel_aspect, header_rate, no_frames, open_video,
+                       scan_timeline, short_message, upright)
+from .timing import Timeline
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".mkv")
 DEFAULT_FOLDER_FPS = 10.0
-NOT_VIDEO_FORMATS = ("tty",)
 
 
 @dataclass
@@ -125,16 +125,17 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         names = _frame_names(path)
         first = _read_image(os.path.join(path, names[0]))
         return VideoInfo(first.shape[:2], len(names), DEFAULT_FOLDER_FPS, False)
-    timeline = _scan_timeline(path)
-    with _open_video(path) as (container, stream):
-        damage = _Damage()
-        frame = next(_decoded(container, stream, damage), None)
+    timeline = scan_timeline(path)
+    with open_video(path) as (container, stream):
+        damage = Damage()
+        frame = next(decode_frames(container, stream, damage), None)
         if frame is None:
-            raise _no_frames(path, damage)
-        size = display_size(_upright(frame).shape[:2], _pixel_aspect(frame, stream))
+            raise no_frames(path, damage)
+        size = display_size(upright(frame).shape[:2], frame_pixel_aspect(frame, stream))
+        has_audio = bool(container.streams.audio)
         if timeline is None:
-            return VideoInfo(size, int(stream.frames) or None, float(_rate(stream)), bool(container.streams.audio))
-        return VideoInfo(size, timeline.slots, float(timeline.rate), bool(container.streams.audio))
+            return VideoInfo(size, int(stream.frames) or None, float(header_rate(stream)), has_audio)
+        return VideoInfo(size, timeline.slots, float(timeline.rate), has_audio)
 
 
 def display_size(hw: tuple[int, int], pixel_aspect: float = 1.0) -> tuple[int, int]:
@@ -214,145 +215,24 @@ def image_to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def short_message(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "corrupt or unsupported"
-
-
-def _unreadable(path: str, e: BaseException) -> TokenFlowError:
-    return TokenFlowError(f"cannot read '{path}' as a video: {type(e).__name__}: {short_message(e)}")
-
-
-@contextlib.contextmanager
-def _open_video(path: str):
-    import av
-
-    if os.path.getsize(path) == 0:
-        raise TokenFlowError(f"input '{path}' is an empty file")
-    try:
-        container = av.open(path)
-    except Exception as e:  # av raises InvalidDataError and friends
-        raise _unreadable(path, e) from None
-    try:
-        # ffmpeg renders any text file as a "video" through its tty (ANSI art) demuxer
-        if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
-            raise TokenFlowError(f"cannot read '{path}' as a video: it has no video stream")
-        yield container, _video_stream(container, path)
-    finally:
-        container.close()
-
-
-def _video_stream(container, path: str):
-    """The first video stream that is not an attached picture (the cover art of an mp4 or mkv,
-    which may come first)."""
-    from av.stream import Disposition
-
-    for stream in container.streams.video:
-        if not stream.disposition & Disposition.attached_pic:
-            return stream
-    raise TokenFlowError(f"cannot read '{path}' as a video: its only picture is a cover (attached picture)")
-
-
-def _rate(stream) -> Fraction:
-    return Fraction(stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS))
-
-
-def _scan_timeline(path: str) -> Optional[Timeline]:
-    """When the video stream's frames are shown, from its packets (read, not decoded). None where the
-    timestamps cannot be trusted (missing, or the clock jumps back, as in joined recordings): frames
-    are then taken in decoding order at the header's rate."""
-    times, latest, last_shown, last_dts = [], None, 0.0, None
-    with _open_video(path) as (container, stream):
-        try:
-            for packet in container.demux(stream):
-                if not packet.size or packet.is_discard:  # the end, or cut by an edit list
-                    continue
-                if packet.pts is None or packet.dts is not None and last_dts is not None and packet.dts < last_dts:
-                    return None
-                last_dts = packet.dts if packet.dts is not None else last_dts
-                time = float(packet.pts * packet.time_base)
-                if latest is None or time > latest:  # how long the last frame shows: its packet's duration
-                    latest, last_shown = time, float(packet.duration * packet.time_base) if packet.duration else 0.0
-                times.append(time)
-        except Exception:  # a damaged container: the packets before the damage; decoding reports it
-            pass
-        return plan(times, last_shown, _rate(stream))
-
-
-@dataclass
-class _Damage:
-    """What went wrong while decoding: packets skipped, and the error that ended the container early."""
-
-    skipped: int = 0  # packets whose decoding failed
-    decoded: int = 0  # frames the decoder gave
-    last: Optional[BaseException] = None  # the last decoding error
-    ended: Optional[BaseException] = None  # the error that stopped reading the container
-
-
-def _decoded(container, stream, damage: _Damage):
-    """The stream's frames in presentation order. A packet that does not decode is skipped, as
-    ffmpeg does, and counted; an error reading the container ends the frames there, after those
-    the decoder still holds."""
-    import av
-
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets, None)
-        except Exception as e:  # a cut or damaged container
-            damage.ended, packet = e, None
-        try:
-            frames = packet.decode() if packet is not None else stream.decode(None)
-        except av.FFmpegError as e:
-            if packet is None:
-                return
-            damage.skipped, damage.last = damage.skipped + 1, e
-            continue
-        damage.decoded += len(frames)
-        yield from frames
-        if packet is None:
-            return
-
-
-def _no_frames(path: str, damage: _Damage) -> TokenFlowError:
-    error = damage.last or damage.ended
-    return _unreadable(path, error) if error else TokenFlowError(f"input '{path}' has no video frames")
-
-
-def _upright(frame) -> np.ndarray:
-    """A decoded frame as RGB, turned by its display matrix (phones store portrait clips sideways)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    turns = _turns(frame)
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
-
-
-def _turns(frame) -> int:
-    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as ffmpeg displays it
-    return int(round(rotation / 90)) % 4
-
-
-def _pixel_aspect(frame, stream) -> Fraction:
-    """Width over height of a pixel of the upright frame (DVD and broadcast video: 8:9, 32:27...)."""
-    sar = stream.sample_aspect_ratio
-    if not sar or sar <= 0:
-        return Fraction(1)
-    return 1 / Fraction(sar) if _turns(frame) % 2 else Fraction(sar)
-
-
 def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
-    timeline = _scan_timeline(path)
+    timeline = scan_timeline(path)
     fit = _Fitter(size, path, fit_mode)
-    damage = _Damage()
-    with _open_video(path) as (container, stream):
-        rate = timeline.rate if timeline else _rate(stream)
-        slots = _slots(_decoded(container, stream, damage), timeline)
-        frames, start, seen, complete = _take(slots, select, rate, lambda f: fit(_upright(f), _pixel_aspect(f, stream)))
+    damage = Damage()
+    with open_video(path) as (container, stream):
+        rate = timeline.rate if timeline else header_rate(stream)
+        slots = _slots(decode_frames(container, stream, damage), timeline)
+
+        def convert(frame) -> np.ndarray:
+            return fit(upright(frame), frame_pixel_aspect(frame, stream))
+
+        frames, start, seen, complete = _take(slots, select, rate, convert)
         has_audio = bool(container.streams.audio)
-        declared = _declared_frames(stream, timeline, rate)
+        declared = declared_frames(stream, timeline, rate)
     if not frames:
         if seen:
             raise TokenFlowError(f"input '{path}' has {seen} frames: none from the start asked for")
-        raise _no_frames(path, damage)
+        raise no_frames(path, damage)
     if timeline is not None and not timeline.even:
         logger.info("'%s' has a variable frame rate (%d frames over %.2f s): read at %.3f fps, each frame at its "
                     "own time, so the length and the audio sync are kept", path, timeline.count, timeline.duration,
@@ -389,28 +269,7 @@ def _take(slots, select: Selection, rate: Fraction, convert: Callable) -> tuple[
     return frames, start, seen, True
 
 
-def _declared_frames(stream, timeline: Optional[Timeline], rate: Fraction) -> Optional[int]:
-    """The frames the video stream's own duration holds (never the container's, which covers the
-    audio too); without timestamps, the count its header gives. None if it does not say."""
-    if timeline is None:
-        return int(stream.frames) or None
-    seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-    tag = _tag_seconds(stream.metadata.get("DURATION"))  # Matroska: the track's end, as ffmpeg writes it
-    if seconds is None and tag:
-        seconds = tag - timeline.start if tag > timeline.start else tag
-    return round(seconds * rate) if seconds and seconds > 0 else None
-
-
-def _tag_seconds(text: Optional[str]) -> Optional[float]:
-    """'00:00:03.000000000' -> 3.0"""
-    try:
-        h, m, s = (text or "").split(":")
-        return int(h) * 3600 + int(m) * 60 + float(s)
-    except ValueError:
-        return None
-
-
-def _report_damage(path: str, damage: _Damage, timeline: Optional[Timeline], complete: bool) -> None:
+def _report_damage(path: str, damage: Damage, timeline: Optional[Timeline], complete: bool) -> None:
     """Frames lost to data that did not decode; once the whole video is read, the timeline also
     counts those lost without an error."""
     lost = max(damage.skipped, timeline.count - damage.decoded if timeline and complete else 0)
