@@ -7,7 +7,6 @@ temporary file beside the target and rename it, so the output path never holds h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,13 +21,15 @@ from PIL import Image, ImageOps
 
 from .atomic import DIR_SUFFIX, TMP_NAME_EXTRA, atomic_dir, atomic_path
 from .errors import TokenFlowError
+from .decoding import (Damage, declared_frames, decode_frames, frame_pixel_aspect, header_rate, no_frames, open_video,
+                       scan_timeline, short_message, upright)
+from .timing import Timeline
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".mkv")
 DEFAULT_FOLDER_FPS = 10.0
-NOT_VIDEO_FORMATS = ("tty",)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Video:
     audio_source: Optional[str] = None  # a file whose first audio stream belongs to the frames
     source: str = ""
     start_time: float = 0.0  # seconds: the first frame's time in the source; audio is cut from there
-    source_size: Optional[tuple[int, int]] = None  # (H, W) of the source's upright frames, before fitting
+    source_size: Optional[tuple[int, int]] = None  # (H, W) of the source's upright frames as shown, before fitting
 
     @property
     def size(self) -> tuple[int, int]:
@@ -49,8 +50,8 @@ class Video:
 class VideoInfo:
     """What :func:`probe_video` learns without decoding the whole input."""
 
-    size: tuple[int, int]  # (H, W) of the first frame, upright
-    n_frames: Optional[int]  # frames the container declares (files in a folder); None if it does not say
+    size: tuple[int, int]  # (H, W) of the first frame, upright and as shown (non-square pixels made square)
+    n_frames: Optional[int]  # frames a read gives, counted from the packets (files in a folder); None if unknown
     fps: float
     has_audio: bool
 
@@ -96,10 +97,13 @@ def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
     """Read a video file (anything PyAV decodes) or a folder of images in natural order.
 
     Frames come out upright (a phone video's rotation and a photo's EXIF orientation applied)
-    as 8-bit RGB whatever the source's pixel format. ``size`` fits every frame as it is
-    decoded (``fit``: stretch, crop or pad when the aspect differs), so reading holds no more
-    than the working size of the video, never the source's resolution, and a stream whose
-    resolution changes midway still gives frames of one size. ``fps`` applies to frame folders
+    as 8-bit RGB whatever the source's pixel format, with square pixels (a stream's sample aspect
+    ratio applied). ``size`` fits every frame as it is decoded (``fit``: stretch, crop or pad when
+    the aspect differs), so reading holds no more than the working size of the video, never the
+    source's resolution, and a stream whose resolution changes midway still gives frames of one
+    size. A file's frames are evenly spaced in time: a variable-rate clip is resampled by its
+    timestamps to its average rate (see :mod:`tokenflow.timing`), so it lasts as long and stays in
+    step with its audio; a packet that does not decode is skipped. ``fps`` applies to frame folders
     (a video keeps its own, divided by ``stride``); the frames kept start at ``start_frame`` (or
     ``start_time`` seconds), every ``stride``-th, at most ``max_frames``.
     """
@@ -112,28 +116,36 @@ def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Size, declared frame count, fps and audio of an input, from its first frame and header:
-    cheap, so bad input fails before any model loads."""
+    """Size (as shown), frame count, fps and audio of an input, from its first frame and its packets'
+    timestamps (read, not decoded): cheap, so bad input fails before any model loads. The count and
+    the rate are those :func:`read_video` gives, never a header's claim."""
     path = os.fspath(path)
     _check_input(path, None)
     if os.path.isdir(path):
         names = _frame_names(path)
         first = _read_image(os.path.join(path, names[0]))
         return VideoInfo(first.shape[:2], len(names), DEFAULT_FOLDER_FPS, False)
-    with _open_video(path) as (container, stream):
-        declared = _declared_frames(container, stream)
-        try:
-            frame = next(container.decode(stream), None)
-        except Exception as e:
-            raise _unreadable(path, e) from None
+    timeline = scan_timeline(path)
+    with open_video(path) as (container, stream):
+        damage = Damage()
+        frame = next(decode_frames(container, stream, damage), None)
         if frame is None:
-            raise TokenFlowError(f"input '{path}' has no video frames")
-        return VideoInfo(_upright(frame).shape[:2], declared, _rate(stream), bool(container.streams.audio))
+            raise no_frames(path, damage)
+        size = display_size(upright(frame).shape[:2], frame_pixel_aspect(frame, stream))
+        has_audio = bool(container.streams.audio)
+        if timeline is None:
+            return VideoInfo(size, int(stream.frames) or None, float(header_rate(stream)), has_audio)
+        return VideoInfo(size, timeline.slots, float(timeline.rate), has_audio)
+
+
+def display_size(hw: tuple[int, int], pixel_aspect: float = 1.0) -> tuple[int, int]:
+    """(H, W) of a picture as shown: its width stretched by the pixels' aspect (width / height)."""
+    return int(hw[0]), max(1, round(hw[1] * pixel_aspect))
 
 
 class _Fitter:
-    """Resizes each frame to the size ``spec`` gives for the first frame; warns once when a
-    frame's own size differs from the first one's."""
+    """Resizes each frame to the size ``spec`` gives for the first frame as shown (non-square pixels
+    made square); warns once when a frame's own size differs from the first one's."""
 
     def __init__(self, spec: SizeSpec, source: str, fit: str = "stretch"):
         self.spec, self.source, self.fit = spec, source, fit
@@ -141,17 +153,20 @@ class _Fitter:
         self.target: Optional[tuple[int, int]] = None
         self.warned = False
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        hw = tuple(frame.shape[:2])
+    def __call__(self, frame: np.ndarray, pixel_aspect: Fraction = Fraction(1)) -> np.ndarray:
+        hw = display_size(frame.shape[:2], pixel_aspect)
         if self.first is None:
             self.first = hw
             spec = self.spec
             self.target = tuple(spec(hw)) if callable(spec) else (tuple(spec) if spec else hw)
+            if pixel_aspect != 1:
+                logger.info("'%s' has non-square pixels (sample aspect ratio %s): its %dx%d pixels are read as "
+                            "shown, %dx%d", self.source, pixel_aspect, frame.shape[1], frame.shape[0], hw[1], hw[0])
         elif hw != self.first and not self.warned:
             self.warned = True
             logger.warning("'%s' changes size midway (%dx%d, then %dx%d): every frame is fitted to %dx%d",
                            self.source, self.first[1], self.first[0], hw[1], hw[0], self.target[1], self.target[0])
-        return resize_frame(frame, *self.target, fit=self.fit)
+        return resize_frame(frame, *self.target, fit=self.fit, pixel_aspect=float(pixel_aspect))
 
 
 def _frame_names(path: str) -> list[str]:
@@ -200,100 +215,83 @@ def image_to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def short_message(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "corrupt or unsupported"
-
-
-def _unreadable(path: str, e: BaseException) -> TokenFlowError:
-    return TokenFlowError(f"cannot read '{path}' as a video: {type(e).__name__}: {short_message(e)}")
-
-
-@contextlib.contextmanager
-def _open_video(path: str):
-    import av
-
-    if os.path.getsize(path) == 0:
-        raise TokenFlowError(f"input '{path}' is an empty file")
-    try:
-        container = av.open(path)
-    except Exception as e:  # av raises InvalidDataError and friends
-        raise _unreadable(path, e) from None
-    try:
-        # ffmpeg renders any text file as a "video" through its tty (ANSI art) demuxer
-        if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
-            raise TokenFlowError(f"cannot read '{path}' as a video: it has no video stream")
-        yield container, container.streams.video[0]
-    finally:
-        container.close()
-
-
-def _rate(stream) -> float:
-    return float(stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FOLDER_FPS))
-
-
-def _declared_frames(container, stream) -> Optional[int]:
-    """The frame count the header gives, else one estimated from its duration; None if neither."""
-    if stream.frames:
-        return int(stream.frames)
-    if stream.duration and stream.time_base:
-        return int(round(float(stream.duration * stream.time_base) * _rate(stream)))
-    if container.duration:
-        return int(round(container.duration / 1_000_000 * _rate(stream)))
-    return None
-
-
-def _upright(frame) -> np.ndarray:
-    """A decoded frame as RGB, turned by its display matrix (phones store portrait clips sideways)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as ffmpeg displays it
-    turns = int(round(rotation / 90)) % 4
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
-
-
 def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
-    frames, start, error, index, first = [], 0.0, None, -1, None
-    max_frames = select.max_frames
+    timeline = scan_timeline(path)
     fit = _Fitter(size, path, fit_mode)
-    with _open_video(path) as (container, stream):
-        declared = _declared_frames(container, stream)
+    damage = Damage()
+    with open_video(path) as (container, stream):
+        rate = timeline.rate if timeline else header_rate(stream)
+        slots = _slots(decode_frames(container, stream, damage), timeline)
+
+        def convert(frame) -> np.ndarray:
+            return fit(upright(frame), frame_pixel_aspect(frame, stream))
+
+        frames, start, seen, complete = _take(slots, select, rate, convert)
         has_audio = bool(container.streams.audio)
-        origin = None
-        try:
-            for frame in container.decode(stream):
-                index += 1
-                time = frame.time
-                origin = time if origin is None else origin
-                if first is None:  # the first frame kept: by index, or by time from the stream's start
-                    if select.start_time is not None:
-                        if time is not None and time - (origin or 0.0) < select.start_time - 1e-6:
-                            continue
-                    elif index < select.start_frame:
-                        continue
-                    first = index
-                    start = float(time) if time is not None else 0.0
-                if (index - first) % select.stride:
-                    continue
-                frames.append(fit(_upright(frame)))
-                if max_frames and len(frames) >= max_frames:
-                    break
-        except Exception as e:  # a damaged tail: keep what decoded, say so below
-            if not frames:
-                raise _unreadable(path, e) from None
-            error = e
-        rate = _rate(stream)
+        declared = declared_frames(stream, timeline, rate)
     if not frames:
-        if index >= 0:
-            raise TokenFlowError(f"input '{path}' has {index + 1} frames: none from the start asked for")
-        raise TokenFlowError(f"input '{path}' has no video frames")
+        if seen:
+            raise TokenFlowError(f"input '{path}' has {seen} frames: none from the start asked for")
+        raise no_frames(path, damage)
+    if timeline is not None and not timeline.even:
+        logger.info("'%s' has a variable frame rate (%d frames over %.2f s): read at %.3f fps, each frame at its "
+                    "own time, so the length and the audio sync are kept", path, timeline.count, timeline.duration,
+                    float(rate))
+    _report_damage(path, damage, timeline, complete)
+    if complete:
+        _check_complete(path, len(frames), declared, select, float(rate), damage.ended)
+    return Video(np.stack(frames), float(rate) / select.stride, path if has_audio else None, path, start, fit.first)
+
+
+def _slots(frames, timeline: Optional[Timeline]):
+    """(slot, time, frame): on the timeline's evenly spaced slots, or one per frame in decoding order."""
+    if timeline is None:
+        return ((i, frame.time, frame) for i, frame in enumerate(frames))
+    return timeline.fill((frame.time, frame) for frame in frames)
+
+
+def _take(slots, select: Selection, rate: Fraction, convert: Callable) -> tuple[list, float, int, bool]:
+    """The selected slots' frames, each decoded frame converted once: (frames, the first one's time,
+    slots seen, whether the video ran out before the frame limit did)."""
+    frames, start, seen, begin = [], 0.0, 0, select.first(float(rate))
+    held, array = None, None
+    for slot, time, frame in slots:
+        seen = slot + 1
+        if slot < begin or (slot - begin) % select.stride:
+            continue
+        if not frames:
+            start = float(time) if time is not None else 0.0
+        if frame is not held:  # a frame may fill several slots
+            held, array = frame, convert(frame)
+        frames.append(array)
+        if select.max_frames and len(frames) >= select.max_frames:
+            return frames, start, seen, False
+    return frames, start, seen, True
+
+
+def _report_damage(path: str, damage: Damage, timeline: Optional[Timeline], complete: bool) -> None:
+    """Frames lost to data that did not decode; once the whole video is read, the timeline also
+    counts those lost without an error."""
+    lost = max(damage.skipped, timeline.count - damage.decoded if timeline and complete else 0)
+    if lost:
+        total = timeline.count if timeline else damage.decoded + lost
+        logger.warning("'%s': %d of %d frames could not be decoded (damaged data, skipped as ffmpeg does); the "
+                       "frames around them keep their times%s", path, lost, total,
+                       f" ({type(damage.last).__name__}: {short_message(damage.last)})" if damage.last else "")
+
+
+def _check_complete(path: str, n_read: int, declared: Optional[int], select: Selection, rate: float,
+                    ended: Optional[BaseException]) -> None:
+    """Warn when the frames stop early: reading the container failed, or the stream's own
+    duration holds more frames than were read."""
+    first = select.first(rate)
     if declared and (first or select.stride > 1):  # what the selection should have given
-        declared = len(range(first or 0, declared, select.stride))
-    wanted = min(declared, max_frames) if declared and max_frames else declared
-    if error is not None or (wanted and not _close(len(frames), wanted)):
+        declared = len(range(first, declared, select.stride))
+    wanted = min(declared, select.max_frames) if declared and select.max_frames else declared
+    if ended is not None or (wanted and not _close(n_read, wanted)):
         logger.warning("'%s' looks truncated or damaged: read %d frames, the container declares %s%s; "
-                       "editing the frames that were read", path, len(frames), declared or "no count",
-                       f" ({type(error).__name__}: {short_message(error)})" if error else "")
-    return Video(np.stack(frames), rate / select.stride, path if has_audio else None, path, start, fit.first)
+                       "editing the frames that were read", path, n_read, declared or "no count",
+                       f" ({type(ended).__name__}: {short_message(ended)})" if ended else "")
 
 
 def _close(read: int, declared: int) -> bool:
@@ -324,26 +322,30 @@ def working_size(source_hw: tuple[int, int], height: Optional[int] = None,
     return int(height), int(width)
 
 
-def resize_frame(frame: np.ndarray, height: int, width: int, fit: str = "stretch") -> np.ndarray:
+def resize_frame(frame: np.ndarray, height: int, width: int, fit: str = "stretch",
+                 pixel_aspect: float = 1.0) -> np.ndarray:
     """uint8 (H, W, 3) -> (height, width, 3) with Pillow's LANCZOS; unchanged if same size.
 
-    Another aspect is stretched, centre-cropped (``crop``) or letterboxed in black (``pad``).
+    Another aspect is stretched, centre-cropped (``crop``) or letterboxed in black (``pad``). The
+    aspect is the picture's as shown: its width times ``pixel_aspect`` (a pixel's width / height).
     """
     h, w = frame.shape[:2]
-    if (h, w) == (height, width):
+    shown_w = w * pixel_aspect
+    if (h, w) == (height, width) and (fit == "stretch" or pixel_aspect == 1):
         return frame
     image = Image.fromarray(frame)
-    if fit == "crop" and h * width != w * height:
-        if w * height > h * width:  # too wide: keep the middle columns
-            keep = h * width / height
+    other_aspect = abs(h * width - shown_w * height) > 1e-9 * h * width
+    if fit == "crop" and other_aspect:
+        if shown_w * height > h * width:  # too wide: keep the middle columns
+            keep = h * width / height / pixel_aspect
             box = ((w - keep) / 2, 0, (w + keep) / 2, h)
         else:
-            keep = w * height / width
+            keep = shown_w * height / width
             box = (0, (h - keep) / 2, w, (h + keep) / 2)
         return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))
-    if fit == "pad" and h * width != w * height:
-        scale = min(height / h, width / w)
-        inner_h, inner_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if fit == "pad" and other_aspect:
+        scale = min(height / h, width / shown_w)
+        inner_h, inner_w = max(1, round(h * scale)), max(1, round(shown_w * scale))
         out = np.zeros((height, width, 3), np.uint8)
         top, left = (height - inner_h) // 2, (width - inner_w) // 2
         out[top:top + inner_h, left:left + inner_w] = image.resize((inner_w, inner_h), Image.Resampling.LANCZOS)
