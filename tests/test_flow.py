@@ -155,6 +155,8 @@ def test_the_command_edits_with_a_tiny_flow_model(tmp_path, capsys):
                            "-o", tmp_path / "bad.mp4")
     assert code == 2 and "flowedit" in err and "Traceback" not in err
     assert not (tmp_path / "bad.mp4").exists()
+    code, _, err = run_cli(capsys, "invert", clip, "--model", "tiny-flux")
+    assert code == 2 and "without an inversion" in err
 
 
 def test_the_web_page_session_edits_with_flowedit(pipes, tmp_path):

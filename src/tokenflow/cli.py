@@ -415,6 +415,11 @@ def _settings_and_input(args: argparse.Namespace, usage: str):
     return config, run, probe_video(run["input"])
 
 
+def _no_flow(run: dict[str, Any], command: str, why: str) -> None:
+    if flow_kind(run.get("model")):
+        raise TokenFlowError(f"tokenflow {command} is not for SD3/FLUX models ({run['model']}): {why}")
+
+
 def _check_flow(config: EditConfig, run: dict[str, Any]) -> None:
     from .config import FLOW_EDITORS
 
@@ -560,6 +565,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, _ = _settings_and_input(args, "tokenflow invert INPUT")
+    _no_flow(run, "invert", "FlowEdit edits SD3/FLUX without an inversion: use tokenflow edit")
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
     frames = pipe.load_video(run["input"], config).frames
     conditioning = pipe.prepare_conditioning(frames, config)
@@ -628,6 +634,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .video import to_uint8
 
     config, run, info = _settings_and_input(args, "tokenflow analyze INPUT")
+    _no_flow(run, "analyze", "its figures are of the UNet's features (SD 1.x/2.x, SDXL)")
     from .analysis import FIGURES
     from .preflight import check_no_overwrite, protected_paths
     from .video import check_writable_name
