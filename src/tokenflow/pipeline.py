@@ -216,9 +216,16 @@ class TokenFlowPipeline(VideoInputs):
                         model_config: Optional[str] = None, allow_pickle: bool = False,
                         loras: tuple[str, ...] | list[str] = (), variant: Optional[str] = None,
                         revision: Optional[str] = None) -> "TokenFlowPipeline":
-        """Load SD 1.x/2.x, SD 2 depth or SDXL from a hub id, a local diffusers folder or a single
+        """Load SD 1.x/2.x, SD 2 depth or SDXL (an SD3 or FLUX.1 model gives a :class:`tokenflow.FlowPipeline`) from a hub id, a local diffusers folder or a single
         checkpoint file (configs from ``model_config``), with LoRAs (``PATH_OR_ID[:SCALE]``) fused in.
         ``variant`` (e.g. ``"fp16"``) and ``revision`` are diffusers' own."""
+        from .flow import flow_kind
+
+        if flow_kind(model):  # SD3/SD3.5, FLUX.1: the rectified-flow pipeline
+            from .flow import FlowPipeline
+
+            return FlowPipeline.from_pretrained(model, device, dtype, loras=loras, model_config=model_config,
+                                                variant=variant, revision=revision)
         dev = resolve_device(device)
         c: Components = load_components(model, dev, resolve_dtype(dtype, dev), model_config=model_config,
                                         allow_pickle=allow_pickle, loras=loras, variant=variant, revision=revision)

@@ -53,11 +53,13 @@ class FlowFamily:
     def __init__(self, pipe):
         self.pipe = pipe  # a diffusers pipeline: prompt encoding and the latent helpers are its own
         self.transformer, self.vae, self.scheduler = pipe.transformer, pipe.vae, pipe.scheduler
+        # where the compute runs (with offload the modules wait on the CPU between stages)
+        self.compute_device = self.transformer.device
 
     # ------------------------------------------------------------------ components
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.compute_device
 
     @property
     def dtype(self) -> torch.dtype:
