@@ -3,6 +3,7 @@
 
     python benchmarks/flow.py --family sd3 flux --frames 16 --height 64 --width 64      # tiny models, CPU
     python benchmarks/flow.py --formula                                                 # full-size figures
+    python benchmarks/flow.py --formula --full-width 256    # + SD3.5 Medium's widths, random, timed on this machine
 
 Measured (tiny random SD3/FLUX built in code): transformer image-forwards per frame and step, split
 into keyframe pass and propagation; seconds per editing step; peak RSS of the edit. ``--formula``
@@ -94,6 +95,52 @@ def formula() -> list[dict]:
     return rows
 
 
+FULL_SD35_MEDIUM = dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+
+
+def measure_full_width(side: int, frames: int, repeats: int = 1) -> dict:
+    """SD3.5 Medium's transformer at its real widths (random weights, 2.5 B parameters, float32): seconds
+    per image-forward, plain and as TokenFlow's keyframe pass (extended attention over ``frames``)."""
+    from diffusers import SD3Transformer2DModel
+
+    from tokenflow.attention import TokenFlowState
+    from tokenflow.families.base import AttentionLayer
+    from tokenflow.joint_attention import joint_tokenflow_hooks
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = SD3Transformer2DModel(**FULL_SD35_MEDIUM).eval().requires_grad_(False)
+    built = time.perf_counter() - started
+    params = sum(p.numel() for p in model.parameters())
+    branches = 4
+    x = torch.randn(branches * frames, 16, side // 8, side // 8)
+    text = torch.randn(branches * frames, TEXT_TOKENS["SD3"], 4096)
+    pooled = torch.randn(branches * frames, 2048)
+    t = torch.full((branches * frames,), 500.0)
+
+    def forward() -> float:
+        begin = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(repeats):
+                model(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled)
+        return (time.perf_counter() - begin) / (repeats * len(x))
+
+    plain = forward()
+    state = TokenFlowState(n_branches=branches, n_source_branches=2)
+    state.set_mode("keyframe")
+    layers = [AttentionLayer(k[:-len(".processor")], "image" if ".attn2." in k else "joint")
+              for k in model.attn_processors]
+    with joint_tokenflow_hooks(model, state, layers, text_first=False):
+        keyframe = forward()
+    return {"model": "SD3.5-Medium widths, random", "parameters": params, "size": side, "frames": frames,
+            "seconds to build": round(built, 1), "seconds per image-forward": round(plain, 3),
+            "seconds per image-forward, keyframe pass": round(keyframe, 3),
+            "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", default=["sd3", "flux"], choices=["sd3", "flux"])
@@ -105,12 +152,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--propagation", default="paper")
     parser.add_argument("--formula", action="store_true", help="print the full-size figures by formula only")
+    parser.add_argument("--full-width", type=int, metavar="SIDE",
+                        help="also time SD3.5 Medium's transformer at real widths (random) at SIDE x SIDE")
     parser.add_argument("--json", help="write the figures")
     args = parser.parse_args()
     out = {"formula": formula()}
     if not args.formula:
         out["measured"] = [measure(k, args.frames, args.height, args.width, args.steps, args.n_max,
                                    args.batch_size, args.propagation) for k in args.family]
+    if args.full_width:
+        out["full width"] = measure_full_width(args.full_width, 2)
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -175,6 +175,13 @@ def test_the_family_is_picked_from_the_model(tmp_path):
                       ("b.safetensors", "double_blocks.0.img_attn.qkv.weight")):
         save_file({key: torch.zeros(1)}, str(tmp_path / name))
     assert flow_kind(str(tmp_path / "a.safetensors")) == "sd3" and flow_kind(str(tmp_path / "b.safetensors")) == "flux"
+    video_model = tmp_path / "wan"
+    video_model.mkdir()
+    (video_model / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    from tokenflow.errors import TokenFlowError
+
+    with pytest.raises(TokenFlowError, match="is a WanPipeline; TokenFlow edits with SD 1.x"):
+        flow_kind(str(video_model))
     pipe = TokenFlowPipeline.from_pretrained(folder, device="cpu", dtype="float32")  # a local diffusers folder
     assert isinstance(pipe, FlowPipeline) and pipe.family.name == "flux" and pipe.model_id.startswith("folder:")
 

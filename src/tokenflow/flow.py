@@ -242,6 +242,23 @@ class FlowPipeline(VideoInputs):
                       model=self.model_id, dtype=str(self.dtype), device=self.device.type, generator=generator,
                       world=self.group.world_size, rank=self.group.rank)
 
+    def check_inputs(self, config: EditConfig, prompt: Optional[str], prompts: Optional[Sequence[str]],
+                     output_type: str, generator: Optional[torch.Generator]) -> tuple[EditConfig, list[str]]:
+        """Every setting of an edit, checked before any work: (the settings, the prompts in order)."""
+        if prompts is not None:
+            if isinstance(prompts, str) or not len(prompts) or prompt is not None:
+                raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
+            prompt = prompts[0]
+        config = (config.replace(prompt=prompt) if prompt is not None else config).validate()
+        prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
+                                                                for p in prompts]
+        self._check(config, prompt_list)
+        if output_type not in OUTPUT_TYPES:
+            raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        if generator is not None and generator.device.type != "cpu":
+            raise TokenFlowError("generator must be a CPU torch.Generator (the noise is drawn on the CPU)")
+        return config, prompt_list
+
     @torch.no_grad()
     def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
              prompts: Optional[Sequence[str]] = None, progress: bool = True, checkpoint: bool = False,
@@ -256,69 +273,71 @@ class FlowPipeline(VideoInputs):
         an interrupted run resumes (unless ``restart``) to the same result. There is no inversion here:
         ``inversion`` and ``use_cache`` are accepted for the UNet pipeline's signature and unused.
         """
-        config = (config or self.default_config()).replace(**overrides)
-        if prompts is not None:
-            if isinstance(prompts, str) or not len(prompts) or prompt is not None:
-                raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
-            prompt = prompts[0]
-        if prompt is not None:
-            config = config.replace(prompt=prompt)
-        config.validate()
-        prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
-                                                                for p in prompts]
-        self._check(config, prompt_list)
-        if output_type not in OUTPUT_TYPES:
-            raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        # 1. check the inputs
+        config, prompt_list = self.check_inputs((config or self.default_config()).replace(**overrides), prompt,
+                                                prompts, output_type, generator)
         timer = _Timer()
+        # 2. frames, and this rank's share of them as clean latents
         with timer("read"):
             fitted = self.load_video(video, config)
-        frames = fitted.frames
-        n, _, height, width = frames.shape
-        if height % self.size_multiple or width % self.size_multiple:
-            raise TokenFlowError(f"frame size {width}x{height} is not a multiple of {self.size_multiple} "
-                                 f"({self.family.name}: VAE factor 8, patches of 2); give --height/--width")
-        plan = self.group.plan(n, config.batch_size)
-        mine = plan.frames()
-        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
-        n_run, n_sample = self.flow_steps(config)
-        if isinstance(sampler, ScheduledKeyframes):
-            sampler.check(n_run, n, config.batch_size)
-        with timer("encode"), self._on_device(self.family.vae):
-            x_src = self.family.encode(frames[mine.start:mine.stop], self.vae_batch_size)  # (n_r, ...)
-        from .cache import frames_digest
-
-        frames_key = frames_digest(frames)
-        del frames
-        if hasattr(self.family, "set_frame_size"):
-            self.family.set_frame_size(height, width)
-        if generator is not None and generator.device.type != "cpu":
-            raise TokenFlowError("generator must be a CPU torch.Generator (the noise is drawn on the CPU)")
-        key_generator = None if generator is None else torch.Generator().set_state(generator.get_state())
-        noise = generator if generator is not None else torch.Generator().manual_seed(config.seed)
-        loop = _FlowLoop(self, config, prompt_list, x_src, plan, sampler, noise, (height, width), n_run, n_sample)
-        saver = None
-        if checkpoint and not return_latents:
-            key = self.edit_key(frames_key, config, prompt_list, key_generator)
-            saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key),
-                                    _Generators(sampler, noise), self.group, extra=loop.extra_state)
-            if not restart:
-                loop.restore(saver)
+        plan = self.group.plan(len(fitted.frames), config.batch_size)
+        with timer("encode"):
+            x_src, frames_key = self._encode(fitted.frames, plan)
+        height, width = fitted.frames.shape[-2:]
+        fitted = fitted._replace(frames=None)  # the pixels are not needed past here
+        # 3. the sampling loop: keyframes, noise, resume
+        loop, saver = self._loop(config, prompt_list, x_src, plan, (height, width), frames_key, generator,
+                                 checkpoint and not return_latents, cache_dir, restart)
         with timer("editing"), self._on_device(self.family.transformer):
             latents = loop.run(progress, callback, saver, return_latents)
+        # 4. decode; rank 0 gathers the video
         with timer("decode"), self._on_device(self.family.vae):
             edited = [self.family.decode(x_p, height, width, self.vae_batch_size) for x_p in latents]
         if self.group.distributed:
-            counts = plan.frame_counts()
-            edited = [self.group.gather_rows(e, counts) for e in edited]
-        results = []
-        for p, frames_p in enumerate(edited):
-            if output_type != "pt" and frames_p is not None:
-                frames_p = _convert_frames(frames_p, output_type)
-            results.append(EditResult(frames_p, fitted.fps, config.replace(prompt=prompt_list[p]), loop.timesteps,
-                                      loop.keyframe_log, None, loop.trace(p), timer.seconds, fitted.audio_source,
-                                      fitted.audio_start, loop.first, fitted.source_size,
-                                      saver.handle() if saver else None))
+            edited = [self.group.gather_rows(e, plan.frame_counts()) for e in edited]
+        # 5. one result per prompt
+        results = [EditResult(frames_p if output_type == "pt" or frames_p is None else
+                              _convert_frames(frames_p, output_type), fitted.fps,
+                              config.replace(prompt=prompt_list[p]), loop.timesteps, loop.keyframe_log, None,
+                              loop.trace(p), timer.seconds, fitted.audio_source, fitted.audio_start, loop.first,
+                              fitted.source_size, saver.handle() if saver else None)
+                   for p, frames_p in enumerate(edited)]
         return results if prompts is not None else results[0]
+
+    def _encode(self, frames: torch.Tensor, plan) -> tuple[torch.Tensor, str]:
+        """This rank's frames as clean latents (n_r, ...) and the whole video's content key."""
+        from .cache import frames_digest
+
+        height, width = frames.shape[-2:]
+        if height % self.size_multiple or width % self.size_multiple:
+            raise TokenFlowError(f"frame size {width}x{height} is not a multiple of {self.size_multiple} "
+                                 f"({self.family.name}: VAE factor 8, patches of 2); give --height/--width")
+        if hasattr(self.family, "set_frame_size"):
+            self.family.set_frame_size(height, width)
+        mine = plan.frames()
+        with self._on_device(self.family.vae):
+            x_src = self.family.encode(frames[mine.start:mine.stop], self.vae_batch_size)
+        return x_src, frames_digest(frames)
+
+    def _loop(self, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan, size: tuple[int, int],
+              frames_key: str, generator: Optional[torch.Generator], checkpoint: bool, cache_dir: Optional[str],
+              restart: bool) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
+        """The loop of this edit, resumed from its checkpoint where there is one."""
+        sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
+        n_run, n_sample = self.flow_steps(config)
+        if isinstance(sampler, ScheduledKeyframes):
+            sampler.check(n_run, plan.n_frames, config.batch_size)
+        key_generator = None if generator is None else torch.Generator().set_state(generator.get_state())
+        noise = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+        loop = _FlowLoop(self, config, prompts, x_src, plan, sampler, noise, size, n_run, n_sample)
+        if not checkpoint:
+            return loop, None
+        key = self.edit_key(frames_key, config, prompts, key_generator)
+        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key),
+                                _Generators(sampler, noise), self.group, extra=loop.extra_state)
+        if not restart:
+            loop.restore(saver)
+        return loop, saver
 
     def working_size(self, source_hw: tuple[int, int], config: EditConfig) -> tuple[int, int]:
         """As the UNet pipeline's, with sides that are multiples of 16 (VAE 8 x patch 2)."""
