@@ -712,7 +712,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_path(args.json, extensions=(".json",))
-    jobs = load_jobs(args.jobs)  # every job's settings checked before any work
+    jobs = load_jobs(args.jobs, summary=args.json)  # every job's settings and paths checked before any work
     jobs = [dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
     rank, world, local_rank = environment()
     if world > 1:
