@@ -161,14 +161,15 @@ def format_table(results: list[JobResult]) -> str:
     return "\n".join(lines)
 
 
-def gather_results(results: list[JobResult], world_size: int) -> Optional[list[JobResult]]:
-    """Every rank's results on rank 0 (None elsewhere); alone, the results as they are."""
+def gather_results(results: list[JobResult], world_size: int, group=None) -> Optional[list[JobResult]]:
+    """Every rank's results on rank 0 (None elsewhere); alone, the results as they are.
+    ``group``: the process group to gather over (default: the whole world's)."""
     if world_size == 1:
         return results
     import torch.distributed as dist
 
     everything: list = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object(results, everything, dst=0)
+    dist.gather_object(results, everything, dst=0, group=group)
     if dist.get_rank() != 0:
         return None
     return [r for part in everything for r in part]

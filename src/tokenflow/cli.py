@@ -462,9 +462,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     runs = _prompt_runs(run, prompts)  # one output per prompt
     outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None))
                for r, p in zip(runs, prompts or [config.prompt])]
-    from .distributed import environment, local_device, shutdown
+    from .distributed import check_launch, local_device, shutdown
 
-    rank, world, local_rank = environment()
+    rank, world, local_rank = check_launch()  # ranks in range, and what the process group needs
     if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
         if str(run.get("device") or "").startswith("cuda:"):
             raise TokenFlowError(f"--device {run['device']} under torchrun would put every rank on one GPU; "
@@ -706,7 +706,7 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
 def cmd_batch(args: argparse.Namespace) -> int:
     from .atomic import atomic_path
     from .batch import JobResult, deal, finished_settings, format_table, gather_results, load_jobs
-    from .distributed import environment, local_device
+    from .distributed import check_launch, local_device, start_process_group, timeout_seconds
     from .models import short_error
     from .video import check_output_path
 
@@ -714,7 +714,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_output_path(args.json, extensions=(".json",))
     jobs = load_jobs(args.jobs, summary=args.json)  # every job's settings and paths checked before any work
     jobs = [dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
-    rank, world, local_rank = environment()
+    rank, world, local_rank = check_launch()
+    summary_group = None
     if world > 1:
         import datetime
 
@@ -723,8 +724,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
+        start_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_seconds())  # bounded
+        # ranks finish their jobs hours apart: only the summary waits that long, on a group of its own
+        summary_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
         for job in jobs:  # each rank its own device
             if torch.cuda.is_available() and not job.run.get("device"):
                 job.run["device"] = local_device("auto", local_rank)
@@ -747,7 +749,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if r.status == "failed":
             print(f"tokenflow: {job.name} failed: {r.error}", file=sys.stderr)
         results.append(r)
-    everything = gather_results(results, world)
+    everything = gather_results(results, world, summary_group)
     if world > 1:
         import torch.distributed as dist
 
