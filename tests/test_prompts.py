@@ -100,6 +100,20 @@ def test_several_prompts_on_the_command_line_write_one_output_each(tmp_path, cap
     assert code == 2 and "is a file" in err
 
 
+def test_several_prompts_whose_output_is_refused_create_nothing(tmp_path, capsys, monkeypatch):
+    from test_reliability import one_error_line
+    from tokenflow import cli
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    clip = write_clip(tmp_path / "o-2.mp4", moving_frames(3, 32, 48))  # the second prompt's output name
+    before = open(clip, "rb").read()
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "a robot", "-p", "a statue", "-o", tmp_path / "o.mp4",
+                           "--frames-dir", tmp_path / "frames", "--model", "tiny")
+    assert code == 2
+    one_error_line(err, "o-2.mp4' is the input")
+    assert sorted(os.listdir(tmp_path)) == ["o-2.mp4"] and open(clip, "rb").read() == before
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_keyframes_reuse_their_keyframe_pass_prediction_under_the_paper_policy(tiny_pipe, monkeypatch, split):
     """A keyframe blends its own outputs with weight 1 at its own tokens, so its propagation pass would

@@ -315,14 +315,10 @@ def _prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict
     if frames_dir and os.path.exists(frames_dir) and not os.path.isdir(frames_dir):
         raise TokenFlowError(f"--frames-dir '{frames_dir}' is a file; several prompts need a folder for "
                              f"their frame folders 1 ... {len(prompts)}")
-    if frames_dir and not os.path.isdir(frames_dir):  # the folder that holds DIR/1, DIR/2, ... (empty)
-        from .video import check_writable_name
+    if frames_dir and not os.path.isdir(frames_dir):  # DIR, which holds DIR/1, DIR/2, ...: made only when
+        from .video import check_writable_name  # the frames are written, so a refused run leaves nothing
 
         check_writable_name(frames_dir)
-        try:
-            os.makedirs(frames_dir, exist_ok=True)  # exist_ok: under torchrun every rank gets here
-        except OSError as e:
-            raise TokenFlowError(f"cannot create --frames-dir '{frames_dir}': {e.strerror or e}") from None
     return [{**run, "output": f"{root}-{i}{ext}",
              "frames_dir": os.path.join(frames_dir, str(i)) if frames_dir else None} for i in range(1, len(prompts) + 1)]
 
@@ -350,7 +346,8 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
             yaml.safe_dump(settings, f, sort_keys=False)
         encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
                      audio_start=result.audio_start)
-        if run.get("frames_dir"):
+        if run.get("frames_dir"):  # several prompts: DIR/1, ... go into DIR, made now (see _prompt_runs)
+            os.makedirs(os.path.dirname(os.path.abspath(run["frames_dir"])), exist_ok=True)
             save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
@@ -411,9 +408,11 @@ def _check_schedule_frames(config: EditConfig, info) -> None:
     ScheduledKeyframes.from_json(config.keyframe_schedule).check(steps, n, config.batch_size)
 
 
-def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None) -> str:
+def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None,
+                   frames_parent_later: bool = False) -> str:
     """Everything about an edit's outputs that can fail, checked before the work: names, folders,
-    outputs against inputs, the keyframe schedule against the frames, free space. Returns the output."""
+    outputs against inputs, the keyframe schedule against the frames, free space. Returns the output.
+    ``frames_parent_later``: the frames folder's parent is made when the frames are written."""
     from .preflight import check_free_space, check_no_overwrite, protected_paths
     from .video import check_frames_dir, check_output_path
 
@@ -421,7 +420,7 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
     settings_file = check_output_path(settings_path(output), extensions=None)
     frames_dir = run.get("frames_dir")
     if frames_dir:
-        check_frames_dir(frames_dir)
+        check_frames_dir(frames_dir, parent_later=frames_parent_later)
     check_no_overwrite([output, settings_file, _cache_root(run)], frames_dir,
                        protected_paths(run["input"], config_file, config, run))
     _check_schedule_frames(config, info)
@@ -460,8 +459,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             where = f" (-p number {i + 1} is blank)" if prompts else ""
             raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show'")
     runs = _prompt_runs(run, prompts)  # one output per prompt
-    outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None))
-               for r, p in zip(runs, prompts or [config.prompt])]
+    outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None),
+                              frames_parent_later=bool(prompts)) for r, p in zip(runs, prompts or [config.prompt])]
     from .distributed import check_launch, local_device, shutdown
 
     rank, world, local_rank = check_launch()  # ranks in range, and what the process group needs

@@ -596,11 +596,16 @@ def frames_replaceable(name: str) -> bool:
     return bool(FRAME_NAME.match(name))
 
 
-def check_frames_dir(folder: str | os.PathLike) -> str:
-    """Fail early if ``folder`` cannot take the frames: a file, or a folder of the user's own files."""
+def check_frames_dir(folder: str | os.PathLike, parent_later: bool = False) -> str:
+    """Fail early if ``folder`` cannot take the frames: a file, or a folder of the user's own files.
+    ``parent_later``: the folder above may not exist yet (it is made when the frames are written)."""
     from .atomic import check_replaceable_dir
 
     folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    if parent_later and not os.path.lexists(parent):
+        check_writable_name(parent)  # then the folder itself is new: nothing in it to replace
+        return folder
     check_writable_name(folder, DIR_SUFFIX)
     check_replaceable_dir(os.path.abspath(folder), frames_replaceable)
     return folder
