@@ -89,7 +89,10 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
                                                  "cuda, bfloat16 on a CPU with AMX or Arm BF16, float32 elsewhere; "
                                                  "--model tiny: float32)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the inversion cache; nothing goes to the cache folder: resume "
+                        "checkpoints are kept beside the output instead (in its folder's .tokenflow-checkpoints/, "
+                        "removed when the output is written; invert, which has no output, keeps none)")
     p.add_argument("--no-resume", action="store_true", default=None,
                    help="start over instead of resuming from the checkpoints of an interrupted run of "
                         "the same command (default: resume)")
@@ -409,10 +412,11 @@ def _check_schedule_frames(config: EditConfig, info) -> None:
 
 
 def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None,
-                   frames_parent_later: bool = False) -> str:
+                   frames_parent_later: bool = False, no_cache: bool = False) -> str:
     """Everything about an edit's outputs that can fail, checked before the work: names, folders,
     outputs against inputs, the keyframe schedule against the frames, free space. Returns the output.
-    ``frames_parent_later``: the frames folder's parent is made when the frames are written."""
+    ``frames_parent_later``: the frames folder's parent is made when the frames are written.
+    ``no_cache``: the checkpoints go beside the output instead of the cache folder."""
     from .preflight import check_free_space, check_no_overwrite, protected_paths
     from .video import check_frames_dir, check_output_path
 
@@ -421,19 +425,24 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
     frames_dir = run.get("frames_dir")
     if frames_dir:
         check_frames_dir(frames_dir, parent_later=frames_parent_later)
-    check_no_overwrite([output, settings_file, _cache_root(run)], frames_dir,
+    work = _checkpoint_dir(output) if no_cache else _cache_root(run)  # what the run writes besides its outputs
+    check_no_overwrite([output, settings_file, work], frames_dir,
                        protected_paths(run["input"], config_file, config, run))
     _check_schedule_frames(config, info)
-    check_free_space(info, config, output, frames_dir, _cache_root(run))
+    check_free_space(info, config, output, frames_dir, work)
     return output
 
 
 def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace,
-                      conditioning=None):
+                      conditioning=None, output: Optional[str] = None):
+    """The inversion through the cache; checkpointed beside the cache, or with --no-cache beside
+    ``output`` (none without an output: ``tokenflow invert --no-cache`` keeps nothing)."""
+    checkpoint_dir = _checkpoint_dir(output) if args.no_cache and output else None
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                        config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
                        conditioning=conditioning or pipe.prepare_conditioning(frames, config),
-                       checkpoint=True, restart=bool(run.get("no_resume")))
+                       checkpoint=not args.no_cache or output is not None, restart=bool(run.get("no_resume")),
+                       checkpoint_dir=checkpoint_dir)
 
 
 def _existing_ancestor(path: str) -> str:
@@ -442,6 +451,14 @@ def _existing_ancestor(path: str) -> str:
     while not os.path.exists(os.path.dirname(path)) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
+
+
+CHECKPOINT_FOLDER = ".tokenflow-checkpoints"  # with --no-cache, beside the output; gone with its last checkpoint
+
+
+def _checkpoint_dir(output: str) -> str:
+    """Where --no-cache keeps the resume checkpoints: beside the output, as its temporaries are."""
+    return os.path.join(os.path.dirname(os.path.abspath(output)), CHECKPOINT_FOLDER)
 
 
 def _cache_root(run: dict[str, Any]) -> str:
@@ -460,7 +477,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show'")
     runs = _prompt_runs(run, prompts)  # one output per prompt
     outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None),
-                              frames_parent_later=bool(prompts)) for r, p in zip(runs, prompts or [config.prompt])]
+                              frames_parent_later=bool(prompts), no_cache=args.no_cache)
+               for r, p in zip(runs, prompts or [config.prompt])]
     from .distributed import check_launch, local_device, shutdown
 
     rank, world, local_rank = check_launch()  # ranks in range, and what the process group needs
@@ -485,7 +503,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             group = pipe.distribute().group
         results = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
                             use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
-                            checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts)
+                            checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts,
+                            checkpoint_dir=_checkpoint_dir(outputs[0]) if args.no_cache else None)
         results = results if prompts else [results]
         if group.is_main:  # rank 0 holds the whole video and writes it
             for r, result, output in zip(runs, results, outputs):
@@ -608,7 +627,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     n = len(frames)
     target = check_frames(n)
     conditioning = pipe.prepare_conditioning(frames, config)
-    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
+    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning, output=args.output)
     timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
     analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
                                 config.inversion_prompt, args.layer, conditioning)
@@ -781,7 +800,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    command = None
+    command, args = None, None
     previous = _handle_sigterm()
     try:
         args = parser.parse_args(argv)
@@ -810,8 +829,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        checkpointed = command in RESUMABLE and not (command == "invert" and getattr(args, "no_cache", False))
         hint = ("; finished work is checkpointed: run the same command again to resume (--no-resume "
-                "starts over)") if command in RESUMABLE else ""
+                "starts over)") if checkpointed else ""
         print(f"tokenflow: interrupted ({name}){hint}", file=sys.stderr)
         return 128 + int(signum)
     finally:
