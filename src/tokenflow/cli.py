@@ -660,8 +660,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
             else args.model or DEFAULT_MODEL)
     session = EditorSession(pipe, name, Limits(args.max_upload_mb, args.max_frames, args.max_side),
                             cache_dir=args.cache_dir)
-    print(f"tokenflow ui: http://{args.host}:{args.port} ({name})", flush=True)
-    launch(session, args.host, args.port, args.share)
+    try:
+        print(f"tokenflow ui: http://{args.host}:{args.port} ({name})", flush=True)
+        launch(session, args.host, args.port, args.share)
+    finally:  # Ctrl-C, SIGTERM or an error: the edited videos the page served go with the server
+        session.close()
     return 0
 
 
