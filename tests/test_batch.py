@@ -106,6 +106,9 @@ def test_batch_jobs_are_checked_against_each_other_before_the_model_loads(tmp_pa
         ([{"input": wolf, "prompt": "a", "output": str(out / "a.mp4"), "frames_dir": str(out / "f")},
           {"input": cat, "prompt": "b", "output": str(out / "f" / "b.mp4")}],
          ["job 1 (wolf.mp4): frames folder", "holds job 2 (cat.mp4)'s output"]),
+        ([{"input": wolf, "prompt": "a", "output": str(out / "a.mp4"), "frames_dir": str(out / "f")},
+          {"input": cat, "prompt": "b", "output": str(out / "b.mp4"), "frames_dir": str(out / "f" / "g")}],
+         ["job 2 (cat.mp4): frames folder", "lies in job 1 (wolf.mp4)'s frames folder"]),
     ]
     for jobs, needles in cases:
         code, stdout, err = run_cli(capsys, "batch", jobs_file(tmp_path, tiny_model_dir, jobs))

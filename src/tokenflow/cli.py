@@ -724,10 +724,30 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     return output
 
 
+def _join_batch_ranks(jobs, local_rank: int):
+    """Under torchrun: join the process group (bounded by TOKENFLOW_DIST_TIMEOUT), give each job this
+    rank's GPU, and return the group the summary is gathered over (ranks finish their jobs hours
+    apart: only the summary waits that long, on a group of its own)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import local_device, start_process_group, timeout_seconds
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    start_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_seconds())
+    for job in jobs:  # each rank its own device
+        if torch.cuda.is_available() and not job.run.get("device"):
+            job.run["device"] = local_device("auto", local_rank)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from .atomic import atomic_path
     from .batch import JobResult, deal, finished_settings, format_table, gather_results, load_jobs
-    from .distributed import check_launch, local_device, start_process_group, timeout_seconds
+    from .distributed import check_launch
     from .models import short_error
     from .video import check_output_path
 
@@ -736,21 +756,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     jobs = load_jobs(args.jobs, summary=args.json)  # every job's settings and paths checked before any work
     jobs = [dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
     rank, world, local_rank = check_launch()
-    summary_group = None
-    if world > 1:
-        import datetime
-
-        import torch
-        import torch.distributed as dist
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        start_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_seconds())  # bounded
-        # ranks finish their jobs hours apart: only the summary waits that long, on a group of its own
-        summary_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
-        for job in jobs:  # each rank its own device
-            if torch.cuda.is_available() and not job.run.get("device"):
-                job.run["device"] = local_device("auto", local_rank)
+    summary_group = _join_batch_ranks(jobs, local_rank) if world > 1 else None
     pipes: dict = {}
     results = []
     for job in deal(jobs, rank, world):

@@ -155,14 +155,13 @@ def _check_write(run: RunPaths, out: str, what: str, reads: dict, read_dirs: dic
 
 
 def _check_frames_dir(run: RunPaths, frames: dict) -> None:
-    """Two runs' frames folders: neither the same nor one inside the other (each replaces its whole folder)."""
+    """Two runs' frames folders are neither the same nor one inside the other (each replaces its whole
+    folder); a folder that holds another run's is found from that run's side, as the one it lies in."""
     mine = _real(run.frames_dir)
-    for owner, given in frames.values():
-        if owner is run:
-            continue
-        theirs = _real(given)
-        if mine == theirs or inside(mine, theirs) or inside(theirs, mine):
-            how = "is also" if mine == theirs else ("lies in" if inside(mine, theirs) else "holds")
+    for folder in _folders_above(mine):
+        owner, given = frames.get(folder, (run, None))
+        if owner is not run:
+            how = "is also" if folder == mine else "lies in"
             raise TokenFlowError(f"{_prefix(run)}frames folder '{run.frames_dir}' {how} {run.who(owner, 'frames folder')} "
                                  f"'{given}'; writing one would replace the other: choose another --frames-dir")
 
