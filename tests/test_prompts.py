@@ -142,7 +142,7 @@ def test_keyframes_reuse_their_keyframe_pass_prediction_under_the_paper_policy(t
     assert (reused.latents[-1] - reused.latents[0]).abs().max() > 1e-3
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_is_reported_once(tiny_pipe, tmp_path, capsys, caplog):
+def test_a_prompt_longer_than_the_text_encoder_reads_is_reported_once(tiny_pipe, tmp_path, caplog, monkeypatch):
     """CLIP reads 77 tokens (75 of the prompt's): what is cut off is one warning, from the library (logging)
     and on the command line, however often the prompt is encoded."""
     import logging
@@ -159,6 +159,11 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_reported_once(tiny_pipe,
     assert f"is {n_tokens} tokens long and the text encoder reads 75: the last {n_tokens - 75} tokens" in \
         dropped[0].getMessage()
     assert "Token indices sequence length" not in caplog.text  # transformers' own notice is not shown as well
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="tokenflow"):
+        m.setenv("WORLD_SIZE", "2")
+        m.setenv("RANK", "1")  # under torchrun the other ranks leave it to rank 0
+        tiny_pipe.prompt_embeds("a statue " * 60)
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
     # the command, as a person runs it: the warning once on stderr (-q keeps warnings)
     clip = write_clip(tmp_path / "c.mp4", moving_frames(3, 32, 48))
     long_prompt = "a marble statue " * 30

@@ -464,13 +464,19 @@ def free_memory(device: torch.device | str) -> None:
 _TRUNCATION_WARNED: set = set()  # (prompt, length): a prompt encoded many times is reported once
 
 
+def _first_rank() -> bool:
+    """Alone, or rank 0 of a torchrun launch: what every rank would say alike is said once."""
+    return os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") or os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     """(1, L) token ids of ``prompt`` padded or cut to the tokenizer's length L (77 for CLIP).
-    What a cut drops is logged as a warning, once per prompt: the text encoder never sees it."""
+    What a cut drops is logged as a warning, once per prompt (by rank 0 under torchrun): the text
+    encoder never sees it."""
     length = tokenizer.model_max_length
     tokens = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # all of them, quietly
     room = length - tokenizer.num_special_tokens_to_add()
-    if len(tokens) > room and (prompt, length) not in _TRUNCATION_WARNED:
+    if len(tokens) > room and (prompt, length) not in _TRUNCATION_WARNED and _first_rank():
         _TRUNCATION_WARNED.add((prompt, length))
         dropped = tokenizer.decode(tokens[room:]).strip()
         logger.warning("the prompt %s is %d tokens long and the text encoder reads %d: the last %d tokens "
