@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -70,7 +71,7 @@ def test_batch_settings_are_checked_before_any_work(tmp_path, capsys, tiny_model
         ([{"input": clip, "prompt": "x", "output": 12}], "job 1: output must be text"),
         ([{"input": clip}], "job 1: no prompt"),
         ([{"input": clip, "prompt": "x", "output": "o.mp4"}, {"input": clip, "prompt": "y", "output": "o.mp4"}],
-         "job 2: output 'o.mp4' is also job 1's"),
+         "job 2 (a.mp4): output 'o.mp4' is also job 1 (a.mp4)'s output"),
     ]
     for jobs, needle in cases:
         code, _, err = run_cli(capsys, "batch", jobs_file(tmp_path, tiny_model_dir, jobs))
@@ -80,6 +81,42 @@ def test_batch_settings_are_checked_before_any_work(tmp_path, capsys, tiny_model
     (tmp_path / "bad.yaml").write_text("jobs: []\n")
     code, _, err = run_cli(capsys, "batch", tmp_path / "bad.yaml")
     assert code == 2 and "non-empty 'jobs:' list" in err
+
+
+def test_batch_jobs_are_checked_against_each_other_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                          tiny_model_dir):
+    from tokenflow import cli
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    wolf = write_clip(tmp_path / "wolf.mp4", moving_frames(3, 32, 48))
+    cat = write_clip(tmp_path / "cat.mp4", moving_frames(3, 32, 48, seed=1))
+    before = {p: open(p, "rb").read() for p in (wolf, cat)}
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [  # (jobs, what the one line says)
+        ([{"input": wolf, "prompt": "a robot", "output": cat},  # job 1 would overwrite job 2's video
+          {"input": cat, "prompt": "a tiger"}],
+         ["job 1 (wolf.mp4): output", "is job 2 (cat.mp4)'s input"]),
+        ([{"input": wolf, "prompt": "a", "output": str(out / "a.mp4"), "frames_dir": str(out / "frames")},
+          {"input": cat, "prompt": "b", "output": str(out / "b.mp4"), "frames-dir": str(out / "frames")}],
+         ["job 2 (cat.mp4): frames folder", "is also job 1 (wolf.mp4)'s frames folder"]),
+        ([{"input": wolf, "prompt": "a", "output": str(out / "a.mp4")},
+          {"input": cat, "prompt": "b", "output": str(out / "a.mov")}],
+         ["job 2 (cat.mp4): settings file", "a.yaml' is also job 1 (wolf.mp4)'s settings file"]),
+        ([{"input": wolf, "prompt": "a", "output": str(out / "a.mp4"), "frames_dir": str(out / "f")},
+          {"input": cat, "prompt": "b", "output": str(out / "f" / "b.mp4")}],
+         ["job 1 (wolf.mp4): frames folder", "holds job 2 (cat.mp4)'s output"]),
+        ([{"input": wolf, "prompt": "a", "output": str(out / "a.mp4"), "frames_dir": str(out / "f")},
+          {"input": cat, "prompt": "b", "output": str(out / "b.mp4"), "frames_dir": str(out / "f" / "g")}],
+         ["job 2 (cat.mp4): frames folder", "lies in job 1 (wolf.mp4)'s frames folder"]),
+    ]
+    for jobs, needles in cases:
+        code, stdout, err = run_cli(capsys, "batch", jobs_file(tmp_path, tiny_model_dir, jobs))
+        assert code == 2, err
+        one_error_line(err, *needles)
+        assert not stdout  # no summary: nothing ran
+    assert {p: open(p, "rb").read() for p in (wolf, cat)} == before
+    assert os.listdir(out) == [] and not (tmp_path / "cache").exists()
 
 
 def test_batch_under_torchrun_deals_jobs_to_ranks(tmp_path, tiny_model_dir):

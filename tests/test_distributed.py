@@ -268,3 +268,47 @@ def test_torchrun_edit_with_bad_input_is_one_line_on_every_rank(tmp_path):
     assert "exitcode: 2" in proc.stderr  # as torchrun reports the ranks' exits (its own traceback follows)
     assert "tokenflow/" not in proc.stderr  # no traceback through our code
 
+
+
+def test_rank_environment_of_a_plain_run_is_checked_and_every_wait_is_bounded(tmp_path, capsys, monkeypatch):
+    """RANK/WORLD_SIZE/LOCAL_RANK set by hand (not torchrun): bad values and a missing MASTER_ADDR are one
+    line and exit 2 before the model loads; a rank whose peers never come gives up after the timeout."""
+    import subprocess
+    import sys
+
+    from conftest import run_cli, write_clip
+    from test_reliability import one_error_line
+    from tokenflow import cli
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(3, 32, 48))
+    edit = ["edit", clip, "-p", "x", "--model", "tiny", "-o", tmp_path / "o.mp4", "--steps", "2"]
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    cases = [
+        ({"RANK": "7", "WORLD_SIZE": "2", **master}, "RANK=7 is out of range for WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1", **master}, "LOCAL_RANK=-1 is out of range"),
+        ({"RANK": "one", "WORLD_SIZE": "2", **master}, "RANK must be an integer, got 'one'"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE must be at least 1"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set: launch with torchrun"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT must be"),
+    ]
+    for env, needle in cases:
+        with monkeypatch.context() as m:
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                m.delenv(name, raising=False)
+            for name, value in env.items():
+                m.setenv(name, value)
+            code, _, err = run_cli(capsys, *edit)
+        assert code == 2, (env, err)
+        one_error_line(err, needle)
+    assert not (tmp_path / "o.mp4").exists()
+    # a batch (which starts its process group before any model): out of range, and peers that never come
+    (tmp_path / "jobs.yaml").write_text(f"jobs:\n  - {{input: {clip}, prompt: x, model: tiny}}\n")
+    env = {**os.environ, "WORLD_SIZE": "2", **master, "TOKENFLOW_DIST_TIMEOUT": "3"}
+    for rank, needle in (("7", "RANK=7 is out of range"), ("0", "rank 0 of 2 could not join the other ranks")):
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "tokenflow", "batch", "jobs.yaml", "-q"], cwd=tmp_path,
+                              env={**env, "RANK": rank}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        one_error_line(proc.stderr, needle)
+        assert time.monotonic() - started < 60

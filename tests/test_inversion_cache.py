@@ -113,6 +113,37 @@ def test_cache_hit_miss_and_corruption(tiny_pipe, frames, tmp_path):
     assert not [p for p in os.listdir(tmp_path / entries[0]) if ".tmp" in p]
 
 
+def test_malformed_cache_entries_are_listed_as_unusable_and_never_used(tiny_pipe, frames, tmp_path, capsys):
+    """A manifest with fields of the wrong shape: `tokenflow cache list` shows the entry as unusable and
+    goes on, `cache clear` removes it, and an edit recomputes the inversion instead of trusting it."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    kwargs = dict(inversion_steps=2, steps=2, cache_dir=str(tmp_path), progress=False)
+    tiny_pipe.invert(frames, "a wolf", **kwargs)
+    (good,) = os.listdir(tmp_path)
+    manifest = json.loads((tmp_path / good / "manifest.json").read_text())
+    broken = {"fields-a-list": {**manifest, "fields": list(manifest["fields"].items())},
+              "manifest-a-list": [manifest], "shape-of-three": {**manifest, "shape": manifest["shape"][:3]},
+              "timesteps-text": {**manifest, "timesteps": ["t0981"]}, "sha-a-number": {**manifest, "sha256": 7}}
+    for name, content in broken.items():
+        shutil.copytree(tmp_path / good, tmp_path / name)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(content))
+    code, out, err = run_cli(capsys, "cache", "list", "--cache-dir", tmp_path)
+    assert code == 0 and not err, err
+    assert out.count("inversion (unusable)") == len(broken) and "6 entries" in out and "'a wolf'" in out
+    # the readers that load an entry treat it as a miss
+    (tmp_path / good / "manifest.json").write_text(json.dumps(broken["fields-a-list"]))
+    with _CountingUnet(tiny_pipe) as count:
+        tiny_pipe.invert(frames, "a wolf", **kwargs)
+    assert count.calls > 0
+    assert json.loads((tmp_path / good / "manifest.json").read_text()) == manifest  # rewritten whole
+    code, out, err = run_cli(capsys, "cache", "clear", "--cache-dir", tmp_path)
+    assert code == 0 and "removed 6 of 6" in out and os.listdir(tmp_path) == [], err
+
+
 def test_no_cache_writes_nothing(tiny_pipe, frames, tmp_path):
     tiny_pipe.invert(frames, "", inversion_steps=2, steps=2, cache_dir=str(tmp_path), use_cache=False,
                      progress=False)

@@ -94,3 +94,47 @@ def test_tensor_input_and_callback(tiny_pipe):
     r = tiny_pipe.edit(frames, "a robot", batch_size=2, callback=lambda *a: seen.append(a), **FAST)
     assert r.frames.shape == (3, 3, 32, 48)
     assert ("editing", 4, 4) in seen and any(s[0] == "inversion" for s in seen)
+
+
+def test_edit_checks_what_it_is_given(tiny_pipe, tmp_path, caplog):
+    """A list of PIL images or uint8 arrays is read as a folder of the same frames is (each frame fitted
+    to the first one's working size); an empty list, NaN/inf and floats outside [0, 1] are refused."""
+    import numpy as np
+    from PIL import Image
+
+    frames = moving_frames(3, 32, 48)
+    images = [Image.fromarray(frames[0]), Image.fromarray(frames[1]).resize((64, 40)), Image.fromarray(frames[2])]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        im.save(folder / f"{i:05d}.png")
+    config = EditConfig(prompt="a robot", height=32, width=48, steps=2, inversion_steps=2)
+    with caplog.at_level("WARNING", logger="tokenflow"):
+        from_list = tiny_pipe.load_video(images, config)
+    assert "changes size midway" in caplog.text  # as for the folder
+    from_folder = tiny_pipe.load_video(str(folder), config)
+    assert torch.equal(from_list.frames, from_folder.frames) and from_list.fps == from_folder.fps
+    arrays = [np.asarray(im) for im in images]
+    assert torch.equal(tiny_pipe.load_video(arrays, config).frames, from_folder.frames)
+    result = tiny_pipe.edit(images, config=config, use_cache=False, progress=False)
+    assert result.frames.shape == (3, 3, 32, 48) and torch.isfinite(result.frames).all()
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # the full range
+    nan = x.clone()
+    nan[1, 0, 2, 3] = float("nan")
+    cases = [
+        ([], "the frame list is empty"),
+        ([arrays[0], arrays[1].astype(np.float32)], "frame 1 of the list is a float32 array"),
+        ([images[0], "frame.png"], "frame 1 of the list is a str"),
+        (nan, "1 NaN or infinite values (the first in frame 1)"),
+        (x * 255, "values lie in [0, 255]; expected [0, 1]; divide 0..255 values by 255"),
+        (x * 2 - 1, "values lie in [-1, 1]; expected [0, 1]; map -1..1 values by (x + 1) / 2"),
+        (x.permute(0, 2, 3, 1).numpy() * 255, "values lie in [0, 255]; expected [0, 1]"),
+        (torch.full((2, 3, 32, 48), float("inf")), "NaN or infinite"),
+        (x[:0], "has no frames"),
+        (12, "video must be a path, a Video, a list of frames"),
+    ]
+    for video, message in cases:
+        with pytest.raises(TokenFlowError) as e:
+            tiny_pipe.edit(video, config=config, use_cache=False, progress=False)
+        assert message in str(e.value), (message, str(e.value))

@@ -3,6 +3,10 @@ its single-prompt edit, 1 + 2P UNet image-forwards per frame and step."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +100,20 @@ def test_several_prompts_on_the_command_line_write_one_output_each(tmp_path, cap
     assert code == 2 and "is a file" in err
 
 
+def test_several_prompts_whose_output_is_refused_create_nothing(tmp_path, capsys, monkeypatch):
+    from test_reliability import one_error_line
+    from tokenflow import cli
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    clip = write_clip(tmp_path / "o-2.mp4", moving_frames(3, 32, 48))  # the second prompt's output name
+    before = open(clip, "rb").read()
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "a robot", "-p", "a statue", "-o", tmp_path / "o.mp4",
+                           "--frames-dir", tmp_path / "frames", "--model", "tiny")
+    assert code == 2
+    one_error_line(err, "o-2.mp4' is the input")
+    assert sorted(os.listdir(tmp_path)) == ["o-2.mp4"] and open(clip, "rb").read() == before
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_keyframes_reuse_their_keyframe_pass_prediction_under_the_paper_policy(tiny_pipe, monkeypatch, split):
     """A keyframe blends its own outputs with weight 1 at its own tokens, so its propagation pass would
@@ -122,3 +140,36 @@ def test_keyframes_reuse_their_keyframe_pass_prediction_under_the_paper_policy(t
     assert full_forwards - reused_forwards == 3 * 3 * 3  # 3 branches x 3 keyframes x 3 steps saved
     # the edit did move the latents: the comparison above is not between two untouched inputs
     assert (reused.latents[-1] - reused.latents[0]).abs().max() > 1e-3
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_reported_once(tiny_pipe, tmp_path, caplog, monkeypatch):
+    """CLIP reads 77 tokens (75 of the prompt's): what is cut off is one warning, from the library (logging)
+    and on the command line, however often the prompt is encoded."""
+    import logging
+
+    words = " ".join(f"a robot number {i}" for i in range(40))  # far more than 75 tokens
+    n_tokens = len(tiny_pipe.tokenizer(words, add_special_tokens=False, verbose=False).input_ids)
+    with caplog.at_level(logging.WARNING, logger="tokenflow"):
+        tiny_pipe.edit(_video(3), words, steps=2, inversion_steps=2, height=32, width=48, use_cache=False,
+                       progress=False, inversion_prompt=words)  # encoded as the inversion and the edit prompt
+    dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1, caplog.text
+    assert f"is {n_tokens} tokens long and the text encoder reads 75: the last {n_tokens - 75} tokens" in \
+        dropped[0].getMessage()
+    assert "Token indices sequence length" not in caplog.text  # transformers' own notice is not shown as well
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="tokenflow"):
+        m.setenv("WORLD_SIZE", "2")
+        m.setenv("RANK", "1")  # under torchrun the other ranks leave it to rank 0
+        tiny_pipe.prompt_embeds("a statue " * 60)
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+    # the command, as a person runs it: the warning once on stderr (-q keeps warnings)
+    clip = write_clip(tmp_path / "c.mp4", moving_frames(3, 32, 48))
+    long_prompt = "a marble statue " * 30
+    proc = subprocess.run([sys.executable, "-m", "tokenflow", "edit", clip, "-p", long_prompt, "--inversion-prompt",
+                           long_prompt, "--model", "tiny", "-o", str(tmp_path / "o.mp4"), "--steps", "2",
+                           "--inversion-steps", "2", "--height", "32", "--width", "48", "--no-cache", "-q"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "tokens are dropped" in line]
+    assert len(lines) == 1 and lines[0].startswith("tokenflow: the prompt 'a marble statue"), proc.stderr
+    assert "Token indices sequence length" not in proc.stderr

@@ -665,6 +665,40 @@ def test_killed_and_interrupted_runs_resume_to_the_same_output(tmp_path, tiny_mo
     assert audio_seconds(tmp_path / "out.mp4") > 1.0
 
 
+def test_no_cache_puts_nothing_in_the_cache_folder_and_still_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """--no-cache: the resume checkpoints go beside the output (and go once it is written), none into the
+    default cache folder; invert --no-cache, which has no output, keeps none."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache folder lies in here
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(8, 32, 48))
+    (tmp_path / "out").mkdir()
+    args = ["edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "out" / "o.mp4", "--no-cache",
+            "--steps", "4", "--inversion-steps", "4", "--height", "32", "--width", "48", "-q"]
+    from tokenflow import pipeline
+
+    real = pipeline.TokenFlowPipeline.denoise_step
+    steps = []
+
+    def interrupt_at_third(self, *a, **k):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pipeline.TokenFlowPipeline, "denoise_step", interrupt_at_third)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "resume" in err
+    assert glob.glob(str(tmp_path / "out" / ".tokenflow-checkpoints" / "edit-*.safetensors"))
+    assert not (tmp_path / "xdg").exists()
+    monkeypatch.setattr(pipeline.TokenFlowPipeline, "denoise_step", real)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "resumed after step 2" in out, err
+    assert sorted(os.listdir(tmp_path / "out")) == ["o.mp4", "o.yaml"] and not (tmp_path / "xdg").exists()
+    code, _, err = run_cli(capsys, "invert", clip, "--model", tiny_model_dir, "--no-cache", "--steps", "2",
+                           "--inversion-steps", "2", "--height", "32", "--width", "48", "-q")
+    assert code == 0, err
+    assert not (tmp_path / "xdg").exists() and sorted(os.listdir(tmp_path / "out")) == ["o.mp4", "o.yaml"]
+
+
 def test_no_resume_starts_over(tmp_path, tiny_model_dir, capsys, monkeypatch):
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(8, 32, 48))
     args = ["edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.mp4", "--cache-dir",

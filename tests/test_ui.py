@@ -176,6 +176,37 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def test_each_server_removes_its_output_folder_when_it_stops(tmp_path):
+    """`tokenflow ui` makes its output folder in the temporary folder and removes it when stopped (SIGTERM,
+    as Ctrl-C); one that a killed server left behind is removed by the next start."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp / f"tokenflow-ui-{int(dead.stdout)}-x1y2z3").mkdir()  # a killed server's: its process is gone
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "tokenflow", "ui", "--model", "tiny", "--port", str(port),
+                             "--cache-dir", str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
+                time.sleep(0.5)
+        ours = [n for n in os.listdir(tmp) if n.startswith(f"tokenflow-ui-{proc.pid}-")]
+        assert len(ours) == 1 and not [n for n in os.listdir(tmp) if "x1y2z3" in n]
+        proc.terminate()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not [n for n in os.listdir(tmp) if n.startswith("tokenflow-ui-")], os.listdir(tmp)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM:

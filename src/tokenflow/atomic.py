@@ -27,7 +27,7 @@ TMP_NAME_EXTRA = 2 + 10 + 1 + 8 + 4
 DIR_SUFFIX = ".d"  # a temporary folder's name ends so
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -60,7 +60,7 @@ def clean_stale(path: str | os.PathLike, ext: str = "") -> list[str]:
         return removed
     for name in names:
         m = pattern.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             stale = os.path.join(folder, name)
             try:
                 shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)

@@ -71,8 +71,9 @@ class JobResult:
                 "seconds": round(self.seconds, 3), "status": self.status, "error": self.error}
 
 
-def load_jobs(path: str) -> list[Job]:
-    """Read and validate a jobs file: every job's settings, before any work."""
+def load_jobs(path: str, summary: Optional[str] = None) -> list[Job]:
+    """Read and validate a jobs file: every job's settings, and every job's outputs against every
+    input and every other output (and the ``summary`` JSON's), before any work."""
     data = read_yaml(path, "jobs file")
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
         raise TokenFlowError(f"jobs file '{path}' must be a mapping with a non-empty 'jobs:' list "
@@ -87,7 +88,7 @@ def load_jobs(path: str) -> list[Job]:
     bad = sorted(set(defaults) - JOB_KEYS)
     if bad:
         raise TokenFlowError(f"jobs file '{path}': defaults: unknown key(s) {', '.join(bad)}")
-    jobs, outputs = [], {}
+    jobs = []
     for i, entry in enumerate(data["jobs"], start=1):
         if not isinstance(entry, dict):
             raise TokenFlowError(f"jobs file '{path}': job {i} must be a mapping (input, prompt, output, ...)")
@@ -108,12 +109,28 @@ def load_jobs(path: str) -> list[Job]:
         if not config.prompt.strip():
             raise TokenFlowError(f"{where}: no prompt")
         run.setdefault("output", default_output(run["input"]))
-        real = os.path.realpath(run["output"])
-        if real in outputs:
-            raise TokenFlowError(f"{where}: output '{run['output']}' is also job {outputs[real]}'s")
-        outputs[real] = i
         jobs.append(Job(i, config, run, "inversion_steps" in merged))
+    check_jobs_apart(jobs, path, summary)
     return jobs
+
+
+def check_jobs_apart(jobs: list[Job], jobs_file: Optional[str] = None, summary: Optional[str] = None) -> None:
+    """No job writes over what any job reads (its input, the jobs file, a schedule, a model...)
+    or over another job's video, settings file or frames folder; nor does the ``summary`` JSON.
+    Before any work: a later job's input is never found overwritten by an earlier job."""
+    from .cache import default_cache_dir
+    from .preflight import RunPaths, check_runs_apart, protected_paths
+
+    runs = []
+    for job in jobs:
+        run = job.run
+        reads = [run["input"], *protected_paths(run["input"], jobs_file, job.config, run)]
+        writes = [(job.output, "output"), (job.settings_path(), "settings file")]
+        writes.append((run.get("cache_dir") or default_cache_dir(), "cache folder"))
+        runs.append(RunPaths(job.name, reads, writes, run.get("frames_dir")))
+    if summary:
+        runs.append(RunPaths("--json", [], [(summary, "summary")]))
+    check_runs_apart(runs)
 
 
 def finished_settings(job: Job, settings: dict[str, Any]) -> bool:
@@ -147,14 +164,15 @@ def format_table(results: list[JobResult]) -> str:
     return "\n".join(lines)
 
 
-def gather_results(results: list[JobResult], world_size: int) -> Optional[list[JobResult]]:
-    """Every rank's results on rank 0 (None elsewhere); alone, the results as they are."""
+def gather_results(results: list[JobResult], world_size: int, group=None) -> Optional[list[JobResult]]:
+    """Every rank's results on rank 0 (None elsewhere); alone, the results as they are.
+    ``group``: the process group to gather over (default: the whole world's)."""
     if world_size == 1:
         return results
     import torch.distributed as dist
 
     everything: list = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object(results, everything, dst=0)
+    dist.gather_object(results, everything, dst=0, group=group)
     if dist.get_rank() != 0:
         return None
     return [r for part in everything for r in part]

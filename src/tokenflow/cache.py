@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from .atomic import atomic_path
+from .errors import shown
 from .inversion import Inversion
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,30 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+# what a manifest holds, and of which JSON type: anything else makes the entry unusable
+MANIFEST_TYPES = {"fields": dict, "sha256": str, "timesteps": list, "final_timestep": int, "shape": list}
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+    """An entry's manifest, checked for shape; ``ValueError`` saying what is wrong when it is malformed
+    (a list where a mapping belongs, a shape of three numbers...), ``OSError`` when it cannot be read.
+    Every reader of the cache goes through here, so none of them trips over a damaged entry."""
+    with open(os.path.join(folder, "manifest.json")) as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"the manifest is a {type(manifest).__name__}, not a mapping")
+    for key, kind in MANIFEST_TYPES.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"manifest field '{key}' is {type(value).__name__}, not {kind.__name__}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in manifest["timesteps"]):
+        raise ValueError("manifest field 'timesteps' holds something other than whole numbers")
+    shape = manifest["shape"]
+    if len(shape) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"manifest field 'shape' is {shown(shape)}, not four sizes (N, C, h, w)")
+    return manifest
+
+
 class InversionCache:
     def __init__(self, root: Optional[str] = None):
         self.root = os.fspath(root) if root else default_cache_dir()
@@ -70,8 +95,7 @@ class InversionCache:
         if not os.path.exists(manifest_path):
             return None
         try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
+            manifest = read_manifest(folder)
             if json.loads(json.dumps(fields, default=str)) != manifest.get("fields"):
                 raise ValueError("manifest fields differ from the key")
             if _sha256_file(tensors_path) != manifest.get("sha256"):
@@ -156,18 +180,26 @@ def list_entries(root: Optional[str] = None) -> list[CacheEntry]:
             continue
         if not os.path.isdir(path) or name.startswith("."):
             continue
-        entry = CacheEntry("inversion", name, path, _bytes(path), _modified(path))
-        try:
-            with open(os.path.join(path, "manifest.json")) as f:
-                manifest = json.load(f)
-            n, _, h, w = manifest["shape"]
-            entry.frames, entry.size = int(n), (int(h) * 8, int(w) * 8)
-            entry.model = str(manifest["fields"].get("model", ""))
-            entry.prompt = str(manifest["fields"].get("inversion_prompt", ""))
-        except (OSError, ValueError, KeyError, TypeError):
-            entry.kind = "inversion (incomplete)"
-        entries.append(entry)
+        entries.append(_inversion_entry(name, path))
     return sorted(entries, key=lambda e: e.modified, reverse=True)
+
+
+def _inversion_entry(key: str, path: str) -> CacheEntry:
+    """An inversion's folder as listed: 'incomplete' without a manifest, 'unusable' with a malformed one."""
+    entry = CacheEntry("inversion", key, path, _bytes(path), _modified(path))
+    try:
+        manifest = read_manifest(path)
+    except OSError:
+        entry.kind = "inversion (incomplete)"
+        return entry
+    except ValueError:  # JSON that does not parse, or fields of the wrong shape
+        entry.kind = "inversion (unusable)"
+        return entry
+    n, _, h, w = manifest["shape"]
+    entry.frames, entry.size = n, (h * 8, w * 8)
+    entry.model = str(manifest["fields"].get("model", ""))
+    entry.prompt = str(manifest["fields"].get("inversion_prompt", ""))
+    return entry
 
 
 def remove_entry(entry: CacheEntry) -> None:

@@ -90,7 +90,10 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
                                                  "cuda, bfloat16 on a CPU with AMX or Arm BF16, float32 elsewhere; "
                                                  "--model tiny: float32)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the inversion cache; nothing goes to the cache folder: resume "
+                        "checkpoints are kept beside the output instead (in its folder's .tokenflow-checkpoints/, "
+                        "removed when the output is written; invert, which has no output, keeps none)")
     p.add_argument("--no-resume", action="store_true", default=None,
                    help="start over instead of resuming from the checkpoints of an interrupted run of "
                         "the same command (default: resume)")
@@ -344,14 +347,10 @@ def _prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict
     if frames_dir and os.path.exists(frames_dir) and not os.path.isdir(frames_dir):
         raise TokenFlowError(f"--frames-dir '{frames_dir}' is a file; several prompts need a folder for "
                              f"their frame folders 1 ... {len(prompts)}")
-    if frames_dir and not os.path.isdir(frames_dir):  # the folder that holds DIR/1, DIR/2, ... (empty)
-        from .video import check_writable_name
+    if frames_dir and not os.path.isdir(frames_dir):  # DIR, which holds DIR/1, DIR/2, ...: made only when
+        from .video import check_writable_name  # the frames are written, so a refused run leaves nothing
 
         check_writable_name(frames_dir)
-        try:
-            os.makedirs(frames_dir, exist_ok=True)  # exist_ok: under torchrun every rank gets here
-        except OSError as e:
-            raise TokenFlowError(f"cannot create --frames-dir '{frames_dir}': {e.strerror or e}") from None
     return [{**run, "output": f"{root}-{i}{ext}",
              "frames_dir": os.path.join(frames_dir, str(i)) if frames_dir else None} for i in range(1, len(prompts) + 1)]
 
@@ -379,7 +378,8 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
             yaml.safe_dump(settings, f, sort_keys=False)
         encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
                      audio_start=result.audio_start)
-        if run.get("frames_dir"):
+        if run.get("frames_dir"):  # several prompts: DIR/1, ... go into DIR, made now (see _prompt_runs)
+            os.makedirs(os.path.dirname(os.path.abspath(run["frames_dir"])), exist_ok=True)
             save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
@@ -467,9 +467,12 @@ def _check_schedule_frames(config: EditConfig, info) -> None:
     ScheduledKeyframes.from_json(config.keyframe_schedule).check(steps, n, config.batch_size)
 
 
-def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None) -> str:
+def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None,
+                   frames_parent_later: bool = False, no_cache: bool = False) -> str:
     """Everything about an edit's outputs that can fail, checked before the work: names, folders,
-    outputs against inputs, the keyframe schedule against the frames, free space. Returns the output."""
+    outputs against inputs, the keyframe schedule against the frames, free space. Returns the output.
+    ``frames_parent_later``: the frames folder's parent is made when the frames are written.
+    ``no_cache``: the checkpoints go beside the output instead of the cache folder."""
     from .preflight import check_free_space, check_no_overwrite, protected_paths
     from .video import check_frames_dir, check_output_path
 
@@ -477,20 +480,25 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
     settings_file = check_output_path(settings_path(output), extensions=None)
     frames_dir = run.get("frames_dir")
     if frames_dir:
-        check_frames_dir(frames_dir)
-    check_no_overwrite([output, settings_file, _cache_root(run)], frames_dir,
+        check_frames_dir(frames_dir, parent_later=frames_parent_later)
+    work = _checkpoint_dir(output) if no_cache else _cache_root(run)  # what the run writes besides its outputs
+    check_no_overwrite([output, settings_file, work], frames_dir,
                        protected_paths(run["input"], config_file, config, run))
     _check_schedule_frames(config, info)
-    check_free_space(info, config, output, frames_dir, _cache_root(run))
+    check_free_space(info, config, output, frames_dir, work)
     return output
 
 
 def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace,
-                      conditioning=None):
+                      conditioning=None, output: Optional[str] = None):
+    """The inversion through the cache; checkpointed beside the cache, or with --no-cache beside
+    ``output`` (none without an output: ``tokenflow invert --no-cache`` keeps nothing)."""
+    checkpoint_dir = _checkpoint_dir(output) if args.no_cache and output else None
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                        config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
                        conditioning=conditioning or pipe.prepare_conditioning(frames, config),
-                       checkpoint=True, restart=bool(run.get("no_resume")))
+                       checkpoint=not args.no_cache or output is not None, restart=bool(run.get("no_resume")),
+                       checkpoint_dir=checkpoint_dir)
 
 
 def _existing_ancestor(path: str) -> str:
@@ -499,6 +507,14 @@ def _existing_ancestor(path: str) -> str:
     while not os.path.exists(os.path.dirname(path)) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
+
+
+CHECKPOINT_FOLDER = ".tokenflow-checkpoints"  # with --no-cache, beside the output; gone with its last checkpoint
+
+
+def _checkpoint_dir(output: str) -> str:
+    """Where --no-cache keeps the resume checkpoints: beside the output, as its temporaries are."""
+    return os.path.join(os.path.dirname(os.path.abspath(output)), CHECKPOINT_FOLDER)
 
 
 def _cache_root(run: dict[str, Any]) -> str:
@@ -516,11 +532,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
             where = f" (-p number {i + 1} is blank)" if prompts else ""
             raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show'")
     runs = _prompt_runs(run, prompts)  # one output per prompt
-    outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None))
+    outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None),
+                              frames_parent_later=bool(prompts), no_cache=args.no_cache)
                for r, p in zip(runs, prompts or [config.prompt])]
-    from .distributed import environment, local_device, shutdown
+    from .distributed import check_launch, local_device, shutdown
 
-    rank, world, local_rank = environment()
+    rank, world, local_rank = check_launch()  # ranks in range, and what the process group needs
     if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
         if str(run.get("device") or "").startswith("cuda:"):
             raise TokenFlowError(f"--device {run['device']} under torchrun would put every rank on one GPU; "
@@ -542,7 +559,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             group = pipe.distribute().group
         results = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
                             use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
-                            checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts)
+                            checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts,
+                            checkpoint_dir=_checkpoint_dir(outputs[0]) if args.no_cache else None)
         results = results if prompts else [results]
         if group.is_main:  # rank 0 holds the whole video and writes it
             for r, result, output in zip(runs, results, outputs):
@@ -667,7 +685,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     n = len(frames)
     target = check_frames(n)
     conditioning = pipe.prepare_conditioning(frames, config)
-    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
+    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning, output=args.output)
     timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
     analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
                                 config.inversion_prompt, args.layer, conditioning)
@@ -702,8 +720,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
             else args.model or DEFAULT_MODEL)
     session = EditorSession(pipe, name, Limits(args.max_upload_mb, args.max_frames, args.max_side),
                             cache_dir=args.cache_dir)
-    print(f"tokenflow ui: http://{args.host}:{args.port} ({name})", flush=True)
-    launch(session, args.host, args.port, args.share)
+    try:
+        print(f"tokenflow ui: http://{args.host}:{args.port} ({name})", flush=True)
+        launch(session, args.host, args.port, args.share)
+    finally:  # Ctrl-C, SIGTERM or an error: the edited videos the page served go with the server
+        session.close()
     return 0
 
 
@@ -763,32 +784,40 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     return output
 
 
+def _join_batch_ranks(jobs, local_rank: int):
+    """Under torchrun: join the process group (bounded by TOKENFLOW_DIST_TIMEOUT), give each job this
+    rank's GPU, and return the group the summary is gathered over (ranks finish their jobs hours
+    apart: only the summary waits that long, on a group of its own)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import local_device, start_process_group, timeout_seconds
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    start_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_seconds())
+    for job in jobs:  # each rank its own device
+        if torch.cuda.is_available() and not job.run.get("device"):
+            job.run["device"] = local_device("auto", local_rank)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from .atomic import atomic_path
     from .batch import JobResult, deal, finished_settings, format_table, gather_results, load_jobs
-    from .distributed import environment, local_device
+    from .distributed import check_launch
     from .models import short_error
     from .video import check_output_path
 
     if args.json:
         check_output_path(args.json, extensions=(".json",))
-    jobs = load_jobs(args.jobs)  # every job's settings checked before any work
+    jobs = load_jobs(args.jobs, summary=args.json)  # every job's settings and paths checked before any work
     jobs = [j if flow_kind(j.run.get("model")) else
             dataclasses_replace(j, config=with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
-    rank, world, local_rank = environment()
-    if world > 1:
-        import datetime
-
-        import torch
-        import torch.distributed as dist
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
-        for job in jobs:  # each rank its own device
-            if torch.cuda.is_available() and not job.run.get("device"):
-                job.run["device"] = local_device("auto", local_rank)
+    rank, world, local_rank = check_launch()
+    summary_group = _join_batch_ranks(jobs, local_rank) if world > 1 else None
     pipes: dict = {}
     results = []
     for job in deal(jobs, rank, world):
@@ -808,7 +837,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if r.status == "failed":
             print(f"tokenflow: {job.name} failed: {r.error}", file=sys.stderr)
         results.append(r)
-    everything = gather_results(results, world)
+    everything = gather_results(results, world, summary_group)
     if world > 1:
         import torch.distributed as dist
 
@@ -841,7 +870,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    command = None
+    command, args = None, None
     previous = _handle_sigterm()
     try:
         args = parser.parse_args(argv)
@@ -870,8 +899,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        checkpointed = command in RESUMABLE and not (command == "invert" and getattr(args, "no_cache", False))
         hint = ("; finished work is checkpointed: run the same command again to resume (--no-resume "
-                "starts over)") if command in RESUMABLE else ""
+                "starts over)") if checkpointed else ""
         print(f"tokenflow: interrupted ({name}){hint}", file=sys.stderr)
         return 128 + int(signum)
     finally:

@@ -223,16 +223,68 @@ class Group:
         return window.start
 
 
-def environment() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) alone."""
-    def read(name: str, default: int) -> int:
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            raise TokenFlowError(f"environment variable {name} must be an integer, got "
-                                 f"{os.environ.get(name)!r}") from None
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return default if raw is None or raw == "" else int(raw)
+    except ValueError:
+        raise TokenFlowError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
-    return read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0)
+
+def environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) alone.
+
+    Each must be an integer in range: a rank no group can hold would wait for peers that never come.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    launch = "launch with torchrun, which sets them, or unset them to run in one process"
+    if world < 1:
+        raise TokenFlowError(f"WORLD_SIZE must be at least 1, got {world}; {launch}")
+    if not 0 <= rank < world:
+        raise TokenFlowError(f"RANK={rank} is out of range for WORLD_SIZE={world} (0 to {world - 1}); {launch}")
+    if not 1 <= local_world <= world:
+        raise TokenFlowError(f"LOCAL_WORLD_SIZE={local_world} must be in 1 to WORLD_SIZE={world}; {launch}")
+    if not 0 <= local_rank < local_world:
+        raise TokenFlowError(f"LOCAL_RANK={local_rank} is out of range for {local_world} rank(s) on this machine "
+                             f"(0 to {local_world - 1}); {launch}")
+    return rank, world, local_rank
+
+
+def check_launch() -> tuple[int, int, int]:
+    """:func:`environment`, and for several ranks what starting their process group needs:
+    ``MASTER_ADDR`` and ``MASTER_PORT`` (torchrun sets them). Cheap: call it before the model loads."""
+    rank, world, local_rank = environment()
+    import torch.distributed as dist
+
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise TokenFlowError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: launch with torchrun "
+                                 f"(torchrun --nproc-per-node {world} -m tokenflow ...), or set MASTER_ADDR and "
+                                 f"MASTER_PORT (rank 0's host and a free port), or unset WORLD_SIZE to run alone")
+        port = os.environ["MASTER_PORT"]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise TokenFlowError(f"MASTER_PORT must be a port number in 1..65535, got {port!r}")
+    return rank, world, local_rank
+
+
+def start_process_group(backend: str, timeout: float) -> None:
+    """Join the ranks of a launch (``env://``). Every wait is bounded by ``timeout`` seconds: a rank
+    whose peers do not all come ends with one line instead of waiting forever."""
+    import torch.distributed as dist
+
+    rank, world, _ = check_launch()
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, OSError) as e:  # torch's DistStoreError and friends are RuntimeErrors
+        from .models import short_error
+
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise TokenFlowError(f"rank {rank} of {world} could not join the other ranks at {where} within "
+                             f"{timeout:.0f}s ({short_error(e)[:120]}): start every rank (torchrun does), or raise "
+                             f"TOKENFLOW_DIST_TIMEOUT") from None
 
 
 def timeout_seconds() -> float:
@@ -266,8 +318,7 @@ def init_group(device: torch.device, timeout: Optional[float] = None) -> Group:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout or timeout_seconds()))
+        start_process_group("nccl" if device.type == "cuda" else "gloo", timeout or timeout_seconds())
     backend = dist.get_backend()  # the caller's group, if it made one: collectives go where it expects them
     return Group(dist.get_rank(), dist.get_world_size(), device if backend == "nccl" else "cpu")
 

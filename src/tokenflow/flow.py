@@ -264,13 +264,15 @@ class FlowPipeline(VideoInputs):
              prompts: Optional[Sequence[str]] = None, progress: bool = True, checkpoint: bool = False,
              restart: bool = False, cache_dir: Optional[str] = None, callback: Optional[ProgressCallback] = None,
              generator: Optional[torch.Generator] = None, output_type: str = "pt", return_latents: bool = False,
-             use_cache: bool = True, inversion=None, **overrides: Any) -> Union[EditResult, list[EditResult]]:
+             use_cache: bool = True, inversion=None, checkpoint_dir: Optional[str] = None,
+             **overrides: Any) -> Union[EditResult, list[EditResult]]:
         """Edit a video towards ``prompt`` (or each of ``prompts`` in one run, the source branch shared).
 
         Settings: ``config`` (default :meth:`default_config`) with keyword ``overrides``. ``generator``
         draws the per-step noise (default: seeded from ``config.seed``); the keyframes have their own,
-        seeded from ``config.seed``. With ``checkpoint`` the loop is checkpointed under ``cache_dir`` and
-        an interrupted run resumes (unless ``restart``) to the same result. There is no inversion here:
+        seeded from ``config.seed``. With ``checkpoint`` the loop is checkpointed in ``checkpoint_dir``
+        (default: beside the cache, under ``cache_dir``) and an interrupted run resumes (unless
+        ``restart``) to the same result. There is no inversion here:
         ``inversion`` and ``use_cache`` are accepted for the UNet pipeline's signature and unused.
         """
         # 1. check the inputs
@@ -287,7 +289,8 @@ class FlowPipeline(VideoInputs):
         fitted = fitted._replace(frames=None)  # the pixels are not needed past here
         # 3. the sampling loop: keyframes, noise, resume
         loop, saver = self._loop(config, prompt_list, x_src, plan, (height, width), frames_key, generator,
-                                 checkpoint and not return_latents, cache_dir, restart)
+                                 checkpoint and not return_latents, checkpoint_dir or checkpoint_root(cache_dir),
+                                 restart)
         with timer("editing"), self._on_device(self.family.transformer):
             latents = loop.run(progress, callback, saver, return_latents)
         # 4. decode; rank 0 gathers the video
@@ -320,7 +323,7 @@ class FlowPipeline(VideoInputs):
         return x_src, frames_digest(frames)
 
     def _loop(self, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan, size: tuple[int, int],
-              frames_key: str, generator: Optional[torch.Generator], checkpoint: bool, cache_dir: Optional[str],
+              frames_key: str, generator: Optional[torch.Generator], checkpoint: bool, checkpoints: str,
               restart: bool) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
         """The loop of this edit, resumed from its checkpoint where there is one."""
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
@@ -333,7 +336,7 @@ class FlowPipeline(VideoInputs):
         if not checkpoint:
             return loop, None
         key = self.edit_key(frames_key, config, prompts, key_generator)
-        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key),
+        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key),
                                 _Generators(sampler, noise), self.group, extra=loop.extra_state)
         if not restart:
             loop.restore(saver)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .config import EditConfig
 from .errors import TokenFlowError
-from .video import Selection, Video, fit_frames, read_video, to_tensor, working_size
+from .video import Selection, Video, fit_frames, float_frames, read_images, read_video, to_tensor, working_size
 
-VideoInput = Union[str, os.PathLike, Video, np.ndarray, torch.Tensor]
+VideoInput = Union[str, os.PathLike, Video, Sequence[Any], np.ndarray, torch.Tensor]  # Sequence: PIL images or uint8 arrays
 
 
 class FittedVideo(NamedTuple):
@@ -37,32 +37,33 @@ class VideoInputs:
     def load_video(self, video: VideoInput, config: EditConfig) -> FittedVideo:
         """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps and the audio.
 
+        ``video``: a path (file or folder of frames), a :class:`Video`, a list of PIL images or uint8
+        (H, W, 3) arrays (read as a folder of frames is), a uint8 (N, H, W, 3) array, or (N, 3, H, W)
+        float frames in [0, 1] (a tensor, or an (N, H, W, 3) float array as ``output_type="np"`` gives).
         A path is decoded and fitted frame by frame: reading never holds the source's resolution.
         The frames kept follow ``config``'s start, stride and frame limit.
         """
         select = Selection(config.max_frames, config.start_frame, config.start_time, config.frame_stride)
+        if isinstance(video, np.ndarray) and video.dtype != np.uint8:
+            if video.ndim != 4 or video.shape[-1] != 3 or not np.issubdtype(video.dtype, np.floating):
+                raise TokenFlowError(f"frame array must be (N, H, W, 3), uint8 or float in [0, 1], got "
+                                     f"{video.dtype} {video.shape}")
+            video = torch.from_numpy(video).permute(0, 3, 1, 2)
         if isinstance(video, torch.Tensor):
-            frames = video.float()
-            if frames.ndim != 4 or frames.shape[1] != 3:
-                raise TokenFlowError(f"frame tensor must be (N, 3, H, W), got {tuple(frames.shape)}")
-            fps = float(config.fps or 10.0)
-            frames = select.apply(frames, fps)
-            if not len(frames):
-                raise TokenFlowError(f"the tensor has {len(video)} frames: none from the start asked for")
-            source_hw = tuple(frames.shape[2:])
-            if config.height or config.width:
-                h, w = self.working_size(source_hw, config)
-                if (h, w) != source_hw:
-                    frames = torch.nn.functional.interpolate(frames, (h, w), mode="bicubic",
-                                                             antialias=True).clamp(0, 1)
-            if frames.shape[2] % 8 or frames.shape[3] % 8:
-                raise TokenFlowError(f"frame size {frames.shape[3]}x{frames.shape[2]} is not a multiple of 8")
-            return FittedVideo(frames, fps / config.frame_stride, None, 0.0, source_hw)
+            return self._fit_tensor(float_frames(video), config, select)
         if isinstance(video, np.ndarray):
-            if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            if video.ndim != 4 or video.shape[-1] != 3:
                 raise TokenFlowError(f"frame array must be uint8 (N, H, W, 3), got {video.dtype} {video.shape}")
             video = Video(video, float(config.fps or 10.0))
+        elif isinstance(video, (list, tuple)):
+            video = read_images(video, config.fps, lambda hw: self.working_size(hw, config),
+                                max_frames=config.max_frames, start_frame=config.start_frame,
+                                start_time=config.start_time, stride=config.frame_stride, fit=config.fit)
+            return FittedVideo(to_tensor(video.frames), video.fps, None, 0.0, video.source_size)
         elif not isinstance(video, Video):  # decoded at the working size
+            if not isinstance(video, (str, os.PathLike)):
+                raise TokenFlowError(f"video must be a path, a Video, a list of frames, an array or a tensor, "
+                                     f"got {type(video).__name__}")
             video = read_video(video, config.max_frames, config.fps, size=lambda hw: self.working_size(hw, config),
                                start_frame=config.start_frame, start_time=config.start_time,
                                stride=config.frame_stride, fit=config.fit)
@@ -75,3 +76,18 @@ class VideoInputs:
         h, w = self.working_size(video.size, config)
         return FittedVideo(fit_frames(frames, h, w, config.fit), video.fps / config.frame_stride, video.audio_source,
                            video.start_time + first / video.fps, video.source_size or video.size)
+
+    def _fit_tensor(self, frames: torch.Tensor, config: EditConfig, select: Selection) -> FittedVideo:
+        """Float frames (N, 3, H, W) in [0, 1]: selected, and resized when a height or width is given."""
+        fps = float(config.fps or 10.0)
+        kept = select.apply(frames, fps)
+        if not len(kept):
+            raise TokenFlowError(f"the tensor has {len(frames)} frames: none from the start asked for")
+        source_hw = tuple(kept.shape[2:])
+        if config.height or config.width:
+            h, w = self.working_size(source_hw, config)
+            if (h, w) != source_hw:
+                kept = torch.nn.functional.interpolate(kept, (h, w), mode="bicubic", antialias=True).clamp(0, 1)
+        if kept.shape[2] % self.size_multiple or kept.shape[3] % self.size_multiple:
+            raise TokenFlowError(f"frame size {kept.shape[3]}x{kept.shape[2]} is not a multiple of {self.size_multiple}")
+        return FittedVideo(kept, fps / config.frame_stride, None, 0.0, source_hw)

@@ -461,12 +461,33 @@ def free_memory(device: torch.device | str) -> None:
         torch.cuda.empty_cache()
 
 
+_TRUNCATION_WARNED: set = set()  # (prompt, length): a prompt encoded many times is reported once
+
+
+def _first_rank() -> bool:
+    """Alone, or rank 0 of a torchrun launch: what every rank would say alike is said once."""
+    return os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") or os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, L) token ids of ``prompt`` padded or cut to the tokenizer's length L (77 for CLIP).
+    What a cut drops is logged as a warning, once per prompt (by rank 0 under torchrun): the text
+    encoder never sees it."""
+    length = tokenizer.model_max_length
+    tokens = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # all of them, quietly
+    room = length - tokenizer.num_special_tokens_to_add()
+    if len(tokens) > room and (prompt, length) not in _TRUNCATION_WARNED and _first_rank():
+        _TRUNCATION_WARNED.add((prompt, length))
+        dropped = tokenizer.decode(tokens[room:]).strip()
+        logger.warning("the prompt %s is %d tokens long and the text encoder reads %d: the last %d tokens "
+                       "are dropped (%s)", shown(prompt), len(tokens), room, len(tokens) - room, shown(dropped))
+    return tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
     """(1, 77, D) last hidden state of the text encoder, padded to the tokenizer's length."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
+    return text_encoder(prompt_ids(tokenizer, prompt).to(device))[0]
 
 
 @torch.no_grad()
@@ -475,9 +496,7 @@ def encode_prompt_sdxl(tokenizers, text_encoders, prompt: str, device: torch.dev
     second encoder's pooled projection (1, P)."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out = encoder(ids.to(device), output_hidden_states=True)
+        out = encoder(prompt_ids(tokenizer, prompt).to(device), output_hidden_states=True)
         pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
         hidden.append(out.hidden_states[-2])
     return torch.cat(hidden, dim=-1), pooled

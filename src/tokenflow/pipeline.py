@@ -409,12 +409,14 @@ class TokenFlowPipeline(VideoInputs):
                use_cache: bool = True, progress: bool = True,
                callback: Optional[ProgressCallback] = None,
                conditioning: Optional[Conditioning] = None, checkpoint: bool = False,
-               restart: bool = False, shard: Optional[range] = None) -> Inversion:
+               restart: bool = False, shard: Optional[range] = None,
+               checkpoint_dir: Optional[str] = None) -> Inversion:
         """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
 
         With ``use_cache`` the result is read from / written to the inversion cache. With
-        ``checkpoint``, every finished batch of frames is checkpointed beside the cache, and a run
-        interrupted midway picks up from its last finished batch (unless ``restart``).
+        ``checkpoint``, every finished batch of frames is checkpointed in ``checkpoint_dir`` (default:
+        ``checkpoints/`` beside the cache), and a run interrupted midway picks up from its last
+        finished batch (unless ``restart``).
         ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
         ``shard``: with :meth:`distribute`, this rank inverts and returns only these frames; the
         cache still holds one entry for the whole video, written by rank 0 from every rank's share.
@@ -427,6 +429,7 @@ class TokenFlowPipeline(VideoInputs):
         self.check_steps(steps, inversion_steps)
         keep = self.editing_timesteps(steps)
         cache = InversionCache(cache_dir) if use_cache else None
+        checkpoints = checkpoint_dir or checkpoint_root(cache_dir)
         key, fields = inversion_key(frames=frames_digest(frames), model=self.model_id,
                                     size=list(frames.shape[-2:]), inversion_steps=inversion_steps,
                                     inversion_prompt=inversion_prompt, keep=keep.tolist(),
@@ -441,10 +444,10 @@ class TokenFlowPipeline(VideoInputs):
                 logger.info("inversion cache hit: %s", cache.entry(key))
                 cached.key = key
                 if checkpoint:  # batches an interrupted run left are not needed any more
-                    Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), part_key).remove("inversion")
+                    Checkpointer(CheckpointStore(checkpoints), part_key).remove("inversion")
                 return cached.rows(shard)
             del cached
-        saver = Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), part_key) if checkpoint else None
+        saver = Checkpointer(CheckpointStore(checkpoints), part_key) if checkpoint else None
         x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None
         mine = frames[shard.start:shard.stop]
         if x0 is None and not len(mine):  # a rank with no frames (more ranks than batches)
@@ -589,7 +592,8 @@ class TokenFlowPipeline(VideoInputs):
              return_latents: bool = False, progress: bool = True, checkpoint: bool = False,
              restart: bool = False, callback: Optional[ProgressCallback] = None,
              generator: Optional[torch.Generator] = None, output_type: str = "pt",
-             prompts: Optional[Sequence[str]] = None, **overrides: Any) -> Union[EditResult, list[EditResult]]:
+             prompts: Optional[Sequence[str]] = None, checkpoint_dir: Optional[str] = None,
+             **overrides: Any) -> Union[EditResult, list[EditResult]]:
         """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
 
         With ``prompts`` (a list), the video is edited towards each of them in one run and a list of
@@ -599,8 +603,8 @@ class TokenFlowPipeline(VideoInputs):
         its prompt up to float rounding.
 
         Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
-        With ``checkpoint``, the inversion and the editing loop are checkpointed beside the cache
-        (``cache_dir``), and a run of the same edit after an interruption continues from the last
+        With ``checkpoint``, the inversion and the editing loop are checkpointed in ``checkpoint_dir``
+        (default: ``checkpoints/`` beside the cache, ``cache_dir``), and a run of the same edit after an interruption continues from the last
         checkpoint with the same result (``restart`` ignores them); call
         ``result.discard_checkpoint()`` once the result is saved.
         """
@@ -640,7 +644,8 @@ class TokenFlowPipeline(VideoInputs):
             if inversion is None:
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                         config.inversion_batch(), cache_dir, use_cache, progress, callback,
-                                        conditioning, checkpoint=checkpoint, restart=restart, shard=mine)
+                                        conditioning, checkpoint=checkpoint, restart=restart, shard=mine,
+                                        checkpoint_dir=checkpoint_dir)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
             else:
@@ -669,7 +674,8 @@ class TokenFlowPipeline(VideoInputs):
                                 prompt_list if len(prompt_list) > 1 else None)
             if group.distributed:  # each rank checkpoints its own frames
                 key = f"{key}-{group.world_size}-{group.rank}"
-            saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoint_root(cache_dir)), key), sampler, group)
+            store = CheckpointStore(checkpoint_dir or checkpoint_root(cache_dir))
+            saver = EditCheckpoints(Checkpointer(store, key), sampler, group)
             restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .config import EditConfig
@@ -62,22 +63,107 @@ def protected_paths(input_path: Optional[str], config_file: Optional[str], confi
 def check_no_overwrite(files: Iterable[str], folder: Optional[str], protected: Iterable[str]) -> None:
     """Refuse an output file that is an input, and a frames folder that is or holds an input
     (or an output file: replacing the folder would take it along)."""
-    protected = list(protected)
-    files = [f for f in files if f]
-    for out in files:
-        for p in protected:
-            if same_path(out, p):
-                raise TokenFlowError(f"output '{out}' is the input '{p}'; writing it would destroy the "
-                                     f"input: choose another output name")
-            if os.path.isdir(p) and inside(out, p):
-                raise TokenFlowError(f"output '{out}' is inside the input folder '{p}'; writing there would "
-                                     f"change the input: choose another place")
-    if folder:
-        for p in protected + files:
-            if inside(p, folder):
-                what = "the input" if p in protected else "the output"
-                raise TokenFlowError(f"frames folder '{folder}' holds {what} '{p}', which writing the "
-                                     f"frames would replace: choose another --frames-dir")
+    check_runs_apart([RunPaths("", list(protected), [(f, "output") for f in files if f], folder)])
+
+
+@dataclass
+class RunPaths:
+    """What one run (an edit, one job of a batch) reads and writes, to check runs against each other."""
+
+    name: str  # "job 2 (b.mp4)"; "" for a command's only run
+    reads: list[str]  # inputs: none may be written
+    writes: list[tuple[str, str]]  # (path, what: "output", "settings file", "cache folder")
+    frames_dir: Optional[str] = None  # replaced whole when the frames are written
+
+    def who(self, other: "RunPaths", thing: str) -> str:
+        """How ``self``'s message names ``other``'s thing: 'the input', 'job 2 (b.mp4)'s input'."""
+        return f"the {thing}" if other is self or not other.name else f"{other.name}'s {thing}"
+
+
+def _identities(path: str) -> list:
+    """The real path, and (device, inode) for an existing file: a hard link is the same file."""
+    real = _real(path)
+    try:
+        st = os.stat(real)
+        return [real, (st.st_dev, st.st_ino)] if os.path.isfile(real) else [real]
+    except OSError:
+        return [real]
+
+
+def _folders_above(path: str) -> list[str]:
+    """``path``'s real path and every folder above it."""
+    p, out = _real(path), []
+    while True:
+        out.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            return out
+        p = parent
+
+
+def check_runs_apart(runs: list[RunPaths]) -> None:
+    """No run writes over what any run reads, or over what another run writes, before any work.
+
+    Every output (video, settings file, cache folder) against every input and every other run's
+    output; every frames folder (replaced whole) against every input, output and other frames
+    folder. Paths compare through symlinks, relative paths and hard links. Runs may share a cache folder.
+    """
+    reads, read_dirs, writes, frames = {}, {}, {}, {}
+    for run in runs:
+        for p in run.reads:
+            for ident in _identities(p):
+                reads.setdefault(ident, (run, p))
+            if os.path.isdir(p):
+                read_dirs.setdefault(_real(p), (run, p))
+        for p, what in run.writes:
+            for ident in _identities(p):
+                writes.setdefault(ident, (run, p, what))
+        if run.frames_dir:
+            frames.setdefault(_real(run.frames_dir), (run, run.frames_dir))
+    for run in runs:
+        for out, what in run.writes:
+            _check_write(run, out, what, reads, read_dirs, writes)
+        for p, kind in [*((p, "input") for p in run.reads), *((p, "output") for p, _ in run.writes)]:
+            for folder in _folders_above(p):
+                if folder in frames:
+                    owner, given = frames[folder]
+                    raise TokenFlowError(f"{_prefix(owner)}frames folder '{given}' holds {owner.who(run, kind)} "
+                                         f"'{p}', which writing the frames would replace: choose another --frames-dir")
+        if run.frames_dir:
+            _check_frames_dir(run, frames)
+
+
+def _prefix(run: RunPaths) -> str:
+    return f"{run.name}: " if run.name else ""
+
+
+def _check_write(run: RunPaths, out: str, what: str, reads: dict, read_dirs: dict, writes: dict) -> None:
+    for ident in _identities(out):
+        if ident in reads:
+            owner, p = reads[ident]
+            raise TokenFlowError(f"{_prefix(run)}{what} '{out}' is {run.who(owner, 'input')} '{p}'; writing it "
+                                 f"would destroy the input: choose another output name")
+        other = writes.get(ident)
+        if other and other[0] is not run and not (what == other[2] == "cache folder"):
+            raise TokenFlowError(f"{_prefix(run)}{what} '{out}' is also {run.who(other[0], other[2])} '{other[1]}'; "
+                                 f"one would overwrite the other: choose other output names")
+    for folder in _folders_above(out)[1:]:
+        if folder in read_dirs:
+            owner, p = read_dirs[folder]
+            raise TokenFlowError(f"{_prefix(run)}{what} '{out}' is inside {run.who(owner, 'input folder')} '{p}'; "
+                                 f"writing there would change the input: choose another place")
+
+
+def _check_frames_dir(run: RunPaths, frames: dict) -> None:
+    """Two runs' frames folders are neither the same nor one inside the other (each replaces its whole
+    folder); a folder that holds another run's is found from that run's side, as the one it lies in."""
+    mine = _real(run.frames_dir)
+    for folder in _folders_above(mine):
+        owner, given = frames.get(folder, (run, None))
+        if owner is not run:
+            how = "is also" if folder == mine else "lies in"
+            raise TokenFlowError(f"{_prefix(run)}frames folder '{run.frames_dir}' {how} {run.who(owner, 'frames folder')} "
+                                 f"'{given}'; writing one would replace the other: choose another --frames-dir")
 
 
 def human_bytes(n: float) -> str:

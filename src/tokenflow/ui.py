@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -79,15 +81,44 @@ def split_prompts(text: Optional[str]) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
+OUTPUT_PREFIX = "tokenflow-ui-"  # + the server's process id: a killed server's folder is found and removed
+
+
+def remove_stale_output_dirs() -> list[str]:
+    """Remove the output folders that servers killed outright (SIGKILL) left in the temporary folder."""
+    from .atomic import pid_alive
+
+    root, removed = tempfile.gettempdir(), []
+    pattern = re.compile(re.escape(OUTPUT_PREFIX) + r"(\d+)-")
+    for name in os.listdir(root):
+        m = pattern.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isdir(path) and not os.path.islink(path) and not pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @dataclass
 class EditorSession:
     pipe: Any
     model_name: str
     limits: Limits = field(default_factory=Limits)
     cache_dir: Optional[str] = None
-    output_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="tokenflow-ui-"))
+    output_dir: Optional[str] = None  # default: a new temporary folder, removed by close()
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self._owns_output_dir = self.output_dir is None
+        if self._owns_output_dir:
+            remove_stale_output_dirs()
+            self.output_dir = tempfile.mkdtemp(prefix=f"{OUTPUT_PREFIX}{os.getpid()}-")
+
+    def close(self) -> None:
+        """Remove the temporary output folder the session made (one it was given stays)."""
+        if self._owns_output_dir and self.output_dir:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
 
     @property
     def editors(self) -> list[str]:

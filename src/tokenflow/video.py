@@ -147,7 +147,7 @@ class _Fitter:
     """Resizes each frame to the size ``spec`` gives for the first frame as shown (non-square pixels
     made square); warns once when a frame's own size differs from the first one's."""
 
-    def __init__(self, spec: SizeSpec, source: str, fit: str = "stretch"):
+    def __init__(self, spec: SizeSpec, source: str, fit: str = "stretch"):  # source: "'clip.mp4'", "the frame list"
         self.spec, self.source, self.fit = spec, source, fit
         self.first: Optional[tuple[int, int]] = None
         self.target: Optional[tuple[int, int]] = None
@@ -160,11 +160,11 @@ class _Fitter:
             spec = self.spec
             self.target = tuple(spec(hw)) if callable(spec) else (tuple(spec) if spec else hw)
             if pixel_aspect != 1:
-                logger.info("'%s' has non-square pixels (sample aspect ratio %s): its %dx%d pixels are read as "
+                logger.info("%s has non-square pixels (sample aspect ratio %s): its %dx%d pixels are read as "
                             "shown, %dx%d", self.source, pixel_aspect, frame.shape[1], frame.shape[0], hw[1], hw[0])
         elif hw != self.first and not self.warned:
             self.warned = True
-            logger.warning("'%s' changes size midway (%dx%d, then %dx%d): every frame is fitted to %dx%d",
+            logger.warning("%s changes size midway (%dx%d, then %dx%d): every frame is fitted to %dx%d",
                            self.source, self.first[1], self.first[0], hw[1], hw[0], self.target[1], self.target[0])
         return resize_frame(frame, *self.target, fit=self.fit, pixel_aspect=float(pixel_aspect))
 
@@ -182,9 +182,71 @@ def _read_folder(path: str, select: Selection, fps: Optional[float], size: SizeS
     names = select.apply(_frame_names(path), rate)
     if not names:
         raise TokenFlowError(f"folder '{path}' has no frames from the start asked for")
-    fit = _Fitter(size, path, fit_mode)
+    fit = _Fitter(size, f"'{path}'", fit_mode)
     frames = [fit(_read_image(os.path.join(path, name))) for name in names]
     return Video(np.stack(frames), rate / select.stride, None, path, 0.0, fit.first)
+
+
+def read_images(images, fps: Optional[float] = None, size: SizeSpec = None, *, max_frames: Optional[int] = None,
+                start_frame: int = 0, start_time: Optional[float] = None, stride: int = 1,
+                fit: str = "stretch") -> Video:
+    """Frames in memory (a list of PIL images or uint8 (H, W, 3) arrays), read as a folder of frames
+    is: upright 8-bit RGB, the same selection, every frame fitted to the size ``size`` gives for the
+    first one (a frame of another size is fitted too, with one warning)."""
+    if max_frames is not None and max_frames < 1:
+        raise TokenFlowError(f"frame limit must be at least 1, got {max_frames}")
+    if not len(images):
+        raise TokenFlowError("the frame list is empty: give at least one frame (PIL images or uint8 (H, W, 3) arrays)")
+    rate = float(fps or DEFAULT_FOLDER_FPS)
+    select = Selection(max_frames, start_frame, start_time, stride)
+    kept = select.apply(range(len(images)), rate)
+    if not len(kept):
+        raise TokenFlowError(f"the frame list has {len(images)} frames: none from the start asked for")
+    fitter = _Fitter(size, "the frame list", fit)
+    frames = [fitter(_image_frame(images[i], i)) for i in kept]
+    return Video(np.stack(frames), rate / select.stride, None, "", 0.0, fitter.first)
+
+
+def _image_frame(image, index: int) -> np.ndarray:
+    """One frame of a list as uint8 (H, W, 3), as a frame file would be read."""
+    if isinstance(image, Image.Image):
+        frame = image_to_rgb8(image)
+    elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        frame = np.ascontiguousarray(image)
+    else:
+        what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise TokenFlowError(f"frame {index} of the list is a {what}; allowed: PIL images or uint8 (H, W, 3) arrays")
+    if not frame.shape[0] or not frame.shape[1]:
+        raise TokenFlowError(f"frame {index} of the list is empty ({frame.shape[1]}x{frame.shape[0]})")
+    return frame
+
+
+RANGE_SLACK = 1e-3  # float rounding just outside [0, 1] (a resize's overshoot) is clipped, not refused
+
+
+def float_frames(frames: torch.Tensor, what: str = "frame tensor") -> torch.Tensor:
+    """(N, 3, H, W) frames as float32 in [0, 1]: uint8 is scaled by 1/255; float must be finite and in
+    [0, 1] (0..255 or -1..1 would be edited as a washed-out or clipped video, so they are refused)."""
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise TokenFlowError(f"{what} must be (N, 3, H, W), got {tuple(frames.shape)}")
+    if not len(frames):
+        raise TokenFlowError(f"the {what} has no frames")
+    if frames.dtype == torch.uint8:
+        return frames.float() / 255
+    if not frames.is_floating_point():
+        raise TokenFlowError(f"{what} must be float in [0, 1] or uint8, got {str(frames.dtype).replace('torch.', '')}")
+    frames = frames.float()
+    bad = ~torch.isfinite(frames)
+    if bad.any():
+        first = int(bad.flatten(1).any(1).nonzero()[0])
+        raise TokenFlowError(f"{what} holds {int(bad.sum())} NaN or infinite values (the first in frame {first}); "
+                             f"frames must be finite values in [0, 1]")
+    low, high = float(frames.min()), float(frames.max())
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        hint = ("; divide 0..255 values by 255" if low >= -RANGE_SLACK and high <= 255 + RANGE_SLACK
+                else "; map -1..1 values by (x + 1) / 2" if low >= -1 - RANGE_SLACK and high <= 1 + RANGE_SLACK else "")
+        raise TokenFlowError(f"{what} values lie in [{low:.4g}, {high:.4g}]; expected [0, 1]{hint}")
+    return frames.clamp(0, 1) if low < 0 or high > 1 else frames
 
 
 def _read_image(file: str) -> np.ndarray:
@@ -217,7 +279,7 @@ def image_to_rgb8(im: Image.Image) -> np.ndarray:
 
 def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
     timeline = scan_timeline(path)
-    fit = _Fitter(size, path, fit_mode)
+    fit = _Fitter(size, f"'{path}'", fit_mode)
     damage = Damage()
     with open_video(path) as (container, stream):
         rate = timeline.rate if timeline else header_rate(stream)
@@ -536,11 +598,16 @@ def frames_replaceable(name: str) -> bool:
     return bool(FRAME_NAME.match(name))
 
 
-def check_frames_dir(folder: str | os.PathLike) -> str:
-    """Fail early if ``folder`` cannot take the frames: a file, or a folder of the user's own files."""
+def check_frames_dir(folder: str | os.PathLike, parent_later: bool = False) -> str:
+    """Fail early if ``folder`` cannot take the frames: a file, or a folder of the user's own files.
+    ``parent_later``: the folder above may not exist yet (it is made when the frames are written)."""
     from .atomic import check_replaceable_dir
 
     folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    if parent_later and not os.path.lexists(parent):
+        check_writable_name(parent)  # then the folder itself is new: nothing in it to replace
+        return folder
     check_writable_name(folder, DIR_SUFFIX)
     check_replaceable_dir(os.path.abspath(folder), frames_replaceable)
     return folder
