@@ -157,6 +157,10 @@ def test_the_command_edits_with_a_tiny_flow_model(tmp_path, capsys):
     assert not (tmp_path / "bad.mp4").exists()
     code, _, err = run_cli(capsys, "invert", clip, "--model", "tiny-flux")
     assert code == 2 and "without an inversion" in err
+    code, out, err = run_cli(capsys, "analyze", clip, "--model", "tiny-flux", "--height", "64", "--width", "96",
+                             "-o", tmp_path / "figures", "--layer", "single_transformer_blocks.1.attn")
+    assert code == 0, err
+    assert "single_transformer_blocks.1.attn" in out and len(os.listdir(tmp_path / "figures")) >= 3
 
 
 def test_the_family_is_picked_from_the_model(tmp_path):

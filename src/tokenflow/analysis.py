@@ -180,3 +180,47 @@ def write_figures(out_dir: str, frames: np.ndarray, fps: float, analysis: Featur
     with atomic_path(os.path.join(out_dir, "analysis.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+@torch.no_grad()
+def analyze_flow_features(pipe, frames: torch.Tensor, timestep: int, prompt: str = "", layer: str | None = None,
+                          seed: int = 1, batch_size: int = 8) -> FeatureAnalysis:
+    """SD3/FLUX: the image tokens fed to ``layer``'s attention (default: the middle hooked layer) when the
+    transformer denoises FlowEdit's source branch, ``(1 - sigma) x_src + sigma eps`` with one noise draw
+    for every frame, at the schedule's timestep nearest ``timestep`` (0-999). frames (N, 3, H, W) in [0, 1]."""
+    family = pipe.family
+    names = [hooked.name for hooked in pipe.layers]
+    layer = layer or names[len(names) // 2]
+    if layer not in names:
+        raise ValueError(f"unknown layer '{layer}'; attention layers are e.g. {names[0]}, {names[-1]}")
+    role = next(hooked.role for hooked in pipe.layers if hooked.name == layer)
+    height, width = frames.shape[-2:]
+    if hasattr(family, "set_frame_size"):
+        family.set_frame_size(height, width)
+    with pipe._on_device(family.vae):
+        x_src = family.encode(frames, pipe.vae_batch_size)
+    timesteps, sigmas = family.schedule(1000, family.latent_shape(height, width))
+    i = int((timesteps - timestep).abs().argmin())
+    eps = torch.randn((1, *x_src.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    z = (1 - sigmas[i]) * x_src + sigmas[i] * eps
+    text = pipe.prompt_embeds(prompt)
+    n_text = text.embeds.shape[1]
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        tokens = kwargs.get("hidden_states", args[0] if args else None)
+        captured.append((tokens[:, n_text:] if role == "single" else tokens).float().cpu())
+
+    handle = dict(family.transformer.named_modules())[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with pipe._on_device(family.transformer):
+            for b in range(0, len(z), batch_size):
+                rows = z[b:b + batch_size]
+                guidance = torch.full((len(rows),), float(family.defaults.source_guidance_scale))
+                family.velocity(rows, timesteps[i], text.rows([0] * len(rows)), guidance)
+    finally:
+        handle.remove()
+    feats = torch.cat(captured)  # (N, L, D), L = (H/16) (W/16) tokens in row order
+    fh, fw = height // 16, width // 16
+    return FeatureAnalysis(int(timesteps[i]), layer, feats.reshape(len(feats), fh, fw, -1),
+                           pca_rgb(feats).reshape(len(feats), fh, fw, 3))

@@ -33,7 +33,7 @@ logger = logging.getLogger("tokenflow.cli")
 DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")
 # The demo's settings: small enough for two CPU cores in well under two minutes.
 DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a wolf", max_frames=16,
-                     height=128, width=224, steps=50, inversion_steps=50, batch_size=8)
+                     height=128, width=224, steps=20, inversion_steps=20, batch_size=8)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -652,7 +652,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .video import to_uint8
 
     config, run, info = _settings_and_input(args, "tokenflow analyze INPUT")
-    _no_flow(run, "analyze", "its figures are of the UNet's features (SD 1.x/2.x, SDXL)")
     from .analysis import FIGURES
     from .preflight import check_no_overwrite, protected_paths
     from .video import check_writable_name
@@ -679,16 +678,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not 0 <= args.timestep < 1000:
         raise TokenFlowError(f"timestep must be in [0, 999], got {args.timestep}")
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
-    if args.layer and args.layer not in pipe.layers.self_attention:
-        raise TokenFlowError(f"unknown layer '{args.layer}'; self-attention layers are e.g. {pipe.layers.self_attention[-1]}")
+    layers = [hooked.name for hooked in pipe.layers] if flow_kind(run.get("model")) else pipe.layers.self_attention
+    if args.layer and args.layer not in layers:
+        raise TokenFlowError(f"unknown layer '{args.layer}'; the layers TokenFlow hooks are e.g. {layers[-1]}")
     frames, fps = pipe.load_video(run["input"], config)[:2]
     n = len(frames)
     target = check_frames(n)
-    conditioning = pipe.prepare_conditioning(frames, config)
-    inversion = _cached_inversion(pipe, frames, config, run, args, conditioning, output=args.output)
-    timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
-    analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
-                                config.inversion_prompt, args.layer, conditioning)
+    if flow_kind(run.get("model")):  # no inversion: the features of FlowEdit's noised source branch
+        from .analysis import analyze_flow_features
+
+        analysis = analyze_flow_features(pipe, frames, args.timestep, config.inversion_prompt, args.layer,
+                                         config.seed)
+        timestep = analysis.timestep
+    else:
+        conditioning = pipe.prepare_conditioning(frames, config)
+        inversion = _cached_inversion(pipe, frames, config, run, args, conditioning, output=args.output)
+        timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
+        analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
+                                    config.inversion_prompt, args.layer, conditioning)
     frames_u8 = to_uint8(frames)
     rebuild = nearest_neighbour_rebuild(frames_u8, analysis.features, args.source_frame, target)
     summary = write_figures(args.output, frames_u8, fps, analysis, rebuild, args.source_frame, target)
