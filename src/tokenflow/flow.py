@@ -19,7 +19,6 @@ target), decoded. A one-frame video, its own keyframe, is FlowEdit's image edit 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -37,7 +36,8 @@ from .distributed import Group
 from .editing import denoise_step
 from .errors import TokenFlowError
 from .families.base import FlowFamily
-from .inputs import VideoInput, VideoInputs
+from .common import PipelineCommon
+from .inputs import VideoInput
 from .joint_attention import joint_tokenflow_hooks
 from .keyframes import ScheduledKeyframes, make_sampler
 from .models import module_identity, resolve_device, resolve_dtype
@@ -65,7 +65,7 @@ class _Generators:
             self.sampler.set_state(state[n:].clone())
 
 
-class FlowPipeline(VideoInputs):
+class FlowPipeline(PipelineCommon):
     """TokenFlow on an SD3 or FLUX.1 model: the family (:mod:`tokenflow.families`) owns the network."""
 
     size_multiple = 16
@@ -171,14 +171,6 @@ class FlowPipeline(VideoInputs):
                 module.compile(backend=backend, mode=mode, dynamic=False)
         return self
 
-    def distribute(self, group: Optional[Group] = None) -> "FlowPipeline":
-        """Split every edit across the ranks of a ``torchrun`` launch (see TokenFlowPipeline.distribute)."""
-        if group is None:
-            from .distributed import init_group
-
-            group = init_group(self.device)
-        self.group = group
-        return self
 
     def release_text_encoders(self, prompts) -> "FlowPipeline":
         """Encode these prompts now and free the text encoders (T5-XXL is 9.5 GB in bfloat16)."""
@@ -197,20 +189,6 @@ class FlowPipeline(VideoInputs):
                 self._prompts[prompt] = self.family.encode_prompt(prompt)
         return self._prompts[prompt]
 
-    @contextlib.contextmanager
-    def _on_device(self, *modules: torch.nn.Module):
-        if not self.offload or self._device.type == "cpu":
-            yield
-            return
-        for m in modules:
-            m.to(self._device)
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.to("cpu")
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ the edit
     def _check(self, config: EditConfig, prompt_list: list[str]) -> None:

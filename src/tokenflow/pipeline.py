@@ -40,7 +40,8 @@ from .editing import denoise_step as tokenflow_step
 from .editors import EDITORS, BaseEditor
 from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
-from .inputs import FittedVideo, VideoInput, VideoInputs  # noqa: F401 (FittedVideo: public here before)
+from .common import PipelineCommon
+from .inputs import FittedVideo, VideoInput  # noqa: F401 (FittedVideo: public here before)
 from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
@@ -88,7 +89,7 @@ class EditResult:
             self.checkpoint = None
 
 
-class TokenFlowPipeline(VideoInputs):
+class TokenFlowPipeline(PipelineCommon):
     """TokenFlow on a Stable Diffusion model (diffusers components)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, model_id: Optional[str] = None, *,
@@ -160,16 +161,6 @@ class TokenFlowPipeline(VideoInputs):
             torch.cuda.empty_cache()
         return self
 
-    def distribute(self, group: Optional[Group] = None) -> "TokenFlowPipeline":
-        """Split every edit across the ranks of a ``torchrun`` launch (or ``group``): each rank
-        inverts, edits and decodes its own frames; rank 0 gets the whole result. Every rank must
-        call :meth:`edit` with the same arguments. Results equal one process's up to float rounding."""
-        if group is None:
-            from .distributed import init_group
-
-            group = init_group(self.device)
-        self.group = group
-        return self
 
     def compile(self, backend: str = "inductor", mode: Optional[str] = None) -> "TokenFlowPipeline":
         """``torch.compile`` the UNet's resnets and feed-forward blocks, in place.
@@ -194,21 +185,6 @@ class TokenFlowPipeline(VideoInputs):
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.depth_estimator,
                             *self.controlnets.values()) if m is not None]
 
-    @contextlib.contextmanager
-    def _on_device(self, *modules: torch.nn.Module):
-        """With offload on: these modules on the compute device for the block, back to the CPU after."""
-        if not self.offload or self._device.type == "cpu":
-            yield
-            return
-        for m in modules:
-            m.to(self._device)
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.to("cpu")
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ construction
     @classmethod
