@@ -184,7 +184,7 @@ def write_figures(out_dir: str, frames: np.ndarray, fps: float, analysis: Featur
 
 @torch.no_grad()
 def analyze_flow_features(pipe, frames: torch.Tensor, timestep: int, prompt: str = "", layer: str | None = None,
-                          seed: int = 1, batch_size: int = 8) -> FeatureAnalysis:
+                          seed: int = 1, batch_size: int = 8, source_guidance: Optional[float] = None) -> FeatureAnalysis:
     """SD3/FLUX: the image tokens fed to ``layer``'s attention (default: the middle hooked layer) when the
     transformer denoises FlowEdit's source branch, ``(1 - sigma) x_src + sigma eps`` with one noise draw
     for every frame, at the schedule's timestep nearest ``timestep`` (0-999). frames (N, 3, H, W) in [0, 1]."""
@@ -216,7 +216,8 @@ def analyze_flow_features(pipe, frames: torch.Tensor, timestep: int, prompt: str
         with pipe._on_device(family.transformer):
             for b in range(0, len(z), batch_size):
                 rows = z[b:b + batch_size]
-                guidance = torch.full((len(rows),), float(family.defaults.source_guidance_scale))
+                guidance = torch.full((len(rows),), float(family.defaults.source_guidance_scale
+                                                          if source_guidance is None else source_guidance))
                 family.velocity(rows, timesteps[i], text.rows([0] * len(rows)), guidance)
     finally:
         handle.remove()

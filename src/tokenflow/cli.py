@@ -320,7 +320,7 @@ def _load_flow_pipeline(run: dict[str, Any], kind: str):
         return FlowPipeline.from_tiny(kind, seed=0, device=str(resolve_device(device)), dtype=dtype)
     loras = run.get("lora") or []
     return FlowPipeline.from_pretrained(model, device=device, dtype=run.get("dtype") or "auto", family=kind,
-                                        model_config=run.get("model_config"),
+                                        model_config=run.get("model_config"), offload=bool(run.get("offload")),
                                         loras=[loras] if isinstance(loras, str) else list(loras))
 
 
@@ -688,7 +688,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from .analysis import analyze_flow_features
 
         analysis = analyze_flow_features(pipe, frames, args.timestep, config.inversion_prompt, args.layer,
-                                         config.seed)
+                                         config.seed, source_guidance=config.source_guidance_scale)
         timestep = analysis.timestep
     else:
         conditioning = pipe.prepare_conditioning(frames, config)

@@ -73,8 +73,7 @@ class FlowPipeline(PipelineCommon):
     def __init__(self, family: FlowFamily, model_id: Optional[str] = None):
         self.family = family
         self.model_id = model_id or module_identity(family.transformer, family.vae)
-        sample = getattr(family.transformer.config, "sample_size", 64) or 64
-        self.native_side = max(512, int(sample) * 8)
+        self.native_side = family.native_side
         self.layers = family.attention_layers()
         self._device = family.compute_device
         # memory settings read by the editing loop (see editing.MemorySettings)
@@ -92,15 +91,20 @@ class FlowPipeline(PipelineCommon):
     @classmethod
     def from_pretrained(cls, model: str, device: str = "auto", dtype: Union[str, torch.dtype] = "auto", *,
                         family: Optional[str] = None, loras: Sequence[str] = (), model_config: Optional[str] = None,
-                        variant: Optional[str] = None, revision: Optional[str] = None, **_: Any) -> "FlowPipeline":
+                        variant: Optional[str] = None, revision: Optional[str] = None, offload: bool = False,
+                        **_: Any) -> "FlowPipeline":
         """SD3/SD3.5 or FLUX.1 from a hub id, a local diffusers folder or a single checkpoint file
-        (``model_config``: the diffusers folder or id its configs come from), LoRAs fused in."""
+        (``model_config``: the diffusers folder or id its configs come from), LoRAs fused in. ``dtype``
+        "auto" on CUDA is bfloat16 where the GPU has it (FLUX's T5 overflows in float16). ``offload``:
+        the models stay on the CPU and go to the device one stage at a time (never all at once)."""
         from .families import detect_family
         from .models import apply_loras, hub_kwargs, short_error
 
         family = family or detect_family(model)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        if dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            dt = torch.bfloat16
         cls_ = _pipeline_class(family)
         try:
             if os.path.isfile(model):
@@ -115,10 +119,13 @@ class FlowPipeline(PipelineCommon):
             raise TokenFlowError(f"cannot load {family} model '{model}': {short_error(e)}") from None
         if loras:
             apply_loras(pipe, list(loras))
-        pipe.to(dev)
-        from .models import path_identity
-
-        return cls(_family(family, pipe), f"hub:{model}" if not os.path.exists(model) else path_identity(model))
+        if not offload:
+            pipe.to(dev)
+        flow_family = _family(family, pipe)
+        flow_family.compute_device = dev
+        result = cls(flow_family, _model_identity(model, loras, model_config, variant, revision))
+        result.offload = offload
+        return result
 
     @classmethod
     def from_tiny(cls, kind: str, seed: int = 0, device: str = "cpu",
@@ -132,7 +139,9 @@ class FlowPipeline(PipelineCommon):
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 torch.nn.Module.to(module, device=dev, dtype=dt)
-        return cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
+        tiny = cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
+        tiny.native_side = 512  # a first try that finishes on a CPU
+        return tiny
 
     @property
     def device(self) -> torch.device:
@@ -274,13 +283,17 @@ class FlowPipeline(PipelineCommon):
         # 4. decode; rank 0 gathers the video
         with timer("decode"), self._on_device(self.family.vae):
             edited = [self.family.decode(x_p, height, width, self.vae_batch_size) for x_p in latents]
+        trail = loop.trail
         if self.group.distributed:
             edited = [self.group.gather_rows(e, plan.frame_counts()) for e in edited]
+            if trail is not None:  # (P, n_r, ...) -> (P, N, ...) on rank 0
+                trail = [self.group.gather_rows(v.transpose(0, 1), plan.frame_counts()) for v in trail]
+                trail = None if trail[0] is None else [v.transpose(0, 1) for v in trail]
         # 5. one result per prompt
         results = [EditResult(frames_p if output_type == "pt" or frames_p is None else
                               _convert_frames(frames_p, output_type), fitted.fps,
                               config.replace(prompt=prompt_list[p]), loop.timesteps, loop.keyframe_log, None,
-                              loop.trace(p), timer.seconds, fitted.audio_source, fitted.audio_start, loop.first,
+                              None if trail is None else [v[p] for v in trail], timer.seconds, fitted.audio_source, fitted.audio_start, loop.first,
                               fitted.source_size, saver.handle() if saver else None)
                    for p, frames_p in enumerate(edited)]
         return results if prompts is not None else results[0]
@@ -465,9 +478,6 @@ class _FlowLoop:
         """The latents now: x_src + y while FlowEdit runs, the sampled target after the switch."""
         return self.y.clone() if self.sample_noise is not None else self.y + self.x_src
 
-    def trace(self, p: int) -> Optional[list[torch.Tensor]]:
-        return None if self.trail is None else [v[p] for v in self.trail]
-
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {} if self.sample_noise is None else {"sample_noise": self.sample_noise}
 
@@ -480,6 +490,19 @@ class _FlowLoop:
 
 
 TINY_MODELS = {"tiny-sd3": "sd3", "tiny-flux": "flux"}  # --model names of the tiny random models built in code
+
+
+def _model_identity(model: str, loras: Sequence[str], model_config: Optional[str], variant: Optional[str],
+                    revision: Optional[str]) -> str:
+    """What a resume checkpoint's key says of the weights: the source and everything that changes them."""
+    import json
+
+    from .models import path_identity
+
+    base = path_identity(model) if os.path.exists(model) else f"hub:{model}"
+    extra = {k: v for k, v in (("loras", list(loras)), ("config", model_config), ("variant", variant),
+                               ("revision", revision)) if v}
+    return base if not extra else f"{base}|{json.dumps(extra, sort_keys=True)}"
 
 
 def flow_kind(model: Optional[str]) -> Optional[str]:

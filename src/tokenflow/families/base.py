@@ -47,6 +47,7 @@ class FlowFamily:
     uses_cfg = False  # classifier-free guidance: two branches per prompt (SD3); else one (FLUX)
     text_first = False  # the joint sequence's order in the model's own processor
     size_multiple = 16  # VAE factor 8 x patch 2
+    native_side = 1024  # SD3.5 and FLUX.1 are trained at about 1024 x 1024: the default working area
     defaults = FlowDefaults(steps=28, n_max=24, source_guidance_scale=1.5, guidance_scale=5.5)
     layer_roles: tuple[tuple[str, str], ...] = ()  # (regex on processor names, role)
 
@@ -104,6 +105,8 @@ class FlowFamily:
         """float (N, 3, H, W) in [0, 1] -> clean latents in the family's layout, float32 on the CPU:
         ``(mode - shift) * scale`` as the family's pipelines (and FlowEdit) do."""
         vae, cfg = self.vae, self.vae.config
+        if not len(frames):  # a rank with no frames (more ranks than batches)
+            return torch.zeros((0, *self.latent_shape(*frames.shape[-2:])))
         device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
         out = []
         for i in range(0, len(frames), batch_size):
