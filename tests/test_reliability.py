@@ -675,16 +675,7 @@ def test_no_cache_puts_nothing_in_the_cache_folder_and_still_resumes(tmp_path, t
             "--steps", "4", "--inversion-steps", "4", "--height", "32", "--width", "48", "-q"]
     from tokenflow import pipeline
 
-    real = pipeline.TokenFlowPipeline.denoise_step
-    steps = []
-
-    def interrupt_at_third(self, *a, **k):
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(pipeline.TokenFlowPipeline, "denoise_step", interrupt_at_third)
+    real = _interrupt_at_step(monkeypatch, 3)
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and "resume" in err
     assert glob.glob(str(tmp_path / "out" / ".tokenflow-checkpoints" / "edit-*.safetensors"))
@@ -699,22 +690,30 @@ def test_no_cache_puts_nothing_in_the_cache_folder_and_still_resumes(tmp_path, t
     assert not (tmp_path / "xdg").exists() and sorted(os.listdir(tmp_path / "out")) == ["o.mp4", "o.yaml"]
 
 
+def _interrupt_at_step(monkeypatch, n: int):
+    """Ctrl-C in the n-th editing step of the next edit; returns the real step, to put back."""
+    from tokenflow import pipeline
+
+    real = pipeline.TokenFlowPipeline.denoise_step
+    steps = []
+
+    def interrupt(self, *a, **k):
+        steps.append(1)
+        if len(steps) == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pipeline.TokenFlowPipeline, "denoise_step", interrupt)
+    return real
+
+
 def test_no_resume_starts_over(tmp_path, tiny_model_dir, capsys, monkeypatch):
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(8, 32, 48))
     args = ["edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.mp4", "--cache-dir",
             tmp_path / "c", "--steps", "4", "--inversion-steps", "4", "--height", "32", "--width", "48", "-q"]
     from tokenflow import pipeline
 
-    real = pipeline.TokenFlowPipeline.denoise_step
-    steps = []
-
-    def interrupt_at_third(self, *a, **k):
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(pipeline.TokenFlowPipeline, "denoise_step", interrupt_at_third)
+    real = _interrupt_at_step(monkeypatch, 3)
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and "resume" in err
     assert glob.glob(str(tmp_path / "c" / "checkpoints" / "edit-*.safetensors"))  # there was one to resume from
