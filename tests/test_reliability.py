@@ -528,12 +528,11 @@ def test_out_of_memory_retries_with_smaller_batches_and_keeps_the_result(tiny_pi
     reference = tiny_pipe.edit(clip, config=cfg, use_cache=False, progress=False, return_latents=True)
     calls: list[int] = []
     oom_above(tiny_pipe, monkeypatch, 3, calls)  # 4-frame inversion batches, 3x3 keyframes, 3x4 frames fail
-    try:
-        with caplog.at_level("WARNING", logger="tokenflow"):
-            result = tiny_pipe.edit(clip, config=cfg, use_cache=False, progress=False, return_latents=True)
-        assert tiny_pipe.split_keyframe_pass is True and tiny_pipe.propagation_chunk == 1
-    finally:
-        tiny_pipe.split_keyframe_pass, tiny_pipe.propagation_chunk = None, None
+    with caplog.at_level("WARNING", logger="tokenflow"):
+        result = tiny_pipe.edit(clip, config=cfg, use_cache=False, progress=False, return_latents=True)
+    # the run lowered its own copy of the settings and says so; the pipeline's are as they were
+    assert result.lowered == {"split_keyframe_pass": True, "propagation_chunk": 1}
+    assert tiny_pipe.split_keyframe_pass is None and tiny_pipe.propagation_chunk is None
     assert "retrying" in caplog.text
     # what failed: the 4-frame inversion batch once, the 3x3-keyframe pass once, the 3x4 and 3x2
     # propagation chunks once each; then every call fits
@@ -546,12 +545,9 @@ def test_out_of_memory_retries_with_smaller_batches_and_keeps_the_result(tiny_pi
 def test_out_of_memory_that_no_smaller_batch_fixes_names_the_setting(tiny_pipe, clip, monkeypatch, capsys):
     monkeypatch.setattr(tiny_pipe, "_predict", lambda *a, **k: (_ for _ in ()).throw(
         torch.OutOfMemoryError("CUDA out of memory")))
-    try:
-        with pytest.raises(OutOfMemory, match="--height/--width"):
-            tiny_pipe.edit(clip, prompt="x", steps=2, inversion_steps=2, height=32, width=48, use_cache=False,
-                           progress=False)
-    finally:
-        tiny_pipe.split_keyframe_pass, tiny_pipe.propagation_chunk = None, None
+    with pytest.raises(OutOfMemory, match="--height/--width"):
+        tiny_pipe.edit(clip, prompt="x", steps=2, inversion_steps=2, height=32, width=48, use_cache=False,
+                       progress=False)
     # through the command: one line and exit 1
     from tokenflow import TokenFlowPipeline
 
@@ -577,12 +573,10 @@ def test_out_of_memory_in_the_vae_halves_its_batch(tiny_pipe, clip, monkeypatch)
         return real(vae, latents, batch_size)
 
     monkeypatch.setattr(pipeline, "decode_latents", decode)
-    try:
-        result = tiny_pipe.edit(clip, prompt="x", steps=2, inversion_steps=2, height=32, width=48, use_cache=False,
-                                progress=False)
-    finally:
-        tiny_pipe.vae_batch_size = 10
+    result = tiny_pipe.edit(clip, prompt="x", steps=2, inversion_steps=2, height=32, width=48, use_cache=False,
+                            progress=False)
     assert sizes == [10, 5, 2] and result.frames.shape[0] == 10
+    assert result.lowered == {"vae_batch_size": 2} and tiny_pipe.vae_batch_size == 10
 
 
 # --------------------------------------------------------------------------- interrupted runs

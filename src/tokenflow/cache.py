@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from .atomic import atomic_path
-from .errors import shown
+from .errors import TokenFlowError, shown
 from .inversion import Inversion
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,20 @@ def frames_digest(frames: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def content_key(fields: dict[str, Any]) -> str:
+    """The one hash of the project's content keys (inversion cache entries, resume checkpoints):
+    everything a result depends on, as sorted JSON."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def bytes_digest(data: bytes) -> str:
+    """sha256 of raw bytes (a generator's state, a schedule file) for a content key."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def inversion_key(**fields: Any) -> tuple[str, dict[str, Any]]:
     fields = {"format": FORMAT_VERSION, **fields}
-    blob = json.dumps(fields, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32], fields
+    return content_key(fields), fields
 
 
 def _sha256_file(path: str) -> str:
@@ -132,6 +142,26 @@ class InversionCache:
         with atomic_path(manifest_path) as tmp, open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
         return folder
+
+    def load_agreed(self, key: str, fields: dict[str, Any], group) -> Optional[Inversion]:
+        """The entry when every rank of ``group`` finds it (one rank's miss makes every rank recompute,
+        so that the ranks' collectives stay in step); None otherwise."""
+        cached = self.load(key, fields)
+        if not group.agree(cached is not None):
+            return None
+        logger.info("inversion cache hit: %s", self.entry(key))
+        cached.key = key
+        return cached
+
+    def save_or_warn(self, key: str, fields: dict[str, Any], inversion: Optional[Inversion]) -> None:
+        """Write the entry (None: another rank writes it); a cache that cannot be written is a warning,
+        not a failed edit."""
+        if inversion is None:
+            return
+        try:
+            self.save(key, fields, inversion)
+        except (OSError, TokenFlowError) as e:
+            logger.warning("could not write the inversion cache at %s: %s", self.entry(key), e)
 
 
 @dataclass

@@ -17,16 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import math
 import time
 from typing import Any, Callable, Optional
 
 import torch
 
 from .atomic import atomic_path
-from .cache import default_cache_dir
+from .cache import bytes_digest, content_key, default_cache_dir
 from .distributed import Group
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,21 @@ def checkpoint_root(cache_dir: Optional[str] = None) -> str:
 
 
 def key_of(**fields: Any) -> str:
-    blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+    return content_key({"format": FORMAT_VERSION, **fields})
+
+
+def edit_key(kind: str, config, model_id: str, dtype: torch.dtype, device: torch.device,
+             generator_state: Optional[torch.Tensor] = None, **fields: Any) -> str:
+    """The identity of an edit's result, its resume checkpoint's key: every setting (and a keyframe
+    schedule file's content), the model and its numerics, a given generator's state, and ``fields``
+    (the inversion or the frames, the prompts, the ranks)."""
+    schedule = None
+    if config.keyframe_schedule:
+        with open(config.keyframe_schedule, "rb") as f:
+            schedule = bytes_digest(f.read())
+    generator = None if generator_state is None else bytes_digest(generator_state.numpy().tobytes())
+    return key_of(kind=kind, config=config.to_dict(), schedule=schedule, model=model_id, dtype=str(dtype),
+                  device=device.type, generator=generator, **fields)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

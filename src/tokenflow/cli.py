@@ -23,14 +23,13 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
+from .config import (DEFAULT_MODEL, DEMO_CLIP, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
                      load_config_file, result_settings, settings_path, validate_run)
 from .errors import Interrupted, RankStopped, RunFailed, TokenFlowError
 from .flow import flow_defaults, flow_kind
 
 EXIT_USAGE = 2
 logger = logging.getLogger("tokenflow.cli")
-DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")
 # The demo's settings: small enough for two CPU cores in well under two minutes.
 DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a wolf", max_frames=16,
                      height=128, width=224, steps=20, inversion_steps=20, batch_size=8)

@@ -1,15 +1,18 @@
-"""What every pipeline shares, whatever the model family: taking a video in, modules on the device
-for their stage only (offload), and the ranks one edit is split across."""
+"""What every pipeline shares, whatever the model family: taking a video in, checking an edit's inputs,
+modules on the device for their stage only (offload), and the ranks one edit is split across."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from .distributed import Group
+from .config import EditConfig
+from .distributed import Group, ShardPlan
+from .errors import TokenFlowError
 from .inputs import VideoInputs
+from .results import OUTPUT_TYPES
 
 
 class PipelineCommon(VideoInputs):
@@ -29,6 +32,40 @@ class PipelineCommon(VideoInputs):
             group = init_group(self._device)
         self.group = group
         return self
+
+    def check_inputs(self, config: EditConfig, prompt: Optional[str], prompts: Optional[Sequence[str]],
+                     output_type: str, generator: Optional[torch.Generator]) -> tuple[EditConfig, list[str]]:
+        """Every setting of an edit, checked before any work: (the settings, the prompts in order).
+        The model family's own rules are :meth:`_check`'s."""
+        if prompts is not None:
+            if isinstance(prompts, str) or not len(prompts) or prompt is not None:
+                raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
+            prompt = prompts[0]
+        config = (config.replace(prompt=prompt) if prompt is not None else config).validate()
+        prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
+                                                                for p in prompts]
+        if output_type not in OUTPUT_TYPES:
+            raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        if generator is not None and generator.device.type != "cpu":
+            raise TokenFlowError("generator must be a CPU torch.Generator (keyframes and noise are drawn on the CPU)")
+        self._check(config, prompt_list)
+        return config, prompt_list
+
+    def _check(self, config: EditConfig, prompts: list[str]) -> None:
+        """The model family's own checks of an edit's settings (cheap: no model call)."""
+
+    def _gather(self, edited: list[torch.Tensor], trail: Optional[list[torch.Tensor]],
+                plan: ShardPlan) -> tuple[list[Optional[torch.Tensor]], Optional[list[torch.Tensor]]]:
+        """Every rank's frames of each prompt's edit (and of the latents' trail, (P, n_r, ...) per step) whole
+        on rank 0; the other ranks get None. One process: as they are."""
+        if not self.group.distributed:
+            return edited, trail
+        counts = plan.frame_counts()
+        edited = [self.group.gather_rows(e, counts) for e in edited]
+        if trail is not None:  # (P, n_r, ...) -> (P, N, ...): rows gathered along the frames
+            trail = [self.group.gather_rows(v.transpose(0, 1), counts) for v in trail]
+            trail = None if trail[0] is None else [v.transpose(0, 1) for v in trail]
+        return edited, trail
 
     @contextlib.contextmanager
     def _on_device(self, *modules: torch.nn.Module):

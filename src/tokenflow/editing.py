@@ -17,14 +17,13 @@ features that Plug-and-Play injects. Several prompts share the source branch and
 (neither depends on the prompt): ``[source, uncond_1, cond_1, ..., uncond_P, cond_P]``, 1 + 2P
 image-forwards per frame instead of 3P. A single process is the one-rank plan of the same code.
 
-Out of memory, the failing part is retried with smaller UNet batches (``MemorySettings``): the
+Out of memory, the failing part is retried with smaller UNet batches (a run's :class:`~tokenflow.memory.MemoryPlan`): the
 keyframe pass one branch at a time (one process only: the ranks' collectives must line up), the
 propagation pass in smaller chunks from the chunk that failed (no collective there, so also per rank).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Protocol
 
 import torch
@@ -32,10 +31,7 @@ import torch
 from .attention import TokenFlowState, wait_for_host_copies
 from .correspondence import POLICIES, propagation_plan, slot_groups
 from .distributed import Group, ShardPlan
-from .errors import OutOfMemory
-from .models import free_memory, is_out_of_memory
-
-logger = logging.getLogger(__name__)
+from .memory import MemoryPlan, halve, retry_smaller
 
 
 class UNetCall(Protocol):
@@ -52,18 +48,10 @@ class Update(Protocol):
         latents x (P, F, ...) of ``frames`` (global indices)."""
 
 
-class MemorySettings(Protocol):
-    device: torch.device
-    reuse_keyframe_outputs: bool  # paper propagation: a keyframe takes its keyframe-pass prediction
-    split_keyframe_pass: Optional[bool]  # None: split when a rank has more keyframes than the batch size
-    propagation_chunk: Optional[int]  # frames per UNet call in the propagation pass; None: the batch size
-    offload_cache: Optional[bool]  # keyframe caches on the CPU; None: when the device is not the CPU
-
-
 @torch.no_grad()
 def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor, keyframes: torch.Tensor,
                  state: TokenFlowState, scheduler, guidance_scale: float, batch_size: int, propagation: str,
-                 qk_injection: bool, feature_injection: bool, memory: MemorySettings,
+                 qk_injection: bool, feature_injection: bool, memory: MemoryPlan,
                  plan: Optional[ShardPlan] = None, group: Optional[Group] = None,
                  update: Optional[Update] = None, n_branches: Optional[int] = None) -> torch.Tensor:
     """One TokenFlow step over this rank's frames.
@@ -104,20 +92,29 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
             kept = {int(f): noise[:, i] for i, f in enumerate(mine)}
     out = torch.empty(x.shape, dtype=torch.float32)
     state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
-    b = frames.start
-    while b < frames.stop:  # frames are independent here except under extended attention
-        chunk = batch_size if propagation == "extended" else min(batch_size, memory.propagation_chunk or batch_size)
-        end = min(b + chunk, frames.stop)
-        try:
+    extended = propagation == "extended"
+
+    def chunk_from(b: int):
+        def run(size: int) -> int:  # frames b... in one UNet call of at most ``size`` frames
+            end = min(b + size, frames.stop)
             out[:, b - frames.start:end - frames.start] = _propagation_batch(
                 unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
                 range(b, end), frames.start, offset, offload, memory.device, kept, update)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            _relieve_propagation(memory, propagation, batch_size)
-            continue
-        b = end
+            return end
+        return run
+
+    chunk = batch_size if extended else min(batch_size, memory.propagation_chunk or batch_size)
+    b = frames.start
+    while b < frames.stop:  # frames are independent here except under extended attention
+        b, size = retry_smaller(
+            chunk_from(b), chunk, device=memory.device, smaller=(lambda s: None) if extended else halve,
+            fail=lambda s: (f"out of memory attending across {batch_size} frames: lower --batch-size or "
+                            f"--height/--width") if extended else
+            ("out of memory in the propagation pass even one frame per UNet call: lower --height/--width, "
+             "or use --offload"),
+            retrying=lambda s, lower: f"in the propagation pass; retrying {lower} frames per UNet call")
+        if size < chunk:  # the rest of this run keeps the smaller chunk (results equal up to rounding)
+            chunk = memory.propagation_chunk = size
     state.cache.clear()
     state.cache_rows = None
     return out[0] if one_prompt else out
@@ -140,35 +137,41 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
         local, rows = torch.zeros(1, dtype=torch.long), None
     x_k = x[:, rows] if rows is not None else x.new_zeros((len(x), 1, *x.shape[2:]))  # (P, K_r, C, h, w)
     s_k = source[rows] if rows is not None else x_k[0]
-    while True:
-        split = memory.split_keyframe_pass
-        if split is None:
-            split = max(counts) > batch_size
+    split = memory.split_keyframe_pass
+    if split is None:
+        split = max(counts) > batch_size
+    n_branches = state.n_branches
+
+    def run(per_call: int) -> Optional[torch.Tensor]:  # all branches in one call, or one branch per call
         state.set_mode("keyframe")
         state.gather = (lambda v: group.gather_keyframes(v, counts)) if group.distributed else None
         try:
-            if not split:
+            if per_call >= n_branches:
                 noise = unet(x_k, s_k, t, frames=local)
             else:
                 noise = []
-                for branch in range(state.n_branches):
+                for branch in range(n_branches):
                     state.keyframe_branch = branch
                     noise.append(unet(x_k, s_k, t, branches=(branch,), frames=local))
                 noise = torch.cat(noise)
-            return None if rows is None else noise.reshape(state.n_branches, len(local), *noise.shape[1:])
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            state.cache.clear()
-            if group.distributed or split:  # across ranks the layers' collectives cannot be replayed
-                raise OutOfMemory(f"out of memory in the keyframe pass ({len(local)} keyframes"
-                                  f"{'' if split else ' in one call'}): lower --height/--width, raise --batch-size "
-                                  f"(fewer keyframes), use --offload, or more ranks") from None
-            memory.split_keyframe_pass = True
-            logger.warning("out of memory in the keyframe pass; retrying one branch at a time")
-            free_memory(memory.device)
+            return None if rows is None else noise.reshape(n_branches, len(local), *noise.shape[1:])
+        except BaseException:
+            state.cache.clear()  # a retry starts the layers' caches afresh
+            raise
         finally:
             state.keyframe_branch, state.features, state.gather = None, None, None
+
+    # across ranks the layers' collectives cannot be replayed: no retry there
+    noise, per_call = retry_smaller(
+        run, 1 if split else n_branches, device=memory.device,
+        smaller=lambda s: None if group.distributed or s <= 1 else 1,
+        fail=lambda s: (f"out of memory in the keyframe pass ({len(local)} keyframes"
+                        f"{' in one call' if s > 1 else ''}): lower --height/--width, raise --batch-size (fewer "
+                        f"keyframes), use --offload, or more ranks"),
+        retrying=lambda s, lower: "in the keyframe pass; retrying one branch at a time")
+    if per_call == 1 and not split:
+        memory.split_keyframe_pass = True  # for the rest of this run
+    return noise
 
 
 def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
@@ -211,19 +214,3 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
         guided = uncond + guidance_scale * (cond - uncond)
         out.append(scheduler.step(guided, t.to(device), x_b[p]).prev_sample.cpu())
     return torch.stack(out)
-
-
-def _relieve_propagation(memory: MemorySettings, propagation: str, batch_size: int) -> None:
-    """After an out-of-memory error in the propagation pass: fewer frames per UNet call, or give up
-    with the setting to change. Results stay the same up to float rounding."""
-    if propagation == "extended":
-        raise OutOfMemory(f"out of memory attending across {batch_size} frames: lower --batch-size "
-                          f"or --height/--width")
-    chunk = memory.propagation_chunk or batch_size
-    if chunk <= 1:
-        raise OutOfMemory("out of memory in the propagation pass even one frame per UNet call: lower "
-                          "--height/--width, or use --offload")
-    memory.propagation_chunk = max(1, chunk // 2)
-    logger.warning("out of memory in the propagation pass; retrying %d frames per UNet call",
-                   memory.propagation_chunk)
-    free_memory(memory.device)

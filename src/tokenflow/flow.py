@@ -28,20 +28,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import TokenFlowState
-from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
+from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, edit_key
 from .conditioning import PromptEmbeds
 from .config import FLOW_EDITORS, EditConfig
 from .correspondence import POLICIES
 from .distributed import Group
 from .editing import denoise_step
 from .errors import TokenFlowError
-from .families.base import FlowFamily
 from .common import PipelineCommon
+from .families.base import FlowFamily
 from .inputs import VideoInput
 from .joint_attention import joint_tokenflow_hooks
 from .keyframes import ScheduledKeyframes, make_sampler
+from .memory import MemoryPlan, vae_in_pieces
 from .models import module_identity, resolve_device, resolve_dtype
-from .pipeline import OUTPUT_TYPES, EditResult, ProgressCallback, _convert_frames, _Timer
+from .results import EditResult, ProgressCallback, Timer, results_of
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class FlowPipeline(PipelineCommon):
         self.native_side = family.native_side
         self.layers = family.attention_layers()
         self._device = family.compute_device
-        # memory settings read by the editing loop (see editing.MemorySettings)
+        # memory settings; each run takes a copy (memory.MemoryPlan) that its out-of-memory retries lower
         self.reuse_keyframe_outputs = True
         self.split_keyframe_pass: Optional[bool] = None
         self.propagation_chunk: Optional[int] = None
@@ -218,34 +219,6 @@ class FlowPipeline(PipelineCommon):
         n_max = min(config.n_max if config.n_max is not None else self.family.defaults.n_max, config.steps)
         return n_max, min(config.n_min, n_max)
 
-    def edit_key(self, frames_key: str, config: EditConfig, prompts: list[str],
-                 noise: Optional[torch.Generator] = None) -> str:
-        """Identity of an edit's result (its resume checkpoint): frames, settings, prompts, model, numerics,
-        the noise generator's state when one is given, and this rank's share."""
-        import hashlib
-
-        generator = None if noise is None else hashlib.sha256(noise.get_state().numpy().tobytes()).hexdigest()
-        return key_of(kind="flow-edit", frames=frames_key, config=config.to_dict(), prompts=prompts,
-                      model=self.model_id, dtype=str(self.dtype), device=self.device.type, generator=generator,
-                      world=self.group.world_size, rank=self.group.rank)
-
-    def check_inputs(self, config: EditConfig, prompt: Optional[str], prompts: Optional[Sequence[str]],
-                     output_type: str, generator: Optional[torch.Generator]) -> tuple[EditConfig, list[str]]:
-        """Every setting of an edit, checked before any work: (the settings, the prompts in order)."""
-        if prompts is not None:
-            if isinstance(prompts, str) or not len(prompts) or prompt is not None:
-                raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
-            prompt = prompts[0]
-        config = (config.replace(prompt=prompt) if prompt is not None else config).validate()
-        prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
-                                                                for p in prompts]
-        self._check(config, prompt_list)
-        if output_type not in OUTPUT_TYPES:
-            raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
-        if generator is not None and generator.device.type != "cpu":
-            raise TokenFlowError("generator must be a CPU torch.Generator (the noise is drawn on the CPU)")
-        return config, prompt_list
-
     @torch.no_grad()
     def edit(self, video: VideoInput, prompt: Optional[str] = None, config: Optional[EditConfig] = None, *,
              prompts: Optional[Sequence[str]] = None, progress: bool = True, checkpoint: bool = False,
@@ -265,40 +238,32 @@ class FlowPipeline(PipelineCommon):
         # 1. check the inputs
         config, prompt_list = self.check_inputs((config or self.default_config()).replace(**overrides), prompt,
                                                 prompts, output_type, generator)
-        timer = _Timer()
+        timer, memory = Timer(), MemoryPlan.from_settings(self, self.device)
         # 2. frames, and this rank's share of them as clean latents
         with timer("read"):
             fitted = self.load_video(video, config)
         plan = self.group.plan(len(fitted.frames), config.batch_size)
         with timer("encode"):
-            x_src, frames_key = self._encode(fitted.frames, plan)
+            x_src, frames_key = self._encode(fitted.frames, plan, memory)
         height, width = fitted.frames.shape[-2:]
         fitted = fitted._replace(frames=None)  # the pixels are not needed past here
         # 3. the sampling loop: keyframes, noise, resume
         loop, saver = self._loop(config, prompt_list, x_src, plan, (height, width), frames_key, generator,
                                  checkpoint and not return_latents, checkpoint_dir or checkpoint_root(cache_dir),
-                                 restart)
+                                 restart, memory)
         with timer("editing"), self._on_device(self.family.transformer):
             latents = loop.run(progress, callback, saver, return_latents)
         # 4. decode; rank 0 gathers the video
         with timer("decode"), self._on_device(self.family.vae):
-            edited = [self.family.decode(x_p, height, width, self.vae_batch_size) for x_p in latents]
-        trail = loop.trail
-        if self.group.distributed:
-            edited = [self.group.gather_rows(e, plan.frame_counts()) for e in edited]
-            if trail is not None:  # (P, n_r, ...) -> (P, N, ...) on rank 0
-                trail = [self.group.gather_rows(v.transpose(0, 1), plan.frame_counts()) for v in trail]
-                trail = None if trail[0] is None else [v.transpose(0, 1) for v in trail]
+            edited = [vae_in_pieces(lambda bs: self.family.decode(x_p, height, width, bs), memory, "decoding")
+                      for x_p in latents]
+        edited, trail = self._gather(edited, loop.trail, plan)
         # 5. one result per prompt
-        results = [EditResult(frames_p if output_type == "pt" or frames_p is None else
-                              _convert_frames(frames_p, output_type), fitted.fps,
-                              config.replace(prompt=prompt_list[p]), loop.timesteps, loop.keyframe_log, None,
-                              None if trail is None else [v[p] for v in trail], timer.seconds, fitted.audio_source, fitted.audio_start, loop.first,
-                              fitted.source_size, saver.handle() if saver else None)
-                   for p, frames_p in enumerate(edited)]
+        results = results_of(edited, trail, output_type, fitted, config, prompt_list, loop.timesteps,
+                             loop.keyframe_log, None, timer.seconds, loop.first, saver, memory.lowered())
         return results if prompts is not None else results[0]
 
-    def _encode(self, frames: torch.Tensor, plan) -> tuple[torch.Tensor, str]:
+    def _encode(self, frames: torch.Tensor, plan, memory: MemoryPlan) -> tuple[torch.Tensor, str]:
         """This rank's frames as clean latents (n_r, ...) and the whole video's content key."""
         from .cache import frames_digest
 
@@ -310,12 +275,13 @@ class FlowPipeline(PipelineCommon):
             self.family.set_frame_size(height, width)
         mine = plan.frames()
         with self._on_device(self.family.vae):
-            x_src = self.family.encode(frames[mine.start:mine.stop], self.vae_batch_size)
+            x_src = vae_in_pieces(lambda bs: self.family.encode(frames[mine.start:mine.stop], bs), memory,
+                                  "encoding")
         return x_src, frames_digest(frames)
 
     def _loop(self, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan, size: tuple[int, int],
               frames_key: str, generator: Optional[torch.Generator], checkpoint: bool, checkpoints: str,
-              restart: bool) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
+              restart: bool, memory: MemoryPlan) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
         """The loop of this edit, resumed from its checkpoint where there is one."""
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
         n_run, n_sample = self.flow_steps(config)
@@ -323,10 +289,12 @@ class FlowPipeline(PipelineCommon):
             sampler.check(n_run, plan.n_frames, config.batch_size)
         key_generator = None if generator is None else torch.Generator().set_state(generator.get_state())
         noise = generator if generator is not None else torch.Generator().manual_seed(config.seed)
-        loop = _FlowLoop(self, config, prompts, x_src, plan, sampler, noise, size, n_run, n_sample)
+        loop = _FlowLoop(self, config, prompts, x_src, plan, sampler, noise, size, n_run, n_sample, memory)
         if not checkpoint:
             return loop, None
-        key = self.edit_key(frames_key, config, prompts, key_generator)
+        key = edit_key("flow-edit", config, self.model_id, self.dtype, self.device,
+                       None if key_generator is None else key_generator.get_state(), frames=frames_key,
+                       prompts=prompts, world=self.group.world_size, rank=self.group.rank)
         saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key),
                                 _Generators(sampler, noise), self.group, extra=loop.extra_state)
         if not restart:
@@ -349,8 +317,10 @@ class _FlowLoop:
     """The sampling loop of one flow edit: branches, noise, the update, checkpoints."""
 
     def __init__(self, pipe: FlowPipeline, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan,
-                 sampler, noise: torch.Generator, size: tuple[int, int], n_run: int, n_sample: int):
+                 sampler, noise: torch.Generator, size: tuple[int, int], n_run: int, n_sample: int,
+                 memory: MemoryPlan):
         self.pipe, self.family, self.config, self.prompts = pipe, pipe.family, config, prompts
+        self.memory = memory
         self.x_src, self.plan, self.sampler, self.noise = x_src, plan, sampler, noise
         self.n_run, self.n_sample = n_run, n_sample
         self.latent_shape = self.family.latent_shape(*size)
@@ -437,7 +407,7 @@ class _FlowLoop:
         draws = config.n_avg if mode == "delta" else 1
         kwargs = dict(keyframes=keyframes, state=self.state, scheduler=None, guidance_scale=0.0,
                       batch_size=config.batch_size, propagation=config.propagation, qk_injection=False,
-                      feature_injection=False, memory=pipe, plan=self.plan,
+                      feature_injection=False, memory=self.memory, plan=self.plan,
                       group=pipe.group if pipe.group.distributed else None,
                       update=self.update(mode, sigma_next - sigma), n_branches=self.n_branches)
         total = None

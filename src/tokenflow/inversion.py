@@ -12,16 +12,13 @@ timestep in ``keep`` is kept, plus the final (noisiest) one.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from .errors import OutOfMemory
-from .models import free_memory, is_out_of_memory
+from .memory import retry_smaller
 
-logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 # restore(first frame) -> (end frame, {t: (end - first, C, h, w)}) of a batch done earlier, or None
 RestoreFn = Callable[[int], Optional[tuple[int, dict[int, torch.Tensor]]]]
@@ -139,6 +136,25 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
     out = {t: torch.empty(x0.shape, dtype=torch.float32) for t in keep | {final_t}}
     n = len(x0)
     total = len(timesteps) * n
+
+    def invert_batch(b: int, size: int) -> int:
+        """Frames from ``b`` to the end of their batch of ``size`` on the video's grid, through the whole
+        schedule; returns where the batch ends."""
+        end = min(b + size - (first_frame + b) % size, n)
+        x = x0[b:end].to(device=device, dtype=torch.float32)
+        frames = torch.arange(b, end)
+        for i, t in enumerate(timesteps):
+            a_t = alphas[t]
+            a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
+            eps = predict(x, t, frames)
+            x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+            x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
+            if int(t) in out:
+                out[int(t)][b:end] = x.cpu()
+            if progress:
+                progress(b * len(timesteps) + (i + 1) * (end - b), total)
+        return end
+
     b = 0
     while b < n:
         restored = restore(b) if restore else None
@@ -146,37 +162,16 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
             end, rows = restored
             for t in out:
                 out[t][b:end] = rows[t]
-            b = end
-            if progress:
-                progress(b * len(timesteps), total)
-            continue
-        end = min(b + batch_size - (first_frame + b) % batch_size, n)
-        try:
-            x = x0[b:end].to(device=device, dtype=torch.float32)
-            frames = torch.arange(b, end)
-            for i, t in enumerate(timesteps):
-                a_t = alphas[t]
-                a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
-                eps = predict(x, t, frames)
-                x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
-                x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
-                if int(t) in out:
-                    out[int(t)][b:end] = x.cpu()
-                if progress:
-                    progress(b * len(timesteps) + (i + 1) * (end - b), total)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            if end - b == 1:
-                raise OutOfMemory("out of memory inverting even one frame at a time: lower --height/--width, "
-                                  "or use --offload") from None
-            batch_size = max(1, (end - b) // 2)
-        if end - b > batch_size:  # out of memory above: retry smaller, the failed batch's tensors freed
-            logger.warning("out of memory inverting %d frames at once; retrying with %d", end - b, batch_size)
-            free_memory(device)
-            continue
-        if on_batch:
-            on_batch(b, end, {t: v[b:end] for t, v in out.items()})
+        else:
+            end, batch_size = retry_smaller(
+                lambda size: invert_batch(b, size), batch_size, device=device,
+                fail=lambda size: "out of memory inverting even one frame at a time: lower --height/--width, "
+                                  "or use --offload",
+                retrying=lambda size, lower: f"inverting {size} frames at once; retrying with {lower}")
+            if on_batch:
+                on_batch(b, end, {t: v[b:end] for t, v in out.items()})
+        if restored is not None and progress:
+            progress(end * len(timesteps), total)
         b = end
     return Inversion(x0.detach().float().cpu(), out, final_t)
 
@@ -207,6 +202,20 @@ def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: Opti
                 progress(done, total)
         result[b:b + batch_size] = x.cpu()
     return result
+
+
+def gather_inversion(part: Inversion, shard: range, n: int, group) -> Optional[Inversion]:
+    """Every rank's share (``shard`` of ``n`` frames) of an inversion, whole on rank 0 of ``group``
+    (a :class:`~tokenflow.distributed.Group`); None on the other ranks. One process: ``part``."""
+    if not group.distributed:
+        return part
+    counts = [c[0] for c in group.all_ints([len(shard)])]
+    x0 = group.gather_rows(part.x0, counts)
+    latents = {t: group.gather_rows(part.latents[t], counts) for t in sorted(part.latents)}
+    if x0 is None:
+        return None
+    assert len(x0) == n, (len(x0), n)
+    return Inversion(x0, latents, part.final_timestep, part.key)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -444,23 +444,6 @@ def upcast_vae(vae, dtype: torch.dtype) -> None:
         torch.nn.Module.to(vae, torch.float32)
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """A device (or host) allocation failure that smaller batches may avoid."""
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    if isinstance(e, oom):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
-def free_memory(device: torch.device | str) -> None:
-    """Give cached blocks back after an out-of-memory error, before a retry."""
-    import gc
-
-    gc.collect()
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 _TRUNCATION_WARNED: set = set()  # (prompt, length): a prompt encoded many times is reported once
 
 

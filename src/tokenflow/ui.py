@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .config import EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig, save_settings
+from .config import DEMO_CLIP, EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig, save_settings
 from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
-DEMO_CLIP = os.path.join(os.path.dirname(__file__), "data", "demo.mp4")
 ProgressFn = Callable[[float, str], None]
 
 

@@ -5,8 +5,8 @@ network call for a batch of branches at one timestep, the schedule and the updat
 attention layers TokenFlow hooks (by role). The loop (:mod:`tokenflow.editing`), the keyframes,
 the correspondences, the ranks and the checkpoints only talk to this interface.
 
-- ``unet`` (SD 1.x/2.x, SDXL, SD 2 depth, ControlNet): :class:`tokenflow.pipeline.TokenFlowPipeline`,
-  DDIM inversion and Plug-and-Play;
+- ``unet`` (SD 1.x/2.x, SDXL, SD 2 depth, ControlNet): :mod:`.unet` (prompts, conditions, the UNet call),
+  composed by :class:`tokenflow.pipeline.TokenFlowPipeline` with DDIM inversion and Plug-and-Play;
 - ``sd3`` (SD3 / SD3.5) and ``flux`` (FLUX.1 dev / schnell): rectified-flow MM-DiT transformers
   (:mod:`.sd3`, :mod:`.flux`, on :class:`.base.FlowFamily`), edited by :class:`tokenflow.flow.FlowPipeline`
   with FlowEdit or SDEdit and no inversion.
