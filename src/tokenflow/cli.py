@@ -550,7 +550,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(prompts or [config.prompt])])
     from .distributed import Group
     from .errors import OutOfMemory
-    from .models import is_out_of_memory, short_error
+    from .memory import is_out_of_memory
+    from .models import short_error
 
     group = Group()
     try:

@@ -88,81 +88,10 @@ class EditConfig:
 
     def validate(self) -> "EditConfig":
         """Check every value (types, ranges, choices); raise a one-line :class:`TokenFlowError`."""
-        def bounded_int(name: str, high: int, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-                raise TokenFlowError(f"{_flag(name)} must be an integer in [1, {high}], got {shown(value)}")
-
-        for name in ("steps", "inversion_steps"):
-            bounded_int(name, MAX_STEPS)
-        bounded_int("batch_size", MAX_BATCH)
-        bounded_int("inversion_batch_size", MAX_BATCH, optional=True)
-        bounded_int("max_frames", MAX_FRAMES, optional=True)
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 8 or value % 8):
-                raise TokenFlowError(f"{name} must be a positive multiple of 8, got {shown(value)}")
-            if value is not None and value > MAX_SIDE:
-                raise TokenFlowError(f"{name} must be at most {MAX_SIDE} pixels, got {value}")
-        for name in ("pnp_attn_t", "pnp_f_t"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise TokenFlowError(f"{_flag(name)} must be in [0, 1], got {shown(value)}")
-        if not _is_number(self.sdedit_start) or not 0 < self.sdedit_start <= 1:
-            raise TokenFlowError(f"sdedit-start must be in (0, 1], got {shown(self.sdedit_start)}")
-        if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
-            raise TokenFlowError(f"guidance-scale must be a finite number, got {shown(self.guidance_scale)}")
-        bounded_int("frame_stride", 1000)
-        if isinstance(self.start_frame, bool) or not isinstance(self.start_frame, int) \
-                or not 0 <= self.start_frame <= MAX_FRAMES:
-            raise TokenFlowError(f"start-frame must be an integer in [0, {MAX_FRAMES}], got {shown(self.start_frame)}")
-        if self.start_time is not None and (not _is_number(self.start_time) or not 0 <= self.start_time < 1e7):
-            raise TokenFlowError(f"start-time must be a number of seconds >= 0, got {shown(self.start_time)}")
-        if self.start_time is not None and self.start_frame:
-            raise TokenFlowError("give --start-frame or --start-time, not both")
-        if self.fps is not None and (not _is_number(self.fps) or not 0.01 <= self.fps < 1000):
-            raise TokenFlowError(f"fps must be a number in [0.01, 1000), got {shown(self.fps)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise TokenFlowError(f"seed must be an integer in [0, 2^63 - 1], got {shown(self.seed)}")
-        for name, allowed in (("editor", EDITORS), ("propagation", PROPAGATIONS), ("fit", FITS),
-                              ("keyframes", KEYFRAME_SAMPLERS), ("sdedit_noise", SDEDIT_NOISES)):
-            if getattr(self, name) not in allowed:
-                raise TokenFlowError(f"unknown {_flag(name)} {shown(getattr(self, name))}; "
-                                     f"allowed: {', '.join(allowed)}")
-        for name in ("prompt", "inversion_prompt", "negative_prompt"):
-            check_text(_flag(name), getattr(self, name), MAX_PROMPT)
-        for name in ("keyframe_schedule", "control", "controlnet", "depth_model"):
-            value = getattr(self, name)
-            if value is not None:
-                check_text(_flag(name), value, 4096, empty=False)
-        if not _is_number(self.control_scale) or not 0 <= self.control_scale <= 10:
-            raise TokenFlowError(f"control-scale must be in [0, 10], got {shown(self.control_scale)}")
-        for name in ("canny_low", "canny_high"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
-                raise TokenFlowError(f"{_flag(name)} must be an integer in [0, 1000], got {shown(value)}")
-        if self.canny_low > self.canny_high:
-            raise TokenFlowError(f"canny-low ({self.canny_low}) must not exceed canny-high ({self.canny_high})")
-        if self.control and self.control not in ("canny", "depth") and not os.path.exists(self.control):
-            raise TokenFlowError(f"--control must be canny or depth, or a folder or video of condition "
-                                 f"images; {shown(self.control)} is neither")
-        bounded_int("n_max", MAX_STEPS, optional=True)
-        bounded_int("n_avg", 64)
-        if isinstance(self.n_min, bool) or not isinstance(self.n_min, int) or not 0 <= self.n_min <= MAX_STEPS:
-            raise TokenFlowError(f"n-min must be an integer in [0, {MAX_STEPS}], got {shown(self.n_min)}")
-        if self.n_max is not None and self.n_min > self.n_max:
-            raise TokenFlowError(f"n-min ({self.n_min}) must not exceed n-max ({self.n_max})")
-        if self.source_guidance_scale is not None and (not _is_number(self.source_guidance_scale)
-                                                       or not math.isfinite(self.source_guidance_scale)):
-            raise TokenFlowError(f"source-guidance-scale must be a finite number, got {shown(self.source_guidance_scale)}")
-        if self.editor == "controlnet" and not self.control:
-            raise TokenFlowError("the controlnet editor needs --control canny|depth|PATH")
-        if self.editor == "sdedit" and self.sdedit_steps() < 1:
-            raise TokenFlowError(f"sdedit-start {self.sdedit_start} keeps none of the {self.steps} steps "
-                                 f"(SDEdit runs the last start*steps - 1); raise --steps or --sdedit-start")
+        _check_integers(self)
+        _check_numbers(self)
+        _check_names(self)
+        _check_combinations(self)
         return self
 
     def sdedit_steps(self) -> int:
@@ -179,6 +108,90 @@ class EditConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# integer settings: (lowest, highest, None allowed, how the highest is written)
+INTEGER_RANGES: dict[str, tuple[int, int, bool, Optional[str]]] = {
+    "steps": (1, MAX_STEPS, False, None), "inversion_steps": (1, MAX_STEPS, False, None),
+    "batch_size": (1, MAX_BATCH, False, None), "inversion_batch_size": (1, MAX_BATCH, True, None),
+    "max_frames": (1, MAX_FRAMES, True, None), "frame_stride": (1, 1000, False, None),
+    "start_frame": (0, MAX_FRAMES, False, None), "seed": (0, MAX_SEED, False, "2^63 - 1"),
+    "canny_low": (0, 1000, False, None), "canny_high": (0, 1000, False, None),
+    "n_max": (1, MAX_STEPS, True, None), "n_min": (0, MAX_STEPS, False, None), "n_avg": (1, 64, False, None),
+}
+# number settings: (lowest, highest, the lowest allowed, the highest allowed, how the range is written);
+# None bounds: any finite number
+NUMBER_RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool, str]] = {
+    "pnp_attn_t": (0, 1, True, True, "in [0, 1]"), "pnp_f_t": (0, 1, True, True, "in [0, 1]"),
+    "sdedit_start": (0, 1, False, True, "in (0, 1]"), "control_scale": (0, 10, True, True, "in [0, 10]"),
+    "guidance_scale": (None, None, True, True, "a finite number"),
+}
+CHOICES = {"editor": EDITORS, "propagation": PROPAGATIONS, "fit": FITS, "keyframes": KEYFRAME_SAMPLERS,
+           "sdedit_noise": SDEDIT_NOISES}
+PATH_SETTINGS = ("keyframe_schedule", "control", "controlnet", "depth_model")
+
+
+def _check_integers(c: EditConfig) -> None:
+    for name, (low, high, optional, high_text) in INTEGER_RANGES.items():
+        value = getattr(c, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise TokenFlowError(f"{_flag(name)} must be an integer in [{low}, {high_text or high}], "
+                                 f"got {shown(value)}")
+    for name in ("height", "width"):
+        value = getattr(c, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
+            raise TokenFlowError(f"{name} must be a positive multiple of 8, got {shown(value)}")
+        if value is not None and value > MAX_SIDE:
+            raise TokenFlowError(f"{name} must be at most {MAX_SIDE} pixels, got {value}")
+
+
+def _in_range(value: Any, low: Optional[float], high: Optional[float], low_in: bool, high_in: bool) -> bool:
+    if not _is_number(value) or not math.isfinite(value):
+        return False
+    return (low is None or (value >= low if low_in else value > low)) and \
+        (high is None or (value <= high if high_in else value < high))
+
+
+def _check_numbers(c: EditConfig) -> None:
+    for name, (low, high, low_in, high_in, text) in NUMBER_RANGES.items():
+        if not _in_range(getattr(c, name), low, high, low_in, high_in):
+            raise TokenFlowError(f"{_flag(name)} must be {text}, got {shown(getattr(c, name))}")
+    if c.start_time is not None and not _in_range(c.start_time, 0, 1e7, True, False):
+        raise TokenFlowError(f"start-time must be a number of seconds >= 0, got {shown(c.start_time)}")
+    if c.fps is not None and not _in_range(c.fps, 0.01, 1000, True, False):
+        raise TokenFlowError(f"fps must be a number in [0.01, 1000), got {shown(c.fps)}")
+    if c.source_guidance_scale is not None and not _in_range(c.source_guidance_scale, None, None, True, True):
+        raise TokenFlowError(f"source-guidance-scale must be a finite number, got {shown(c.source_guidance_scale)}")
+
+
+def _check_names(c: EditConfig) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(c, name) not in allowed:
+            raise TokenFlowError(f"unknown {_flag(name)} {shown(getattr(c, name))}; allowed: {', '.join(allowed)}")
+    for name in ("prompt", "inversion_prompt", "negative_prompt"):
+        check_text(_flag(name), getattr(c, name), MAX_PROMPT)
+    for name in PATH_SETTINGS:
+        if getattr(c, name) is not None:
+            check_text(_flag(name), getattr(c, name), 4096, empty=False)
+    if c.control and c.control not in ("canny", "depth") and not os.path.exists(c.control):
+        raise TokenFlowError(f"--control must be canny or depth, or a folder or video of condition "
+                             f"images; {shown(c.control)} is neither")
+
+
+def _check_combinations(c: EditConfig) -> None:
+    if c.start_time is not None and c.start_frame:
+        raise TokenFlowError("give --start-frame or --start-time, not both")
+    if c.canny_low > c.canny_high:
+        raise TokenFlowError(f"canny-low ({c.canny_low}) must not exceed canny-high ({c.canny_high})")
+    if c.n_max is not None and c.n_min > c.n_max:
+        raise TokenFlowError(f"n-min ({c.n_min}) must not exceed n-max ({c.n_max})")
+    if c.editor == "controlnet" and not c.control:
+        raise TokenFlowError("the controlnet editor needs --control canny|depth|PATH")
+    if c.editor == "sdedit" and c.sdedit_steps() < 1:
+        raise TokenFlowError(f"sdedit-start {c.sdedit_start} keeps none of the {c.steps} steps "
+                             f"(SDEdit runs the last start*steps - 1); raise --steps or --sdedit-start")
 
 
 def _is_number(value: Any) -> bool:

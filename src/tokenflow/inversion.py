@@ -118,14 +118,12 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
                 on_batch: Optional[BatchFn] = None, first_frame: int = 0) -> Inversion:
     """Invert clean latents x0 (N, C, h, w); returns the states at ``keep`` and the final one.
 
-    The UNet runs on batches of ``batch_size`` frames; batches are independent, so each one
-    walks the whole schedule before the next starts (only one batch lives on the device).
-    ``predict`` replaces the plain UNet call (depth channels, ControlNet, SDXL conditioning).
-    ``restore`` gives batches finished by an earlier, interrupted run, ``on_batch`` sees every
-    new one. Out of device memory, the batch is halved and retried (down to one frame).
-    ``progress(done, total)`` counts frame-steps. ``first_frame``: the video frame of row 0 (one
-    rank's share); batches keep to the video's grid of ``batch_size`` frames, so every frame is
-    inverted in the same UNet batch as in a one-process run (the same float rounding).
+    Batches of ``batch_size`` frames are independent: each walks the whole schedule before the next
+    starts; out of device memory, the batch is halved and retried. ``predict`` replaces the plain UNet
+    call (depth, ControlNet, SDXL). ``restore`` gives batches an interrupted run finished, ``on_batch``
+    sees every new one; ``progress(done, total)`` counts frame-steps. ``first_frame``: the video frame of
+    row 0 (a rank's share): batches keep to the video's grid, so every frame is inverted in the same
+    UNet batch as in one process (the same float rounding).
     """
     device = unet.device
     predict = predict or unet_predictor(unet, text_embedding)

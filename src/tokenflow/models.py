@@ -28,15 +28,29 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """auto: cuda, then mps, then cpu (``cuda:1`` names a GPU). A device that is not there is an error.
-    Under ``torchrun`` (``WORLD_SIZE`` > 1), ``auto`` and ``cuda`` are the rank's own GPU, ``cuda:LOCAL_RANK``."""
-    name = str(device)
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _check_device_name(name: str) -> tuple[str, str]:
+    """(kind, index) of a device name, or the error naming what is allowed."""
     kind, _, index = name.partition(":")
     if kind not in DEVICES or (index and not index.isdigit()) or (index and kind == "auto"):
         raise TokenFlowError(f"unknown device {shown(name)}; allowed: {', '.join(DEVICES)}, or cuda:N")
     if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
         raise TokenFlowError(f"device '{name}' was asked for but there are {torch.cuda.device_count()} CUDA GPUs")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TokenFlowError("device 'cuda' was asked for but no CUDA GPU is available")
+    if kind == "mps" and not _mps_available():
+        raise TokenFlowError("device 'mps' was asked for but MPS is not available")
+    return kind, index
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """auto: cuda, then mps, then cpu (``cuda:1`` names a GPU). A device that is not there is an error.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1), ``auto`` and ``cuda`` are the rank's own GPU, ``cuda:LOCAL_RANK``."""
+    name = str(device)
+    kind, index = _check_device_name(name)
     if kind in ("auto", "cuda") and not index and torch.cuda.is_available():
         from .distributed import environment, local_device
 
@@ -44,15 +58,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if world > 1:
             return torch.device(local_device(kind, local_rank))
     if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise TokenFlowError("device 'cuda' was asked for but no CUDA GPU is available")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TokenFlowError("device 'mps' was asked for but MPS is not available")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
     return torch.device(name)
 
 

@@ -352,18 +352,14 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
              generator: Optional[torch.Generator] = None, output_type: str = "pt",
              prompts: Optional[Sequence[str]] = None, checkpoint_dir: Optional[str] = None,
              **overrides: Any) -> Union[EditResult, list[EditResult]]:
-        """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``.
+        """Edit a video (path, :class:`Video`, uint8 array or float tensor) towards ``prompt``, with the
+        settings of ``config`` (an :class:`EditConfig`) and keyword ``overrides``.
 
-        With ``prompts`` (a list), the video is edited towards each of them in one run and a list of
-        results comes back, in order: the source branch and the keyframes do not depend on the prompt,
-        so they run once per step and the prompts' edit branches share the UNet batch (1 + 2P
-        image-forwards per frame and step instead of 3P). Each result equals the single-prompt edit of
-        its prompt up to float rounding.
-
-        Settings come from ``config`` (an :class:`EditConfig`) with keyword ``overrides``.
-        With ``checkpoint``, the inversion and the editing loop are checkpointed in ``checkpoint_dir``
-        (default: ``checkpoints/`` beside the cache, ``cache_dir``), and a run of the same edit after an interruption continues from the last
-        checkpoint with the same result (``restart`` ignores them); call
+        ``prompts`` (a list): one run edits towards each, a list of results in order; the source branch
+        and the keyframes run once per step (1 + 2P image-forwards per frame instead of 3P), each result
+        equal to its single-prompt edit up to float rounding. ``checkpoint``: the inversion and the loop
+        are checkpointed in ``checkpoint_dir`` (default ``checkpoints/`` in ``cache_dir``) and a rerun of
+        an interrupted edit continues to the same result (``restart`` ignores them); call
         ``result.discard_checkpoint()`` once the result is saved.
         """
         # 1. check the inputs: every setting, before any work
