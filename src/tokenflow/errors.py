@@ -19,6 +19,15 @@ def shown(value: Any) -> str:
     return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 12] + "..." + text[-9:]
 
 
+def human_bytes(n: float) -> str:
+    """A size for a message: ``512 B``, ``3.4 MB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 class TokenFlowError(ValueError):
     """A problem with the user's input; its message is one line, meant to be shown as is."""
 

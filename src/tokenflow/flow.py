@@ -125,6 +125,7 @@ class FlowPipeline(PipelineCommon):
         flow_family.compute_device = dev
         result = cls(flow_family, _model_identity(model, loras, model_config, variant, revision))
         result.offload = offload
+        result.model_name = " + ".join([os.fspath(model), *map(os.fspath, loras or ())])
         return result
 
     @classmethod
@@ -141,6 +142,7 @@ class FlowPipeline(PipelineCommon):
                 torch.nn.Module.to(module, device=dev, dtype=dt)
         tiny = cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
         tiny.native_side = 512  # a first try that finishes on a CPU
+        tiny.model_name = f"tiny-{kind}" + (f" (seed {seed})" if seed else "")
         return tiny
 
     @property
@@ -277,7 +279,7 @@ class FlowPipeline(PipelineCommon):
         # 3. the sampling loop: keyframes, noise, resume
         loop, saver = self._loop(config, prompt_list, x_src, plan, (height, width), frames_key, generator,
                                  checkpoint and not return_latents, checkpoint_dir or checkpoint_root(cache_dir),
-                                 restart)
+                                 restart, self.cache_label(video))
         with timer("editing"), self._on_device(self.family.transformer):
             latents = loop.run(progress, callback, saver, return_latents)
         # 4. decode; rank 0 gathers the video
@@ -315,7 +317,7 @@ class FlowPipeline(PipelineCommon):
 
     def _loop(self, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan, size: tuple[int, int],
               frames_key: str, generator: Optional[torch.Generator], checkpoint: bool, checkpoints: str,
-              restart: bool) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
+              restart: bool, label: Optional[dict] = None) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
         """The loop of this edit, resumed from its checkpoint where there is one."""
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
         n_run, n_sample = self.flow_steps(config)
@@ -327,7 +329,7 @@ class FlowPipeline(PipelineCommon):
         if not checkpoint:
             return loop, None
         key = self.edit_key(frames_key, config, prompts, key_generator)
-        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key),
+        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key, label),
                                 _Generators(sampler, noise), self.group, extra=loop.extra_state)
         if not restart:
             loop.restore(saver)

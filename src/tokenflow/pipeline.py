@@ -110,6 +110,7 @@ class TokenFlowPipeline(PipelineCommon):
         self.scheduler = DDIMScheduler.from_config(self.scheduler_config)
         self.model_id = model_id or module_identity(*(m for m in (unet, vae, text_encoder, text_encoder_2)
                                                       if m is not None))
+        self.model_name: Optional[str] = None  # see PipelineCommon.model_name; None: only model_id is known
         self.layers = resolve_layers(unet)
         self._device = unet.device  # where the compute runs (the modules may wait on the CPU)
         self.offload = False  # models on the CPU between stages (enable_offload)
@@ -205,9 +206,11 @@ class TokenFlowPipeline(PipelineCommon):
         dev = resolve_device(device)
         c: Components = load_components(model, dev, resolve_dtype(dtype, dev), model_config=model_config,
                                         allow_pickle=allow_pickle, loras=loras, variant=variant, revision=revision)
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id,
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id,
                    text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
                    depth_estimator=c.depth_estimator, feature_extractor=c.feature_extractor)
+        pipe.model_name = " + ".join([os.fspath(model), *map(os.fspath, loras or ())])
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipe) -> "TokenFlowPipeline":
@@ -222,10 +225,12 @@ class TokenFlowPipeline(PipelineCommon):
         model_id = None
         if name:
             model_id = path_identity(name) if os.path.exists(name) else f"hub:{name}"
-        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+        made = cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
                    model_id, text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
                    depth_estimator=parts.get("depth_estimator"),
                    feature_extractor=parts.get("feature_extractor") if parts.get("depth_estimator") else None)
+        made.model_name = os.fspath(name) if name else None
+        return made
 
     @classmethod
     def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False,
@@ -240,7 +245,9 @@ class TokenFlowPipeline(PipelineCommon):
         for m in (c.unet, c.vae, c.text_encoder):
             torch.nn.Module.to(m, device=dev, dtype=dt)  # not diffusers' .to, which warns about any dtype
         upcast_vae(c.vae, dt)
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+        pipe.model_name = "tiny" if seed == 0 and not full_size else f"tiny (seed {seed}{', full size' * full_size})"
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -386,7 +393,7 @@ class TokenFlowPipeline(PipelineCommon):
                callback: Optional[ProgressCallback] = None,
                conditioning: Optional[Conditioning] = None, checkpoint: bool = False,
                restart: bool = False, shard: Optional[range] = None,
-               checkpoint_dir: Optional[str] = None) -> Inversion:
+               checkpoint_dir: Optional[str] = None, source: Optional[str] = None) -> Inversion:
         """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
 
         With ``use_cache`` the result is read from / written to the inversion cache. With
@@ -396,6 +403,7 @@ class TokenFlowPipeline(PipelineCommon):
         ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
         ``shard``: with :meth:`distribute`, this rank inverts and returns only these frames; the
         cache still holds one entry for the whole video, written by rank 0 from every rank's share.
+        ``source``: the video's path, recorded in the cache entry so that ``tokenflow cache list`` names it.
         """
         n = len(frames)
         group = self.group if shard is not None else Group()
@@ -423,7 +431,8 @@ class TokenFlowPipeline(PipelineCommon):
                     Checkpointer(CheckpointStore(checkpoints), part_key).remove("inversion")
                 return cached.rows(shard)
             del cached
-        saver = Checkpointer(CheckpointStore(checkpoints), part_key) if checkpoint else None
+        label = self.cache_label(source)
+        saver = Checkpointer(CheckpointStore(checkpoints), part_key, label) if checkpoint else None
         x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None
         mine = frames[shard.start:shard.stop]
         if x0 is None and not len(mine):  # a rank with no frames (more ranks than batches)
@@ -459,7 +468,7 @@ class TokenFlowPipeline(PipelineCommon):
             whole = self._gather_inversion(inversion, shard, n, group)
             if whole is not None:  # rank 0 (or the only process) writes the one entry
                 try:
-                    cache.save(key, fields, whole)
+                    cache.save(key, fields, whole, label)
                 except (OSError, TokenFlowError) as e:
                     logger.warning("could not write the inversion cache at %s: %s", cache.entry(key), e)
         if saver:
@@ -621,7 +630,8 @@ class TokenFlowPipeline(PipelineCommon):
                 inversion = self.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                         config.inversion_batch(), cache_dir, use_cache, progress, callback,
                                         conditioning, checkpoint=checkpoint, restart=restart, shard=mine,
-                                        checkpoint_dir=checkpoint_dir)
+                                        checkpoint_dir=checkpoint_dir,
+                                        source=os.fspath(video) if isinstance(video, (str, os.PathLike)) else None)
             elif inversion.n_frames != n or inversion.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
                 raise TokenFlowError("the given inversion does not match the frames (count or size)")
             else:
@@ -651,7 +661,7 @@ class TokenFlowPipeline(PipelineCommon):
             if group.distributed:  # each rank checkpoints its own frames
                 key = f"{key}-{group.world_size}-{group.rank}"
             store = CheckpointStore(checkpoint_dir or checkpoint_root(cache_dir))
-            saver = EditCheckpoints(Checkpointer(store, key), sampler, group)
+            saver = EditCheckpoints(Checkpointer(store, key, self.cache_label(video)), sampler, group)
             restored = None if restart else saver.restore(len(timesteps))
             if restored is not None:
                 x, keyframe_log = restored
