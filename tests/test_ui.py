@@ -37,13 +37,55 @@ def test_session_edits_writes_video_and_settings_and_reuses_the_inversion(sessio
         assert c.streams.video[0].average_rate == 8 and c.streams.audio
     assert "prompt: a robot" in open(settings).read() and "model: tiny" in open(settings).read()
     assert status.startswith("Edited 4 frames at 48x32")
-    assert seen and seen[-1][0] == 1.0 and "left" in seen[-1][1]
-    assert any(t.startswith("Inverting") for _, t in seen)
-    # a new prompt: the inversion comes from the cache (no inversion progress reported)
+    # one figure: the fraction of the whole job (the page prints it); the text says what runs and its time left
+    assert seen and seen[-1][0] == 1.0 and any("left" in t for _, t in seen)
+    assert not any("%" in t or "/" in t for _, t in seen), seen
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    inverting = [f for f, t in seen if t.startswith("Inverting")]
+    assert inverting and max(inverting) <= 0.5 < min(f for f, t in seen if t.startswith("Editing"))
+    # the download is named after the source and the prompt
+    assert os.path.basename(out).startswith("in-a-robot-") and os.path.basename(settings).startswith("in-a-robot-")
+    # a new prompt: the inversion comes from the cache (no inversion progress reported); the editing has
+    # the whole bar
     seen.clear()
-    session.run(clip, "a marble statue", progress=lambda f, t: seen.append((f, t)), **SMALL)
+    again = session.run(clip, "A marble statue!", progress=lambda f, t: seen.append((f, t)), **SMALL)
     assert not any(t.startswith("Inverting") for _, t in seen)
+    assert seen[0][0] == pytest.approx(1 / SMALL["steps"]) and seen[-1][0] == 1.0
+    assert os.path.basename(again.videos[0]).startswith("in-a-marble-statue-")
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_session_takes_a_gif_and_describes_each_upload(session, tmp_path):
+    """A GIF is edited as the command edits it; an upload is answered with what it is (a fresh status line),
+    or the reason it cannot be edited."""
+    from PIL import Image
+
+    os.makedirs(session.output_dir)
+    frames = [Image.fromarray(f) for f in moving_frames(4, 32, 48)]
+    gif = tmp_path / "cat walk.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert session.describe_upload(str(gif)).startswith("cat walk.gif: 4 frames at 48x32, 10 fps.")
+    done = session.run(str(gif), "a robot", **SMALL)
+    assert done.status.startswith("Edited 4 frames at 48x32") and os.path.basename(done.videos[0]).startswith(
+        "cat-walk-a-robot-")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n" * 30)
+    with pytest.raises(TokenFlowError, match="as a video"):
+        session.describe_upload(str(text))
+
+
+def test_presets_are_what_they_say_and_the_cpu_quick_look_is_small(session, tmp_path):
+    from tokenflow.ui import CPU_QUICK_LOOK, PRESETS, UPLOAD_TYPES, describe_preset, presets_for
+
+    assert ".gif" in UPLOAD_TYPES and "video" in UPLOAD_TYPES
+    assert presets_for("cuda") == PRESETS and presets_for("cpu")["Quick look"] == CPU_QUICK_LOOK
+    assert describe_preset(CPU_QUICK_LOOK, 120) == "8 frames, 10 steps, about 192x192 pixels"
+    assert describe_preset(PRESETS["Full quality"], 120) == "every frame (up to 120), 50 steps"
+    clip = write_clip(tmp_path / "wide.mp4", moving_frames(3, 64, 128))
+    config = session._config(clip, "x", False, {**CPU_QUICK_LOOK, "max_frames": 3, "height": 0, "width": 0})
+    assert (config.height, config.width) == (128, 256) and config.inversion_steps == 10  # the aspect kept
+    config = session._config(clip, "x", False, {**CPU_QUICK_LOOK, "max_frames": 3, "height": 64, "width": 0})
+    assert (config.height, config.width) == (64, None)  # a size asked for wins over the preset's
 
 
 def test_session_random_seed(session, tmp_path):

@@ -9,6 +9,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+# the name to install it by: "tokenflow" on PyPI is an unrelated package (a tokenizer, 2020); the import
+# and the command stay `tokenflow`
+DISTRIBUTION = "tokenflow-video"
 
 # public name -> the module that defines it
 _LAZY = {"EditConfig": "config", "TokenFlowError": "errors", "FlowPipeline": "flow", "Inversion": "inversion",

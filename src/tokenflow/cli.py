@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--target-frame", type=int, default=None, help="Figure 2: frame to rebuild (default: the last)")
     an.add_argument("--layer", default=None, help="self-attention layer (default: highest-resolution decoder layer)")
 
-    ui = sub.add_parser("ui", help="start the web page (needs: pip install 'tokenflow[ui]')")
+    ui = sub.add_parser("ui", help="start the web page (needs the extra: pip install 'tokenflow-video[ui]')")
     ui.add_argument("--model", default=None, help=f"hub id or local folder (default {DEFAULT_MODEL}); "
                                                   "'tiny' for the built-in tiny random model")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
@@ -726,7 +726,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise TokenFlowError("the web page needs Gradio: pip install 'tokenflow[ui]'") from None
+        from .errors import install_hint
+
+        raise TokenFlowError(f"the web page needs Gradio: {install_hint('ui')}") from None
     from .ui import EditorSession, Limits, launch
 
     if not 0 < args.port < 65536:
