@@ -122,6 +122,7 @@ SMALL = {"--max-frames": "4", "--steps": "2", "--inversion-steps": "2", "--heigh
 
 def _run_as_written(argv, tmp_path, monkeypatch, capsys):
     """Run in a scratch folder: each input named is a copy of the bundled clip, the cache is the folder's."""
+    os.makedirs(tmp_path, exist_ok=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # `cache clear` never meets a user's cache
     args = build_parser().parse_args(argv)
