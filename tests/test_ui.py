@@ -82,9 +82,12 @@ def test_presets_are_what_they_say_and_the_cpu_quick_look_is_small(session, tmp_
     assert describe_preset(CPU_QUICK_LOOK, 120) == "8 frames, 10 steps, about 192x192 pixels"
     assert describe_preset(PRESETS["Full quality"], 120) == "every frame (up to 120), 50 steps"
     clip = write_clip(tmp_path / "wide.mp4", moving_frames(3, 64, 128))
-    config = session._config(clip, "x", False, {**CPU_QUICK_LOOK, "max_frames": 3, "height": 0, "width": 0})
+    quick = dict(max_frames=3, steps=10, inversion_steps=0, height=0, width=0, preset="Quick look")
+    config = session._config(clip, "x", False, quick)  # the tiny model computes on the CPU here
     assert (config.height, config.width) == (128, 256) and config.inversion_steps == 10  # the aspect kept
-    config = session._config(clip, "x", False, {**CPU_QUICK_LOOK, "max_frames": 3, "height": 64, "width": 0})
+    assert session._config(clip, "x", False, {**quick, "steps": 4}).inversion_steps == 20  # passes 4 steps' timesteps
+    assert session._config(clip, "x", False, {**quick, "preset": "Full quality"}).inversion_steps == 50
+    config = session._config(clip, "x", False, {**quick, "height": 64})
     assert (config.height, config.width) == (64, None)  # a size asked for wins over the preset's
 
 
@@ -291,9 +294,14 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     assert 0 < run_box["y"] - (prompt_box["y"] + prompt_box["height"]) < 80
     assert page.locator("#status").bounding_box()["y"] < 200
     assert page.locator("#quality").is_visible()
+    # Run with nothing uploaded: a message; the upload then replaces it (the status line is always fresh)
+    page.click("#run")
+    page.wait_for_selector("#status:has-text('upload a video first')", timeout=60_000)
     # upload the bundled clip, as a visitor would
     _upload(page, DEMO_CLIP)
-    page.wait_for_selector("#input-video video", timeout=60_000)  # the input plays in the page
+    page.wait_for_selector("#input-view video", timeout=60_000)  # the input plays in the page
+    page.wait_for_selector("#status:has-text('demo.mp4: 24 frames at 448x256')", timeout=60_000)
+    assert "upload a video first" not in page.locator("#status").inner_text()
     _fill(page, "prompt", "a shiny silver robotic wolf")
     _open_settings(page)
     for elem_id, value in (("max-frames", 6), ("height", 64), ("width", 112), ("steps", 4)):
@@ -315,6 +323,7 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     with av.open(str(saved)) as c:
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == 6
+    assert info.value.suggested_filename.startswith("demo-a-shiny-silver-robotic-wolf-")  # source and prompt
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, "ui.png"), full_page=True)
     # two prompts, one per line: one run, one video each in the page
@@ -331,7 +340,9 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     # Stop ends a long job cleanly, and the next Run goes through
     _fill(page, "steps", 400)
     page.click("#run")
-    page.wait_for_selector("#status:has-text('step')", timeout=180_000)
+    # the progress shows one figure: the job's share done (no second percentage or step count in the text)
+    shown = page.wait_for_selector("#status:has-text('left')", timeout=180_000).inner_text()
+    assert shown.count("%") == 1 and "step" not in shown.lower(), shown
     page.click("#stop")
     page.wait_for_selector("#status:has-text('Stopped')", timeout=180_000)
     _fill(page, "steps", 4)
@@ -344,6 +355,22 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     message = page.wait_for_selector("#status:has-text('Error')", timeout=60_000).inner_text()
     assert "'Inversion steps' 50" in message and "--" not in message
     _fill(page, "inversion-steps", 0)
+    _fill(page, "steps", 4)
+    # a GIF is taken (the command edits GIFs): shown as an image, described, and edited
+    from PIL import Image
+
+    frames = [Image.fromarray(f) for f in moving_frames(5, 32, 48)]
+    gif = tmp_path / "walk.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    page.locator("#input-video button[aria-label*='clear' i], #input-video button[title*='clear' i]").first.click()
+    page.wait_for_selector("#status:has-text('Upload a video')", timeout=30_000)  # cleared: the first words again
+    _upload(page, gif)
+    page.wait_for_selector("#input-gif img", timeout=60_000)
+    page.wait_for_selector("#status:has-text('walk.gif: 5 frames at 48x32, 10 fps')", timeout=60_000)
+    for elem_id, value in (("height", 32), ("width", 48)):
+        _fill(page, elem_id, value)
+    page.click("#preview")
+    page.wait_for_selector("#status:has-text('Preview of frame 2 at 48x32')", timeout=180_000)
     # a text file is answered with a message in the page, not a stack trace
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not a video\n" * 40)

@@ -36,14 +36,16 @@ class Limits:
 
 
 # A first result in about a minute, and the full-quality settings one click away. On a GPU the quick look
-# works at the model's size; on a CPU (the tiny model's home) also at a small size, with as many inversion
-# steps as editing steps: at the model's 512x512 its inversion alone took minutes there (measured in
-# benchmarks/ui_presets.py). area: the working size's pixels when Height/Width are automatic; None: the model's.
+# works at the model's size; on a CPU (the tiny model's home) also at a small size and with few inversion
+# steps: at the model's 512x512 its inversion alone took minutes there (measured by
+# benchmarks/ui_presets.py). area: the working size's pixels when Height/Width are automatic (None: the
+# model's); inversion: the fewest inversion steps "automatic" picks (the official 50; it also passes
+# every editing timestep).
 PRESETS = {
-    "Quick look": dict(max_frames=16, steps=20, inversion_steps=0, area=None),
-    "Full quality": dict(max_frames=None, steps=50, inversion_steps=0, area=None),  # frames: the page's limit
+    "Quick look": dict(max_frames=16, steps=20, inversion_steps=0, area=None, inversion=50),
+    "Full quality": dict(max_frames=None, steps=50, inversion_steps=0, area=None, inversion=50),  # frames: the page's limit
 }
-CPU_QUICK_LOOK = dict(max_frames=8, steps=10, inversion_steps=10, area=192 * 192)
+CPU_QUICK_LOOK = dict(max_frames=8, steps=10, inversion_steps=0, area=192 * 192, inversion=10)
 # what the upload box takes: what the command reads (any video PyAV decodes, GIFs too); the browser is
 # told the MIME family and the suffixes it may not map to one
 UPLOAD_TYPES = ["video", ".gif", ".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"]
@@ -177,7 +179,8 @@ class EditorSession:
         if not prompt or not prompt.strip():
             raise TokenFlowError("write a prompt: what should the edited video show?")
         settings = {k: (int(v) if k in _INT_FIELDS and v is not None else v) for k, v in settings.items()}
-        area = settings.pop("area", None)  # a preset's working area, used when Height and Width are automatic
+        preset = presets_for(self.pipe.device.type).get(settings.pop("preset", None) or "", {})
+        area = preset.get("area")  # the preset's working area, used when Height and Width are automatic
         control, control_video = settings.pop("control", None), settings.pop("control_video", None)
         if settings.get("editor") == "controlnet" or control:
             if control == "condition video":
@@ -197,7 +200,7 @@ class EditorSession:
         if area and settings["height"] is None and settings["width"] is None:
             settings["height"], settings["width"] = default_size(*probe_video(path).size, area=int(area))
         if not settings.get("inversion_steps") and isinstance(settings.get("steps"), int) and settings["steps"] > 0:
-            settings["inversion_steps"] = choose_inversion_steps(settings["steps"])  # 0: automatic
+            settings["inversion_steps"] = choose_inversion_steps(settings["steps"], preset.get("inversion", 50))
         return defaults_of(self.pipe).replace(prompt=prompt.strip(), **settings).validate()
 
     def describe_upload(self, path: Optional[str]) -> str:
@@ -381,7 +384,7 @@ def build_app(session: EditorSession):
                 quality = gr.Radio(list(presets), value="Quick look", label="Quality", elem_id="quality",
                                    info=". ".join(f"{name}: {describe_preset(p, session.limits.max_frames)}"
                                                   for name, p in presets.items()) + ".")
-                area = gr.State(quick["area"])  # the preset's working area (Height/Width automatic)
+                preset = gr.State("Quick look")  # its working area and automatic inversion steps apply
                 inversion_prompt = gr.Textbox(label="Inversion prompt (describes the input)", value=d.inversion_prompt)
                 with gr.Row():
                     editor = gr.Dropdown(session.editors, value=d.editor, label="Editor", elem_id="editor")
@@ -401,8 +404,8 @@ def build_app(session: EditorSession):
                         width = gr.Number(value=0, precision=0, label="Width (0: automatic)", elem_id="width")
                     with gr.Row():
                         steps = gr.Number(value=quick["steps"], precision=0, label="Steps", elem_id="steps")
-                        inversion_steps = gr.Number(value=quick["inversion_steps"], precision=0,
-                                                    label="Inversion steps (0: automatic)", elem_id="inversion-steps")
+                        inversion_steps = gr.Number(value=0, precision=0, label="Inversion steps (0: automatic)",
+                                                    elem_id="inversion-steps")
                         batch_size = gr.Number(value=d.batch_size, precision=0, label="Batch size")
                     with gr.Row():
                         guidance = gr.Number(value=d.guidance_scale, label="Guidance scale")
@@ -427,12 +430,12 @@ def build_app(session: EditorSession):
 
         inputs = [video_in, prompt, inversion_prompt, negative_prompt, editor, propagation, control, control_video,
                   max_frames, height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
-                  sdedit_start, seed, area, random_seed]
+                  sdedit_start, seed, preset, random_seed]
 
         def settings_of(inversion_prompt, negative_prompt, editor, propagation, control, control_video, max_frames,
                         height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
-                        sdedit_start, seed, area):
-            return dict(area=area, inversion_prompt=inversion_prompt or "", negative_prompt=negative_prompt or "",
+                        sdedit_start, seed, preset):
+            return dict(preset=preset, inversion_prompt=inversion_prompt or "", negative_prompt=negative_prompt or "",
                         editor=editor, propagation=propagation,
                         control=control if editor == "controlnet" else None, control_video=control_video,
                         max_frames=max_frames, height=height, width=width, steps=steps,
@@ -480,7 +483,7 @@ def build_app(session: EditorSession):
             preset = presets[choice]
             frames = preset["max_frames"] or session.limits.max_frames
             return (min(frames, session.limits.max_frames), preset["steps"], preset["inversion_steps"],
-                    preset["area"], f"{choice}: {describe_preset(preset, session.limits.max_frames)}.")
+                    choice, f"{choice}: {describe_preset(preset, session.limits.max_frames)}.")
 
         def on_upload(video):
             """The input shown (a GIF as an image: the video player does not play one) and a fresh status."""
@@ -504,7 +507,7 @@ def build_app(session: EditorSession):
         demo_btn.click(lambda: DEMO_CLIP, outputs=video_in)
         # every action leaves a status line of its own: no message of an earlier one stays
         video_in.change(on_upload, inputs=video_in, outputs=[input_view, input_gif, status], show_progress="hidden")
-        quality.change(on_quality, inputs=quality, outputs=[max_frames, steps, inversion_steps, area, status])
+        quality.change(on_quality, inputs=quality, outputs=[max_frames, steps, inversion_steps, preset, status])
         editor.change(on_editor, inputs=editor, outputs=control_group)
         control.change(on_control, inputs=control, outputs=control_video)
         # one progress display, in the result panel (the status line), not on every output
