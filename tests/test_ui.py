@@ -37,13 +37,58 @@ def test_session_edits_writes_video_and_settings_and_reuses_the_inversion(sessio
         assert c.streams.video[0].average_rate == 8 and c.streams.audio
     assert "prompt: a robot" in open(settings).read() and "model: tiny" in open(settings).read()
     assert status.startswith("Edited 4 frames at 48x32")
-    assert seen and seen[-1][0] == 1.0 and "left" in seen[-1][1]
-    assert any(t.startswith("Inverting") for _, t in seen)
-    # a new prompt: the inversion comes from the cache (no inversion progress reported)
+    # one figure: the fraction of the whole job (the page prints it); the text says what runs and its time left
+    assert seen and seen[-1][0] == 1.0 and any("left" in t for _, t in seen)
+    assert not any("%" in t or "/" in t for _, t in seen), seen
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    inverting = [f for f, t in seen if t.startswith("Inverting")]
+    assert inverting and max(inverting) <= 0.5 < min(f for f, t in seen if t.startswith("Editing"))
+    # the download is named after the source and the prompt
+    assert os.path.basename(out).startswith("in-a-robot-") and os.path.basename(settings).startswith("in-a-robot-")
+    # a new prompt: the inversion comes from the cache (no inversion progress reported); the editing has
+    # the whole bar
     seen.clear()
-    session.run(clip, "a marble statue", progress=lambda f, t: seen.append((f, t)), **SMALL)
+    again = session.run(clip, "A marble statue!", progress=lambda f, t: seen.append((f, t)), **SMALL)
     assert not any(t.startswith("Inverting") for _, t in seen)
+    assert seen[0][0] == pytest.approx(1 / SMALL["steps"]) and seen[-1][0] == 1.0
+    assert os.path.basename(again.videos[0]).startswith("in-a-marble-statue-")
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_session_takes_a_gif_and_describes_each_upload(session, tmp_path):
+    """A GIF is edited as the command edits it; an upload is answered with what it is (a fresh status line),
+    or the reason it cannot be edited."""
+    from PIL import Image
+
+    os.makedirs(session.output_dir)
+    frames = [Image.fromarray(f) for f in moving_frames(4, 32, 48)]
+    gif = tmp_path / "cat walk.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert session.describe_upload(str(gif)).startswith("cat walk.gif: 4 frames at 48x32, 10 fps.")
+    done = session.run(str(gif), "a robot", **SMALL)
+    assert done.status.startswith("Edited 4 frames at 48x32") and os.path.basename(done.videos[0]).startswith(
+        "cat-walk-a-robot-")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n" * 30)
+    with pytest.raises(TokenFlowError, match="as a video"):
+        session.describe_upload(str(text))
+
+
+def test_presets_are_what_they_say_and_the_cpu_quick_look_is_small(session, tmp_path):
+    from tokenflow.ui import CPU_QUICK_LOOK, PRESETS, UPLOAD_TYPES, describe_preset, presets_for
+
+    assert ".gif" in UPLOAD_TYPES and "video" in UPLOAD_TYPES
+    assert presets_for("cuda") == PRESETS and presets_for("cpu")["Quick look"] == CPU_QUICK_LOOK
+    assert describe_preset(CPU_QUICK_LOOK, 120) == "8 frames, 10 steps, about 192x192 pixels"
+    assert describe_preset(PRESETS["Full quality"], 120) == "every frame (up to 120), 50 steps"
+    clip = write_clip(tmp_path / "wide.mp4", moving_frames(3, 64, 128))
+    quick = dict(max_frames=3, steps=10, inversion_steps=0, height=0, width=0, preset="Quick look")
+    config = session._config(clip, "x", False, quick)  # the tiny model computes on the CPU here
+    assert (config.height, config.width) == (128, 256) and config.inversion_steps == 10  # the aspect kept
+    assert session._config(clip, "x", False, {**quick, "steps": 4}).inversion_steps == 20  # passes 4 steps' timesteps
+    assert session._config(clip, "x", False, {**quick, "preset": "Full quality"}).inversion_steps == 50
+    config = session._config(clip, "x", False, {**quick, "height": 64})
+    assert (config.height, config.width) == (64, None)  # a size asked for wins over the preset's
 
 
 def test_session_random_seed(session, tmp_path):
@@ -249,9 +294,14 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     assert 0 < run_box["y"] - (prompt_box["y"] + prompt_box["height"]) < 80
     assert page.locator("#status").bounding_box()["y"] < 200
     assert page.locator("#quality").is_visible()
+    # Run with nothing uploaded: a message; the upload then replaces it (the status line is always fresh)
+    page.click("#run")
+    page.wait_for_selector("#status:has-text('upload a video first')", timeout=60_000)
     # upload the bundled clip, as a visitor would
     _upload(page, DEMO_CLIP)
-    page.wait_for_selector("#input-video video", timeout=60_000)  # the input plays in the page
+    page.wait_for_selector("#input-view video", timeout=60_000)  # the input plays in the page
+    page.wait_for_selector("#status:has-text('demo.mp4: 24 frames at 448x256')", timeout=60_000)
+    assert "upload a video first" not in page.locator("#status").inner_text()
     _fill(page, "prompt", "a shiny silver robotic wolf")
     _open_settings(page)
     for elem_id, value in (("max-frames", 6), ("height", 64), ("width", 112), ("steps", 4)):
@@ -273,6 +323,7 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     with av.open(str(saved)) as c:
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == 6
+    assert info.value.suggested_filename.startswith("demo-a-shiny-silver-robotic-wolf-")  # source and prompt
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, "ui.png"), full_page=True)
     # two prompts, one per line: one run, one video each in the page
@@ -289,7 +340,9 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     # Stop ends a long job cleanly, and the next Run goes through
     _fill(page, "steps", 400)
     page.click("#run")
-    page.wait_for_selector("#status:has-text('step')", timeout=180_000)
+    # the progress shows one figure: the job's share done (no second percentage or step count in the text)
+    shown = page.wait_for_selector("#status:has-text('left')", timeout=180_000).inner_text()
+    assert shown.count("%") == 1 and "step" not in shown.lower(), shown
     page.click("#stop")
     page.wait_for_selector("#status:has-text('Stopped')", timeout=180_000)
     _fill(page, "steps", 4)
@@ -302,6 +355,22 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     message = page.wait_for_selector("#status:has-text('Error')", timeout=60_000).inner_text()
     assert "'Inversion steps' 50" in message and "--" not in message
     _fill(page, "inversion-steps", 0)
+    _fill(page, "steps", 4)
+    # a GIF is taken (the command edits GIFs): shown as an image, described, and edited
+    from PIL import Image
+
+    frames = [Image.fromarray(f) for f in moving_frames(5, 32, 48)]
+    gif = tmp_path / "walk.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    page.locator("#input-video button[aria-label*='clear' i], #input-video button[title*='clear' i]").first.click()
+    page.wait_for_selector("#status:has-text('Upload a video')", timeout=30_000)  # cleared: the first words again
+    _upload(page, gif)
+    page.wait_for_selector("#input-gif img", timeout=60_000)
+    page.wait_for_selector("#status:has-text('walk.gif: 5 frames at 48x32, 10 fps')", timeout=60_000)
+    for elem_id, value in (("height", 32), ("width", 48)):
+        _fill(page, elem_id, value)
+    page.click("#preview")
+    page.wait_for_selector("#status:has-text('Preview of frame 2 at 48x32')", timeout=180_000)
     # a text file is answered with a message in the page, not a stack trace
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not a video\n" * 40)

@@ -15,13 +15,15 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from .atomic import atomic_path
 from .errors import TokenFlowError, shown
-from .inversion import Inversion
+
+if TYPE_CHECKING:  # torch is imported by the readers and writers, not by `tokenflow cache list`
+    import torch
+
+    from .inversion import Inversion
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -32,8 +34,10 @@ def default_cache_dir() -> str:
     return os.path.join(root, "tokenflow", "inversions")
 
 
-def frames_digest(frames: torch.Tensor) -> str:
+def frames_digest(frames: "torch.Tensor") -> str:
     """sha256 of the fitted frames (N, 3, H, W), quantised to 8 bits so it is exact."""
+    import torch
+
     q = (frames.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
     h = hashlib.sha256(str(tuple(q.shape)).encode())
     h.update(q.numpy().tobytes())
@@ -99,6 +103,8 @@ class InversionCache:
         """The cached inversion, or None when missing, mismatched or unreadable."""
         from safetensors.torch import load_file
 
+        from .inversion import Inversion
+
         folder = self.entry(key)
         manifest_path = os.path.join(folder, "manifest.json")
         tensors_path = os.path.join(folder, "latents.safetensors")
@@ -121,7 +127,12 @@ class InversionCache:
             return None
         return Inversion(x0, latents, final_t)
 
-    def save(self, key: str, fields: dict[str, Any], inversion: Inversion) -> str:
+    def save(self, key: str, fields: dict[str, Any], inversion: "Inversion",
+             label: Optional[dict[str, str]] = None) -> str:
+        """Write an entry. ``label`` (``input``: the video's path, ``model_name``: the model as the user named
+        it; see :meth:`tokenflow.common.PipelineCommon.cache_label`) is for ``tokenflow cache list`` only, not
+        part of the key: the same frames from another file, or the same weights by another name, are the same
+        inversion."""
         from safetensors.torch import save_file
 
         folder = self.entry(key)
@@ -139,6 +150,7 @@ class InversionCache:
         manifest = {"fields": json.loads(json.dumps(fields, default=str)), "sha256": digest,
                     "timesteps": sorted(inversion.latents), "final_timestep": inversion.final_timestep,
                     "shape": list(inversion.x0.shape)}
+        manifest.update({k: str(v) for k, v in (label or {}).items() if k in ("input", "model_name") and v})
         with atomic_path(manifest_path) as tmp, open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
         return folder
@@ -153,13 +165,14 @@ class InversionCache:
         cached.key = key
         return cached
 
-    def save_or_warn(self, key: str, fields: dict[str, Any], inversion: Optional[Inversion]) -> None:
+    def save_or_warn(self, key: str, fields: dict[str, Any], inversion: Optional[Inversion],
+                     label: Optional[dict] = None) -> None:
         """Write the entry (None: another rank writes it); a cache that cannot be written is a warning,
         not a failed edit."""
         if inversion is None:
             return
         try:
-            self.save(key, fields, inversion)
+            self.save(key, fields, inversion, label)
         except (OSError, TokenFlowError) as e:
             logger.warning("could not write the inversion cache at %s: %s", self.entry(key), e)
 
@@ -177,6 +190,7 @@ class CacheEntry:
     size: Optional[tuple[int, int]] = None  # (H, W) of the frames
     model: str = ""
     prompt: str = ""
+    input: str = ""  # the video's path when the entry was written ("" for entries from before it was recorded)
 
 
 def _bytes(path: str) -> int:
@@ -205,13 +219,36 @@ def list_entries(root: Optional[str] = None) -> list[CacheEntry]:
                 kind, _, key = item.partition("-")
                 if kind in ("edit", "inversion") and key:
                     sub = os.path.join(path, item)
-                    entries.append(CacheEntry(f"{kind} checkpoint", key.split(".")[0], sub, _bytes(sub),
-                                              _modified(sub)))
+                    entry = CacheEntry(f"{kind} checkpoint", key.split(".")[0], sub, _bytes(sub), _modified(sub))
+                    label = _checkpoint_label(sub)
+                    entry.input, entry.model = label.get("input", ""), label.get("model_name", "")
+                    entries.append(entry)
             continue
         if not os.path.isdir(path) or name.startswith("."):
             continue
         entries.append(_inversion_entry(name, path))
     return sorted(entries, key=lambda e: e.modified, reverse=True)
+
+
+def _checkpoint_label(path: str) -> dict[str, str]:
+    """The label a checkpoint was written with (its video, its model), read from the safetensors header of
+    the file or of the first file in the folder: no tensors are read. {} when there is none (checkpoints
+    from before labels were written) or it cannot be read."""
+    try:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+            if not names:
+                return {}
+            path = os.path.join(path, names[0])
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 1 << 24:  # a header is a few KB; anything else is not one
+                return {}
+            header = json.loads(f.read(size))
+        label = json.loads(header.get("__metadata__", {}).get("label", "{}"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+    return {k: v for k, v in label.items() if isinstance(v, str)} if isinstance(label, dict) else {}
 
 
 def _inversion_entry(key: str, path: str) -> CacheEntry:
@@ -227,9 +264,25 @@ def _inversion_entry(key: str, path: str) -> CacheEntry:
         return entry
     n, _, h, w = manifest["shape"]
     entry.frames, entry.size = n, (h * 8, w * 8)
-    entry.model = str(manifest["fields"].get("model", ""))
+    label = manifest.get("model_name")
+    entry.model = label if isinstance(label, str) and label else readable_model(manifest["fields"].get("model", ""))
     entry.prompt = str(manifest["fields"].get("inversion_prompt", ""))
+    source = manifest.get("input")
+    entry.input = source if isinstance(source, str) else ""
     return entry
+
+
+def readable_model(model_id: Any) -> str:
+    """A model identity (``hub:ID``, ``file:NAME:SIZE:MTIME``, ``folder:HASH``, ``weights:HASH``) as a name to
+    show, for entries written before the manifest recorded the name: the hub id, the file's name; a folder or
+    in-memory weights only have their hash."""
+    text = str(model_id or "")
+    kind, _, rest = text.partition(":")
+    if kind == "hub" and rest:
+        return rest
+    if kind == "file" and rest:
+        return rest.rsplit(":", 2)[0] if rest.count(":") >= 2 else rest
+    return text
 
 
 def remove_entry(entry: CacheEntry) -> None:

@@ -73,13 +73,18 @@ class CheckpointStore:
     def path(self, name: str) -> str:
         return os.path.join(self.root, name + ".safetensors")
 
-    def save(self, name: str, key: str, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None) -> str:
+    def save(self, name: str, key: str, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None,
+             label: Optional[dict] = None) -> str:
+        """``label``: what ``tokenflow cache list`` shows of the checkpoint (the video, the model); not verified,
+        never read back by a run."""
         from safetensors.torch import save_file
 
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         metadata = {"key": key, "sha256": tensors_digest(tensors), "meta": json.dumps(meta or {})}
+        if label:
+            metadata["label"] = json.dumps(label)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
         return path
@@ -125,8 +130,9 @@ class Checkpointer:
     """One job's checkpoints (``inversion-<key>/...``, ``edit-<key>``). Writing one never fails
     the job: a full disk or another OS error warns once and the job goes on without them."""
 
-    def __init__(self, store: CheckpointStore, key: str):
+    def __init__(self, store: CheckpointStore, key: str, label: Optional[dict] = None):
         self.store, self.key, self.disabled = store, key, False
+        self.label = label or {}  # the video and model, for `tokenflow cache list`
 
     def name(self, kind: str, part: Optional[str] = None) -> str:
         return f"{kind}-{self.key}" + (f"/{part}" if part else "")
@@ -138,7 +144,7 @@ class Checkpointer:
         from .errors import TokenFlowError
 
         try:
-            self.store.save(self.name(kind, part), self.key, tensors, meta)
+            self.store.save(self.name(kind, part), self.key, tensors, meta, self.label)
             return True
         except (OSError, TokenFlowError) as e:
             self.disabled = True

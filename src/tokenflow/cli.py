@@ -26,9 +26,22 @@ from typing import Any, Optional, Sequence
 from .config import (DEFAULT_MODEL, DEMO_CLIP, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
                      load_config_file, result_settings, settings_path, validate_run)
 from .errors import Interrupted, RankStopped, RunFailed, TokenFlowError
-from .flow import flow_defaults, flow_kind
 
 EXIT_USAGE = 2
+
+
+def flow_kind(model: Optional[str]) -> Optional[str]:  # torch is imported when a command needs it, not for
+    from .flow import flow_kind as kind  # `tokenflow cache list` or `--help`
+
+    return kind(model)
+
+
+def flow_defaults(kind: str) -> dict[str, Any]:
+    from .flow import flow_defaults as defaults
+
+    return defaults(kind)
+
+
 logger = logging.getLogger("tokenflow.cli")
 # The demo's settings: small enough for two CPU cores in well under two minutes.
 DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a wolf", max_frames=16,
@@ -161,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--target-frame", type=int, default=None, help="Figure 2: frame to rebuild (default: the last)")
     an.add_argument("--layer", default=None, help="self-attention layer (default: highest-resolution decoder layer)")
 
-    ui = sub.add_parser("ui", help="start the web page (needs: pip install 'tokenflow[ui]')")
+    ui = sub.add_parser("ui", help="start the web page (needs the extra: pip install 'tokenflow-video[ui]')")
     ui.add_argument("--model", default=None, help=f"hub id or local folder (default {DEFAULT_MODEL}); "
                                                   "'tiny' for the built-in tiny random model")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
@@ -259,7 +272,9 @@ def with_inversion_steps(config: EditConfig, given: bool) -> EditConfig:
     return config.replace(inversion_steps=chosen)
 
 
-def _configure_logging(quiet: bool) -> None:
+def _configure_logging(quiet: bool, libraries: bool = True) -> None:
+    """Our log lines' format; with ``libraries``, diffusers' and transformers' own notices quietened (that
+    imports them: `tokenflow cache`, which loads no model, goes without, and starts in a fraction of a second)."""
     world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
     who = f"tokenflow [rank {rank}]" if world.isdigit() and int(world) > 1 else "tokenflow"  # under torchrun
     logging.basicConfig(level=logging.WARNING, format=f"{who}: %(message)s", stream=sys.stderr)
@@ -270,6 +285,8 @@ def _configure_logging(quiet: bool) -> None:
     # library deprecation notices are for us, not for the person running the command
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not libraries:
+        return
     try:
         import diffusers
         import transformers
@@ -497,7 +514,7 @@ def _cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], arg
                        config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
                        conditioning=conditioning or pipe.prepare_conditioning(frames, config),
                        checkpoint=not args.no_cache or output is not None, restart=bool(run.get("no_resume")),
-                       checkpoint_dir=checkpoint_dir)
+                       checkpoint_dir=checkpoint_dir, source=run["input"])
 
 
 def _existing_ancestor(path: str) -> str:
@@ -709,7 +726,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise TokenFlowError("the web page needs Gradio: pip install 'tokenflow[ui]'") from None
+        from .errors import install_hint
+
+        raise TokenFlowError(f"the web page needs Gradio: {install_hint('ui')}") from None
     from .ui import EditorSession, Limits, launch
 
     if not 0 < args.port < 65536:
@@ -737,7 +756,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import default_cache_dir, list_entries, remove_entry
-    from .preflight import human_bytes as _human_bytes
+    from .errors import human_bytes as _human_bytes
 
     root = args.cache_dir or default_cache_dir()
     if args.older_than is not None and (args.older_than != args.older_than or args.older_than < 0):
@@ -750,11 +769,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if not entries:
             print(f"the cache at {root} is empty")
             return 0
-        print(f"{'kind':<22} {'key':<12} {'size':>9} {'age':>7}  {'frames':>6}  {'WxH':>9}  model, inversion prompt")
-        for e in entries:
+        # the video by its file name (the whole path is in the entry's manifest.json), the model as it was named
+        videos = [_cut(os.path.basename(e.input), 32) if e.input else "-" for e in entries]
+        models = [_cut(e.model, 48) or "-" for e in entries]
+        vw, mw = max(map(len, ["input", *videos])), max(map(len, ["model", *models]))
+        print(f"{'kind':<22} {'key':<12} {'size':>9} {'age':>7}  {'frames':>6}  {'WxH':>9}  {'input':<{vw}}  "
+              f"{'model':<{mw}}  inversion prompt")
+        for e, video, model in zip(entries, videos, models):
             wh = f"{e.size[1]}x{e.size[0]}" if e.size else "-"
-            print(f"{e.kind:<22} {e.key[:12]:<12} {_human_bytes(e.bytes):>9} {(now - e.modified) / 86400:>6.1f}d  "
-                  f"{e.frames or '-':>6}  {wh:>9}  {e.model}{', ' + repr(e.prompt) if e.prompt else ''}")
+            line = (f"{e.kind:<22} {e.key[:12]:<12} {_human_bytes(e.bytes):>9} {(now - e.modified) / 86400:>6.1f}d  "
+                    f"{e.frames or '-':>6}  {wh:>9}  {video:<{vw}}  {model:<{mw}}  {repr(e.prompt) if e.prompt else ''}")
+            print(line.rstrip())
         print(f"{len(entries)} entries, {_human_bytes(sum(e.bytes for e in entries))} in {root}")
         return 0
     cutoff = None if args.older_than is None else now - args.older_than * 86400
@@ -767,6 +792,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"removed {len(doomed)} of {len(entries)} entries, {_human_bytes(sum(e.bytes for e in doomed))} "
           f"freed in {root}")
     return 0
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters: the middle gives way to '...' (a name's ends tell it apart)."""
+    return text if len(text) <= width else text[:width - 13] + "..." + text[-10:]
 
 
 BATCH_TIMEOUT_HOURS = 24.0  # how long a rank that is done waits for the others at the summary
@@ -885,7 +915,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        _configure_logging(getattr(args, "quiet", False))
+        _configure_logging(getattr(args, "quiet", False), libraries=args.command != "cache")
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
                     "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache, "batch": cmd_batch}
         return commands[args.command](args)

@@ -4,7 +4,8 @@ modules on the device for their stage only (offload), and the ranks one edit is 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+import os
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -21,6 +22,19 @@ class PipelineCommon(VideoInputs):
     _device: torch.device
     offload: bool = False
     group: Group
+    # the model as the user named it ("tiny", a hub id, a path): the label of what this pipeline writes to
+    # the cache folder (inversions, checkpoints), so that `tokenflow cache list` can name it
+    model_name: Optional[str] = None
+
+    def cache_label(self, video: Any = None) -> dict[str, str]:
+        """What ``tokenflow cache list`` shows of an entry made from ``video``: its path (when it is one) and
+        the model's name. A label only: no key depends on it."""
+        label = {}
+        if isinstance(video, (str, os.PathLike)):
+            label["input"] = os.path.abspath(os.fspath(video))
+        if self.model_name:
+            label["model_name"] = self.model_name
+        return label
 
     def distribute(self, group: Optional[Group] = None):
         """Split every edit across the ranks of a ``torchrun`` launch (or ``group``): each rank edits and

@@ -19,6 +19,25 @@ def shown(value: Any) -> str:
     return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 12] + "..." + text[-9:]
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra into the Python running us (its own pip: the right
+    environment, whether or not it is activated)."""
+    import sys
+
+    from . import DISTRIBUTION
+
+    return f"{sys.executable} -m pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def human_bytes(n: float) -> str:
+    """A size for a message: ``512 B``, ``3.4 MB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 class TokenFlowError(ValueError):
     """A problem with the user's input; its message is one line, meant to be shown as is."""
 

@@ -126,6 +126,7 @@ class FlowPipeline(PipelineCommon):
         flow_family.compute_device = dev
         result = cls(flow_family, _model_identity(model, loras, model_config, variant, revision))
         result.offload = offload
+        result.model_name = " + ".join([os.fspath(model), *map(os.fspath, loras or ())])
         return result
 
     @classmethod
@@ -142,6 +143,7 @@ class FlowPipeline(PipelineCommon):
                 torch.nn.Module.to(module, device=dev, dtype=dt)
         tiny = cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
         tiny.native_side = 512  # a first try that finishes on a CPU
+        tiny.model_name = f"tiny-{kind}" + (f" (seed {seed})" if seed else "")
         return tiny
 
     @property
@@ -250,7 +252,7 @@ class FlowPipeline(PipelineCommon):
         # 3. the sampling loop: keyframes, noise, resume
         loop, saver = self._loop(config, prompt_list, x_src, plan, (height, width), frames_key, generator,
                                  checkpoint and not return_latents, checkpoint_dir or checkpoint_root(cache_dir),
-                                 restart, memory)
+                                 restart, memory, self.cache_label(video))
         with timer("editing"), self._on_device(self.family.transformer):
             latents = loop.run(progress, callback, saver, return_latents)
         # 4. decode; rank 0 gathers the video
@@ -281,7 +283,8 @@ class FlowPipeline(PipelineCommon):
 
     def _loop(self, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan, size: tuple[int, int],
               frames_key: str, generator: Optional[torch.Generator], checkpoint: bool, checkpoints: str,
-              restart: bool, memory: MemoryPlan) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
+              restart: bool, memory: MemoryPlan, label: Optional[dict] = None
+              ) -> tuple["_FlowLoop", Optional[EditCheckpoints]]:
         """The loop of this edit, resumed from its checkpoint where there is one."""
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, None)
         n_run, n_sample = self.flow_steps(config)
@@ -295,7 +298,7 @@ class FlowPipeline(PipelineCommon):
         key = edit_key("flow-edit", config, self.model_id, self.dtype, self.device,
                        None if key_generator is None else key_generator.get_state(), frames=frames_key,
                        prompts=prompts, world=self.group.world_size, rank=self.group.rank)
-        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key),
+        saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key, label),
                                 _Generators(sampler, noise), self.group, extra=loop.extra_state)
         if not restart:
             loop.restore(saver)

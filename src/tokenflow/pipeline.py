@@ -69,6 +69,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         self.scheduler = DDIMScheduler.from_config(self.scheduler_config)
         self.model_id = model_id or module_identity(*(m for m in (unet, vae, text_encoder, text_encoder_2)
                                                       if m is not None))
+        self.model_name: Optional[str] = None  # see PipelineCommon.model_name; None: only model_id is known
         self.layers = resolve_layers(unet)
         self._device = unet.device  # where the compute runs (the modules may wait on the CPU)
         self.offload = False  # models on the CPU between stages (enable_offload)
@@ -155,9 +156,11 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         dev = resolve_device(device)
         c: Components = load_components(model, dev, resolve_dtype(dtype, dev), model_config=model_config,
                                         allow_pickle=allow_pickle, loras=loras, variant=variant, revision=revision)
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id,
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler, c.model_id,
                    text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
                    depth_estimator=c.depth_estimator, feature_extractor=c.feature_extractor)
+        pipe.model_name = " + ".join([os.fspath(model), *map(os.fspath, loras or ())])
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipe) -> "TokenFlowPipeline":
@@ -172,10 +175,12 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         model_id = None
         if name:
             model_id = path_identity(name) if os.path.exists(name) else f"hub:{name}"
-        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+        made = cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
                    model_id, text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
                    depth_estimator=parts.get("depth_estimator"),
                    feature_extractor=parts.get("feature_extractor") if parts.get("depth_estimator") else None)
+        made.model_name = os.fspath(name) if name else None
+        return made
 
     @classmethod
     def from_tiny(cls, seed: int = 0, device: str = "cpu", full_size: bool = False,
@@ -190,7 +195,9 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         for m in (c.unet, c.vae, c.text_encoder):
             torch.nn.Module.to(m, device=dev, dtype=dt)  # not diffusers' .to, which warns about any dtype
         upcast_vae(c.vae, dt)
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+        pipe.model_name = "tiny" if seed == 0 and not full_size else f"tiny (seed {seed}{', full size' * full_size})"
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -223,7 +230,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                callback: Optional[ProgressCallback] = None,
                conditioning: Optional[Conditioning] = None, checkpoint: bool = False,
                restart: bool = False, shard: Optional[range] = None,
-               checkpoint_dir: Optional[str] = None) -> Inversion:
+               checkpoint_dir: Optional[str] = None, source: Optional[str] = None) -> Inversion:
         """DDIM-invert fitted frames (N, 3, H, W), keeping x_t at every timestep of a ``steps`` schedule.
 
         With ``use_cache`` the result is read from / written to the inversion cache. With
@@ -233,6 +240,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         ``conditioning`` (see :meth:`prepare_conditioning`) is applied to every UNet call.
         ``shard``: with :meth:`distribute`, this rank inverts and returns only these frames; the
         cache still holds one entry for the whole video, written by rank 0 from every rank's share.
+        ``source``: the video's path, recorded in the cache entry so that ``tokenflow cache list`` names it.
         """
         self.check_steps(steps, inversion_steps)
         if conditioning is None and (self.is_sdxl or self.is_depth):
@@ -240,12 +248,12 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         return self._invert(frames, inversion_prompt, inversion_steps, steps, batch_size,
                             InversionCache(cache_dir) if use_cache else None, progress, callback, conditioning,
                             (checkpoint_dir or checkpoint_root(cache_dir)) if checkpoint else None, restart, shard,
-                            MemoryPlan.from_settings(self, self.device))
+                            MemoryPlan.from_settings(self, self.device), self.cache_label(source))
 
     def _invert(self, frames: torch.Tensor, prompt: str, inversion_steps: int, steps: int, batch_size: int,
                 cache: Optional[InversionCache], progress: bool, callback: Optional[ProgressCallback],
                 conditioning: Optional[Conditioning], checkpoints: Optional[str], restart: bool,
-                shard: Optional[range], memory: MemoryPlan) -> Inversion:
+                shard: Optional[range], memory: MemoryPlan, label: Optional[dict] = None) -> Inversion:
         """:meth:`invert` once its inputs are checked: the cache, else the checkpoints and the inversion."""
         n = len(frames)
         group = self.group if shard is not None else Group()
@@ -259,7 +267,8 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                                     conditioning=conditioning.identity() if conditioning else {})
         # a rank's checkpoints are of its own frames
         saver = None if checkpoints is None else Checkpointer(
-            CheckpointStore(checkpoints), key if not group.distributed else f"{key}-{shard.start}-{shard.stop}")
+            CheckpointStore(checkpoints), key if not group.distributed else f"{key}-{shard.start}-{shard.stop}",
+            label)
         cached = cache.load_agreed(key, fields, group) if cache is not None else None
         if cached is not None:
             if saver:  # batches an interrupted run left are not needed any more
@@ -270,7 +279,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                                       saver, restart, progress, callback)
         inversion.key = key
         if cache is not None:  # rank 0 (or the only process) writes the one entry
-            cache.save_or_warn(key, fields, gather_inversion(inversion, shard, n, group))
+            cache.save_or_warn(key, fields, gather_inversion(inversion, shard, n, group), label)
         if saver:
             saver.remove("inversion")
         return inversion
@@ -383,14 +392,15 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         with timer("inversion"):
             inversion = self._source_inversion(fitted.frames, config, inversion, plan, cache_dir, use_cache,
                                                progress, callback, conditioning,
-                                               checkpoints if checkpoint else None, restart, memory)
+                                               checkpoints if checkpoint else None, restart, memory,
+                                               self.cache_label(video))
         fitted = fitted._replace(frames=None)  # the pixels are not needed past here: long videos keep latents
         # 4. the sampling loop (from its checkpoint, when an interrupted run left one)
         loop = _EditLoop(self, config, editor, prompt_list, inversion, plan, sampler, conditioning, memory,
                          generator or torch.Generator().manual_seed(config.seed), return_latents)
         saver = None
         if checkpoint and inversion.key and not return_latents:
-            saver = loop.checkpoints(checkpoints, generator_state, restart)
+            saver = loop.checkpoints(checkpoints, generator_state, restart, self.cache_label(video))
         with timer("editing"), self._on_device(*self._denoisers()):
             x = loop.run(progress, callback, saver)
         # 5. decode; rank 0 gathers the video
@@ -407,14 +417,15 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
     def _source_inversion(self, frames: torch.Tensor, config: EditConfig, given: Optional[Inversion], plan: ShardPlan,
                           cache_dir: Optional[str], use_cache: bool, progress: bool,
                           callback: Optional[ProgressCallback], conditioning: Conditioning,
-                          checkpoints: Optional[str], restart: bool, memory: MemoryPlan) -> Inversion:
+                          checkpoints: Optional[str], restart: bool, memory: MemoryPlan,
+                          label: dict) -> Inversion:
         """This rank's share of the source video's inversion: the given one (checked against the frames and
         the editing timesteps), or :meth:`_invert`'s."""
         mine = plan.frames()
         if given is None:
             return self._invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                 config.inversion_batch(), InversionCache(cache_dir) if use_cache else None, progress,
-                                callback, conditioning, checkpoints, restart, mine, memory)
+                                callback, conditioning, checkpoints, restart, mine, memory, label)
         if given.n_frames != len(frames) or given.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
             raise TokenFlowError("the given inversion does not match the frames (count or size)")
         missing = [int(t) for t in self.editing_timesteps(config.steps) if int(t) not in given.latents]
@@ -445,7 +456,8 @@ class _EditLoop:
         self.keyframe_log: list[list[int]] = []
         self.first = 0  # the step a resumed run starts at
 
-    def checkpoints(self, root: str, generator_state: Optional[torch.Tensor], restart: bool) -> EditCheckpoints:
+    def checkpoints(self, root: str, generator_state: Optional[torch.Tensor], restart: bool,
+                    label: dict) -> EditCheckpoints:
         """The edit's resume checkpoint; picks up where an interrupted run of the same edit stopped."""
         pipe, group = self.pipe, self.pipe.group
         key = edit_key("edit", self.config, pipe.model_id, pipe.dtype, pipe.device, generator_state,
@@ -453,7 +465,7 @@ class _EditLoop:
                        **({"prompts": self.prompts} if len(self.prompts) > 1 else {}))
         if group.distributed:  # each rank checkpoints its own frames
             key = f"{key}-{group.world_size}-{group.rank}"
-        saver = EditCheckpoints(Checkpointer(CheckpointStore(root), key), self.sampler, group)
+        saver = EditCheckpoints(Checkpointer(CheckpointStore(root), key, label), self.sampler, group)
         restored = None if restart else saver.restore(len(self.timesteps))
         if restored is not None:
             x, self.keyframe_log = restored

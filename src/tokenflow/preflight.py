@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .config import EditConfig
-from .errors import TokenFlowError
+from .errors import TokenFlowError, human_bytes  # noqa: F401 (human_bytes: public here before)
 from .models import check_exists, parse_lora
 from .video import Selection, VideoInfo, working_size
 
@@ -164,14 +164,6 @@ def _check_frames_dir(run: RunPaths, frames: dict) -> None:
             how = "is also" if folder == mine else "lies in"
             raise TokenFlowError(f"{_prefix(run)}frames folder '{run.frames_dir}' {how} {run.who(owner, 'frames folder')} "
                                  f"'{given}'; writing one would replace the other: choose another --frames-dir")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _free(path: str) -> tuple[int, float]:

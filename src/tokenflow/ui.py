@@ -34,11 +34,38 @@ class Limits:
     max_prompts: int = 4  # prompts edited together in one run (one per line of the prompt box)
 
 
-# A first result in a minute, and the full-quality settings one click away
+# A first result in about a minute, and the full-quality settings one click away. On a GPU the quick look
+# works at the model's size; on a CPU (the tiny model's home) also at a small size and with few inversion
+# steps: at the model's 512x512 its inversion alone took minutes there (measured by
+# benchmarks/ui_presets.py). area: the working size's pixels when Height/Width are automatic (None: the
+# model's); inversion: the fewest inversion steps "automatic" picks (the official 50; it also passes
+# every editing timestep).
 PRESETS = {
-    "Quick look": dict(max_frames=16, steps=20, inversion_steps=0),
-    "Full quality": dict(max_frames=None, steps=50, inversion_steps=0),  # frames: the page's limit
+    "Quick look": dict(max_frames=16, steps=20, inversion_steps=0, area=None, inversion=50),
+    "Full quality": dict(max_frames=None, steps=50, inversion_steps=0, area=None, inversion=50),  # frames: the page's limit
 }
+CPU_QUICK_LOOK = dict(max_frames=8, steps=10, inversion_steps=0, area=192 * 192, inversion=10)
+# what the upload box takes: what the command reads (any video PyAV decodes, GIFs too); the browser is
+# told the MIME family and the suffixes it may not map to one
+UPLOAD_TYPES = ["video", ".gif", ".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"]
+
+
+def presets_for(device_type: str) -> dict[str, dict[str, Any]]:
+    """The page's presets for a pipeline computing on ``device_type`` ("cpu", "cuda", ...)."""
+    return {**PRESETS, "Quick look": CPU_QUICK_LOOK} if device_type == "cpu" else dict(PRESETS)
+
+
+def describe_preset(preset: dict[str, Any], max_frames: int) -> str:
+    """A preset in words, from its values (so the page's promise is what it does)."""
+    frames = f"{preset['max_frames']} frames" if preset["max_frames"] else f"every frame (up to {max_frames})"
+    size = f", about {int(preset['area'] ** 0.5)}x{int(preset['area'] ** 0.5)} pixels" if preset.get("area") else ""
+    return f"{frames}, {preset['steps']} steps{size}"
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name piece from a prompt or a file name: lower case letters, digits and '-'."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (words[:limit].rstrip("-") or "edit") if len(words) > limit else (words or "edit")
 # what command-line words in a message are called on this page
 PAGE_LABELS = [
     ("--inversion-steps", "Inversion steps"), ("inversion-steps", "Inversion steps"),
@@ -146,10 +173,13 @@ class EditorSession:
 
     def _config(self, path: str, prompt: str, random_seed: bool, settings: dict[str, Any]) -> EditConfig:
         from .inversion import choose_inversion_steps
+        from .video import default_size, probe_video
 
         if not prompt or not prompt.strip():
             raise TokenFlowError("write a prompt: what should the edited video show?")
         settings = {k: (int(v) if k in _INT_FIELDS and v is not None else v) for k, v in settings.items()}
+        preset = presets_for(self.pipe.device.type).get(settings.pop("preset", None) or "", {})
+        area = preset.get("area")  # the preset's working area, used when Height and Width are automatic
         control, control_video = settings.pop("control", None), settings.pop("control_video", None)
         if settings.get("editor") == "controlnet" or control:
             if control == "condition video":
@@ -166,9 +196,26 @@ class EditorSession:
         for side in ("height", "width"):
             if not settings.get(side):
                 settings[side] = None
+        if area and settings["height"] is None and settings["width"] is None:
+            settings["height"], settings["width"] = default_size(*probe_video(path).size, area=int(area))
         if not settings.get("inversion_steps") and isinstance(settings.get("steps"), int) and settings["steps"] > 0:
-            settings["inversion_steps"] = choose_inversion_steps(settings["steps"])  # 0: automatic
+            settings["inversion_steps"] = choose_inversion_steps(settings["steps"], preset.get("inversion", 50))
         return defaults_of(self.pipe).replace(prompt=prompt.strip(), **settings).validate()
+
+    def describe_upload(self, path: Optional[str]) -> str:
+        """The status line once a video is in: what it is, and what to do next (an error for a file that
+        is not a video, or too big)."""
+        from .video import probe_video
+
+        info = probe_video(self.check_upload(path))
+        frames = f"{info.n_frames} frames" if info.n_frames else "frames"
+        return (f"{os.path.basename(path)}: {frames} at {info.size[1]}x{info.size[0]}, {info.fps:g} fps. "
+                "Write a prompt, then Run (or preview one frame first).")
+
+    def output_stem(self, path: str, prompt: str) -> str:
+        """A download's name: the source's, the prompt's, and the time (two runs never share one)."""
+        source = slug(os.path.splitext(os.path.basename(path))[0], 24)
+        return f"{source}-{slug(prompt)}-{time.strftime('%H%M%S')}-{random.randrange(16 ** 3):03x}"
 
     def _check_size(self, path: str, config: EditConfig) -> None:
         from .video import probe_video
@@ -221,10 +268,9 @@ class EditorSession:
         started = time.perf_counter()
         path, prompts, config = self._prepare(video, prompt, random_seed, settings)
         results = self._edit(path, config, progress, prompts)
-        stem = f"tokenflow-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16 ** 6):06x}"
         videos, yamls = [], []
-        for i, result in enumerate(results, 1):
-            name = stem if len(results) == 1 else f"{stem}-{i}"
+        for result in results:
+            name = self.output_stem(path, result.config.prompt)
             out, yaml_path = os.path.join(self.output_dir, name + ".mp4"), os.path.join(self.output_dir, name + ".yaml")
             write_video(out, result.uint8(), result.fps, result.audio_source, audio_start=result.audio_start)
             save_settings(yaml_path, {"model": self.model_name, **result.config.to_dict()})
@@ -254,7 +300,7 @@ class EditorSession:
         middle = config.start_frame + (n // 2) * config.frame_stride
         one = config.replace(max_frames=1, start_frame=middle, start_time=None, frame_stride=1)
         results = self._edit(path, one, progress, prompts)
-        out = os.path.join(self.output_dir, f"preview-{time.strftime('%H%M%S')}-{random.randrange(16 ** 6):06x}.png")
+        out = os.path.join(self.output_dir, f"preview-{self.output_stem(path, ' '.join(prompts))}.png")
         Image.fromarray(np.concatenate([r.uint8()[0] for r in results], axis=1)).save(out)
         _, _, fh, fw = results[0].frames.shape
         several = f" for {len(results)} prompts, left to right," if len(results) > 1 else ""
@@ -276,7 +322,10 @@ def defaults_of(pipe) -> EditConfig:
 
 
 def _progress_adapter(progress: Optional[ProgressFn]):
-    """Turn the pipeline's (stage, step, total) into (fraction, text with time left)."""
+    """Turn the pipeline's (stage, step, total) into (fraction of the whole job, what is going on and the
+    stage's time left). The fraction is the one figure the page shows (Gradio prints it after the text):
+    the text carries no second one. An inversion, when there is one, is the first half of the job; a
+    cached inversion, or a model without one (SD3, FLUX), leaves the whole bar to the editing."""
     if progress is None:
         return None
     started: dict[str, float] = {}
@@ -285,14 +334,22 @@ def _progress_adapter(progress: Optional[ProgressFn]):
         now = time.perf_counter()
         started.setdefault(stage, now)
         elapsed = now - started[stage]
-        left = elapsed / step * (total - step) if step else 0.0
+        done = step / max(total, 1)
         name = {"inversion": "Inverting the video", "editing": "Editing"}.get(stage, stage)
-        # inversion is the first half of the bar, editing the second
-        fraction = (0.0 if stage == "inversion" else 0.5) + 0.5 * step / max(total, 1)
-        shown = f"{100 * step / max(total, 1):.0f}%" if stage == "inversion" else f"step {step}/{total}"
-        progress(fraction, f"{name}: {shown}, about {left:.0f}s left")
+        if stage == "inversion":
+            fraction = 0.5 * done
+        else:
+            fraction = 0.5 + 0.5 * done if "inversion" in started else done
+        left = f", about {_duration(elapsed / step * (total - step))} left" if step and step < total else ""
+        if stage == "inversion" and left:
+            left += " to invert"
+        progress(fraction, f"{name}{left}")
 
     return callback
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def build_app(session: EditorSession):
@@ -301,13 +358,19 @@ def build_app(session: EditorSession):
     import gradio as gr
 
     d = defaults_of(session.pipe)
-    quick = PRESETS["Quick look"]
+    presets = presets_for(session.pipe.device.type)
+    quick = presets["Quick look"]
     with gr.Blocks(title="TokenFlow video editing", analytics_enabled=False) as app:
         gr.Markdown(f"# TokenFlow video editing\nModel: `{session.model_name}`. Upload a video, describe "
                     "the edit, Run. Changing only the prompt or the editing settings reuses the inversion.")
         with gr.Row():
             with gr.Column():
-                video_in = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
+                # a file box, not gr.Video: that one takes video/* only, and the command edits GIFs too
+                video_in = gr.File(label="Input video (or GIF)", file_types=UPLOAD_TYPES, file_count="single",
+                                   type="filepath", elem_id="input-video")
+                input_view = gr.Video(label="Input", interactive=False, visible=False, elem_id="input-view")
+                input_gif = gr.Image(label="Input", interactive=False, visible=False, type="filepath",
+                                     elem_id="input-gif")
                 demo_btn = gr.Button("Use the demo clip", elem_id="demo-clip", size="sm")
                 prompt = gr.Textbox(label="Prompt", placeholder="a marble statue of a woman running",
                                     elem_id="prompt", lines=2, max_lines=session.limits.max_prompts,
@@ -317,9 +380,10 @@ def build_app(session: EditorSession):
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
                     preview_btn = gr.Button("Preview one frame", elem_id="preview")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                quality = gr.Radio(list(PRESETS), value="Quick look", label="Quality", elem_id="quality",
-                                   info="Quick look: 16 frames, 20 steps. Full quality: every frame (up to "
-                                        f"{session.limits.max_frames}), 50 steps.")
+                quality = gr.Radio(list(presets), value="Quick look", label="Quality", elem_id="quality",
+                                   info=". ".join(f"{name}: {describe_preset(p, session.limits.max_frames)}"
+                                                  for name, p in presets.items()) + ".")
+                preset = gr.State("Quick look")  # its working area and automatic inversion steps apply
                 inversion_prompt = gr.Textbox(label="Inversion prompt (describes the input)", value=d.inversion_prompt)
                 with gr.Row():
                     editor = gr.Dropdown(session.editors, value=d.editor, label="Editor", elem_id="editor")
@@ -365,12 +429,12 @@ def build_app(session: EditorSession):
 
         inputs = [video_in, prompt, inversion_prompt, negative_prompt, editor, propagation, control, control_video,
                   max_frames, height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
-                  sdedit_start, seed, random_seed]
+                  sdedit_start, seed, preset, random_seed]
 
         def settings_of(inversion_prompt, negative_prompt, editor, propagation, control, control_video, max_frames,
                         height, width, steps, inversion_steps, batch_size, guidance, pnp_attn_t, pnp_f_t,
-                        sdedit_start, seed):
-            return dict(inversion_prompt=inversion_prompt or "", negative_prompt=negative_prompt or "",
+                        sdedit_start, seed, preset):
+            return dict(preset=preset, inversion_prompt=inversion_prompt or "", negative_prompt=negative_prompt or "",
                         editor=editor, propagation=propagation,
                         control=control if editor == "controlnet" else None, control_video=control_video,
                         max_frames=max_frames, height=height, width=width, steps=steps,
@@ -415,9 +479,23 @@ def build_app(session: EditorSession):
             return "Stopping at the next step..."
 
         def on_quality(choice):
-            preset = PRESETS[choice]
+            preset = presets[choice]
             frames = preset["max_frames"] or session.limits.max_frames
-            return min(frames, session.limits.max_frames), preset["steps"], preset["inversion_steps"]
+            return (min(frames, session.limits.max_frames), preset["steps"], preset["inversion_steps"],
+                    choice, f"{choice}: {describe_preset(preset, session.limits.max_frames)}.")
+
+        def on_upload(video):
+            """The input shown (a GIF as an image: the video player does not play one) and a fresh status."""
+            if not video:
+                return (gr.update(value=None, visible=False), gr.update(value=None, visible=False),
+                        "Upload a video and write a prompt, then Run (or preview one frame first).")
+            gif = str(video).lower().endswith(".gif")
+            try:
+                line = session.describe_upload(video)
+            except Exception as e:
+                return gr.update(value=None, visible=False), gr.update(value=None, visible=False), failure(e, video)
+            return (gr.update(value=None if gif else video, visible=not gif),
+                    gr.update(value=video if gif else None, visible=gif), line)
 
         def on_editor(choice):
             return gr.update(visible=choice == "controlnet")
@@ -426,7 +504,9 @@ def build_app(session: EditorSession):
             return gr.update(visible=choice == "condition video")
 
         demo_btn.click(lambda: DEMO_CLIP, outputs=video_in)
-        quality.change(on_quality, inputs=quality, outputs=[max_frames, steps, inversion_steps])
+        # every action leaves a status line of its own: no message of an earlier one stays
+        video_in.change(on_upload, inputs=video_in, outputs=[input_view, input_gif, status], show_progress="hidden")
+        quality.change(on_quality, inputs=quality, outputs=[max_frames, steps, inversion_steps, preset, status])
         editor.change(on_editor, inputs=editor, outputs=control_group)
         control.change(on_control, inputs=control, outputs=control_video)
         # one progress display, in the result panel (the status line), not on every output
