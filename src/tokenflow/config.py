@@ -60,6 +60,9 @@ class EditConfig:
     propagation: str = "original"  # original (official code), paper, none, extended
     keyframes: str = "random"  # keyframe sampler: random per interval, or fixed (ablation)
     keyframe_schedule: Optional[str] = None  # JSON file of keyframes per step
+    # at most this many keyframes per keyframe-pass call (groups + shared anchors: docs/long-videos.md);
+    # None: every keyframe attends to every keyframe, however many (the exact pass)
+    keyframe_window: Optional[int] = 64
     seed: int = 1
     height: Optional[int] = None  # working size; None: keep aspect, ~512x512 in area
     width: Optional[int] = None
@@ -96,6 +99,7 @@ class EditConfig:
         bounded_int("batch_size", MAX_BATCH)
         bounded_int("inversion_batch_size", MAX_BATCH, optional=True)
         bounded_int("max_frames", MAX_FRAMES, optional=True)
+        bounded_int("keyframe_window", MAX_FRAMES, optional=True)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)

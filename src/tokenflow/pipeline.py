@@ -530,7 +530,8 @@ class TokenFlowPipeline(PipelineCommon):
 
         return tokenflow_step(unet, x, t, source, keyframes, state, scheduler, config.guidance_scale,
                               config.batch_size, config.propagation, qk_injection, feature_injection, self,
-                              plan, self.group if plan is not None else None)
+                              plan, self.group if plan is not None else None,
+                              keyframe_window=config.keyframe_window)
 
     # ------------------------------------------------------------------ out of memory
     def _vae(self, run: Callable[[int], torch.Tensor], what: str) -> torch.Tensor:
@@ -608,7 +609,9 @@ class TokenFlowPipeline(PipelineCommon):
             frames, fps, audio, audio_start, source_size = self.load_video(video, config)
         n = len(frames)
         group = self.group
-        plan = group.plan(n, config.batch_size)  # this rank's frames and batches: all of them on one process
+        # this rank's frames and batches (all of them on one process; whole keyframe windows past the window)
+        plan = group.plan(n, config.batch_size, config.keyframe_window if config.propagation in PROPAGATION_POLICIES
+                          else None)
         mine = plan.frames()
         generator_state = generator.get_state() if generator is not None else None
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, generator)
