@@ -87,7 +87,7 @@ def measure(n_frames: int, batch_size: int, window, layers, pipe) -> dict:
 
     counted = {"pairs": 0, "calls": 0, "max_images": 0}
     first = {}
-    real_attend = TokenFlowAttnProcessor._attend
+    real_attend = TokenFlowAttnProcessor.__dict__["_attend"]  # the staticmethod itself
 
     def counting(attn, q, k, v, n_tokens, frames_per_seq, kv_frames_per_seq=None):
         target = first.setdefault("attn", attn)
