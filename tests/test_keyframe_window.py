@@ -147,6 +147,16 @@ def test_keyframe_window_setting_is_checked(capsys, tmp_path):
     settings = tmp_path / "s.yaml"
     settings.write_text("keyframe-window: 12\n")
     assert resolve_settings(parse(["edit", "x.mp4", "-p", "a", "--config", str(settings)]))[0].keyframe_window == 12
+    from tokenflow.batch import load_jobs
+
+    (tmp_path / "in.mp4").write_bytes(b"")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"defaults: {{keyframe-window: 32}}\njobs:\n- {{input: {tmp_path / 'in.mp4'}, prompt: a}}\n"
+                    f"- {{input: {tmp_path / 'in.mp4'}, prompt: b, keyframe_window: null, output: {tmp_path / 'b.mp4'}}}\n")
+    assert [j.config.keyframe_window for j in load_jobs(str(jobs))] == [32, None]
+    jobs.write_text(f"jobs:\n- {{input: {tmp_path / 'in.mp4'}, prompt: a, keyframe_window: 0}}\n")
+    with pytest.raises(TokenFlowError, match="job 1: keyframe-window must be an integer"):
+        load_jobs(str(jobs))
     code, _, err = run_cli(capsys, "edit", "x.mp4", "-p", "a", "--keyframe-window", "0")
     assert code == 2 and "--keyframe-window" in err and "positive integer or 'all'" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
