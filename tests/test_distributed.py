@@ -28,6 +28,11 @@ CASES = {  # name -> (settings, frames)
     "sdedit-original": (dict(editor="sdedit", propagation="original", sdedit_start=1.0), FRAMES),
     "split-keyframe-pass": (dict(editor="pnp", propagation="paper"), FRAMES),  # one UNet call per branch
     "more-ranks-than-batches": (dict(editor="pnp", propagation="paper"), 7),  # 2 batches
+    # bounded keyframe pass (6 keyframes): W=2, anchors 1 and 4 on either rank, groups [0] [2, 3] [5];
+    # W=1 one call per branch: the one anchor (3) on rank 1, rank 0 joins the anchors' collectives with none
+    "keyframe-window": (dict(editor="pnp", propagation="paper", keyframe_window=2), FRAMES),
+    "keyframe-window-1-split": (dict(editor="sdedit", propagation="original", sdedit_start=1.0,
+                                     keyframe_window=1), FRAMES),
 }
 BASE = dict(prompt="a robot", steps=3, inversion_steps=3, height=32, width=48, batch_size=4, seed=3)
 
@@ -38,7 +43,7 @@ def _video(n: int) -> torch.Tensor:
 
 def _edit(pipe: TokenFlowPipeline, name: str, cache_dir=None):
     settings, n = CASES[name]
-    pipe.split_keyframe_pass = True if name == "split-keyframe-pass" else None
+    pipe.split_keyframe_pass = True if name.endswith("split-keyframe-pass") or name.endswith("-split") else None
     return pipe.edit(_video(n), config=EditConfig(**BASE, **settings), use_cache=cache_dir is not None,
                      cache_dir=cache_dir, progress=False, return_latents=True)
 

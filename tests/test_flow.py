@@ -77,6 +77,18 @@ def test_every_frame_a_keyframe_equals_extended_attention(kind, pipes):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_keyframe_window_of_the_keyframe_count_is_the_exact_edit(kind, pipes):
+    """4 keyframes: a window of 4 is the exact pass bit for bit; a window of 2 (anchors 1 and 3, groups
+    [0] and [2]) runs the bounded pass through the joint attention, to another result."""
+    exact = _edit(pipes[kind], n=4, batch_size=1, propagation="paper", keyframe_window=None)
+    at_count = _edit(pipes[kind], n=4, batch_size=1, propagation="paper", keyframe_window=4)
+    assert all(torch.equal(a, b) for a, b in zip(at_count.latents, exact.latents))
+    bounded = _edit(pipes[kind], n=4, batch_size=1, propagation="paper", keyframe_window=2)
+    assert torch.isfinite(bounded.latents[-1]).all()
+    assert (bounded.latents[-1] - exact.latents[-1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_hooks_leave_the_transformer_bit_identical(kind, pipes):
     pipe = pipes[kind]
     family = pipe.family

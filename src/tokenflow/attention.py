@@ -17,6 +17,10 @@ guidance pair). Modes:
   many keyframes, as one call per branch, source first (``keyframe_branch`` 0, 1, 2): the
   branches only meet through the source's Q/K and features, which the source call keeps,
   so the UNet batch is K images instead of 3K and memory stays bounded.
+  Bounded (``--keyframe-window``): the pass runs as several calls, the anchors' first
+  (``anchor_role`` "keep": the edit branches' keys/values of the anchors are kept per layer and
+  branch in ``anchors``), then one per group (``anchor_role`` "use": the group's queries attend to
+  the group's keys/values followed by the anchors').
 - ``extended``: like ``keyframe`` over whatever frames are in the batch, keeping nothing
   (the paper's joint-attention ablation).
 - ``propagate``: no attention is computed. The output of every frame is gathered from the
@@ -106,6 +110,10 @@ class TokenFlowState:
     # one edit across ranks: (S, K_r, L, D) of this rank's keyframes -> (S, K, L, D) of all of them
     # (see distributed.Group.gather_keyframes); None on a single process
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # bounded keyframe pass: "keep" in the anchors' call, "use" in a group's call, None otherwise
+    anchor_role: Optional[str] = None
+    # (layer name, branch) -> the anchors' keys and values (A, L, D) in that edit branch
+    anchors: dict = field(default_factory=dict)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -165,6 +173,8 @@ class TokenFlowAttnProcessor:
             if state.mode == "keyframe" and state.gather is not None:  # keyframes on other ranks too
                 key_e, value_e = self._gathered(key[e], value[e], n_branches - 1, state.qk_injection and self.inject_qk)
                 kv_frames = len(key_e) // (n_branches - 1)
+            if state.mode == "keyframe" and state.anchor_role is not None:
+                key_e, value_e, kv_frames = self._anchored(key_e, value_e, n_branches - 1, kv_frames, 1)
             # source branch: per frame; edit branches: all keyframes of a branch in one sequence
             out = torch.cat([self._attend(attn, query[s], key[s], value[s], n_tokens, 1),
                              self._attend(attn, query[e], key_e, value_e, n_tokens, n_frames, kv_frames)])
@@ -210,6 +220,8 @@ class TokenFlowAttnProcessor:
             if state.gather is not None:  # keyframes on other ranks too
                 key, value = self._gathered(key, value, 1, False)
                 kv_frames = len(key)
+            if state.anchor_role is not None:
+                key, value, kv_frames = self._anchored(key, value, 1, kv_frames, branch)
             out = self._attend(attn, query, key, value, n_tokens, n_frames, kv_frames)
         out = attn.to_out[1](attn.to_out[0](out))
         if cache.outputs is None:
@@ -218,6 +230,23 @@ class TokenFlowAttnProcessor:
         if branch == state.n_branches - 1:
             cache.query = cache.key = None
         return self._finish(attn, out, hidden_states)
+
+    def _anchored(self, key: torch.Tensor, value: torch.Tensor, n_branches: int, kv_frames: int,
+                  first_branch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Bounded keyframe pass. Keys/values (n_branches*kv_frames, L, D) of the edit branches
+        ``first_branch``, ... of this call: kept as the anchors' (``anchor_role`` "keep", returned as
+        they are), or followed by the anchors' per branch ("use": (n_branches*(kv_frames+A), L, D))."""
+        state = self.state
+        key = key.reshape(n_branches, kv_frames, *key.shape[1:])
+        value = value.reshape(n_branches, kv_frames, *value.shape[1:])
+        if state.anchor_role == "keep":
+            for i in range(n_branches):
+                state.anchors[(self.name, first_branch + i)] = (key[i], value[i])
+            return key.flatten(0, 1), value.flatten(0, 1), kv_frames
+        kept = [state.anchors[(self.name, first_branch + i)] for i in range(n_branches)]
+        key = torch.cat([key, torch.stack([k for k, _ in kept])], dim=1)
+        value = torch.cat([value, torch.stack([v for _, v in kept])], dim=1)
+        return key.flatten(0, 1), value.flatten(0, 1), key.shape[1]
 
     def _gathered(self, key: torch.Tensor, value: torch.Tensor, n_branches: int,
                   shared_key: bool) -> tuple[torch.Tensor, torch.Tensor]:

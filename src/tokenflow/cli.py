@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--propagation", help=f"{', '.join(PROPAGATIONS)} (default original: the official code's)")
     edit.add_argument("--keyframes", help=f"keyframe sampler: {', '.join(KEYFRAME_SAMPLERS)} (default random)")
     edit.add_argument("--keyframe-schedule", help="JSON file with the keyframes of every step (default: drawn)")
+    edit.add_argument("--keyframe-window", type=_keyframe_window, metavar="W|all",
+                      help="at most W keyframes per keyframe-pass call: past W, groups of W keyframes attend to "
+                           "themselves and 8 anchors spread over the video (memory bounded, time linear); "
+                           "all: every keyframe attends to every keyframe (default 64: exact up to 512 frames "
+                           "at batch size 8)")
     edit.add_argument("--seed", type=int, help="seed of the keyframe draws (and SD3/FLUX's noise; default 1)")
     edit.add_argument("--n-max", type=int, help="FlowEdit (SD3/FLUX): run the last N of the steps "
                                                 "(default: the family's, 33 of 50 SD3, 24 of 28 FLUX)")
@@ -213,10 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 _ARG_TO_FIELD = {"prompt", "inversion_prompt", "negative_prompt", "editor", "steps", "inversion_steps",
                  "guidance_scale", "pnp_attn_t", "pnp_f_t", "sdedit_start", "batch_size", "propagation",
-                 "keyframes", "keyframe_schedule", "seed", "height", "width", "max_frames", "fps", "control",
+                 "keyframes", "keyframe_schedule", "keyframe_window", "seed", "height", "width", "max_frames", "fps", "control",
                  "fit", "start_frame", "start_time", "frame_stride",
                  "controlnet", "control_scale", "canny_low", "canny_high", "depth_model",
                  "n_max", "n_min", "n_avg", "source_guidance_scale"}
+
+
+_ALL_KEYFRAMES = object()  # --keyframe-window all: no window (None in the settings)
+
+
+def _keyframe_window(text: str):
+    """``--keyframe-window``: a positive integer, or ``all`` for the exact pass."""
+    if text.strip().lower() in ("all", "none"):
+        return _ALL_KEYFRAMES
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {value}")
+    return value
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, Any]]:
@@ -233,7 +254,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
         if isinstance(value, list):  # -p given several times: the settings hold the first (see cmd_edit)
             value = value[0]
         if value is not None:
-            edit[name] = value
+            edit[name] = None if value is _ALL_KEYFRAMES else value
     for name in sorted(RUN_KEYS):
         value = getattr(args, name, None)
         if value is not None:

@@ -64,6 +64,9 @@ class EditConfig:
     propagation: str = "original"  # original (official code), paper, none, extended
     keyframes: str = "random"  # keyframe sampler: random per interval, or fixed (ablation)
     keyframe_schedule: Optional[str] = None  # JSON file of keyframes per step
+    # at most this many keyframes per keyframe-pass call (groups + shared anchors: docs/long-videos.md);
+    # None: every keyframe attends to every keyframe, however many (the exact pass)
+    keyframe_window: Optional[int] = 64
     seed: int = 1
     height: Optional[int] = None  # working size; None: keep aspect, ~512x512 in area
     width: Optional[int] = None
@@ -114,7 +117,8 @@ class EditConfig:
 INTEGER_RANGES: dict[str, tuple[int, int, bool, Optional[str]]] = {
     "steps": (1, MAX_STEPS, False, None), "inversion_steps": (1, MAX_STEPS, False, None),
     "batch_size": (1, MAX_BATCH, False, None), "inversion_batch_size": (1, MAX_BATCH, True, None),
-    "max_frames": (1, MAX_FRAMES, True, None), "frame_stride": (1, 1000, False, None),
+    "max_frames": (1, MAX_FRAMES, True, None), "keyframe_window": (1, MAX_FRAMES, True, None),
+    "frame_stride": (1, 1000, False, None),
     "start_frame": (0, MAX_FRAMES, False, None), "seed": (0, MAX_SEED, False, "2^63 - 1"),
     "canny_low": (0, 1000, False, None), "canny_high": (0, 1000, False, None),
     "n_max": (1, MAX_STEPS, True, None), "n_min": (0, MAX_STEPS, False, None), "n_avg": (1, 64, False, None),

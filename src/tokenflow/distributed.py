@@ -38,12 +38,16 @@ DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this ends the r
 @dataclass(frozen=True)
 class ShardPlan:
     """Which frames and batches each rank owns: contiguous runs of whole batches, balanced to within
-    one batch (rank ``r`` owns batches ``[r*B//W, (r+1)*B//W)``; with more ranks than batches some own none)."""
+    one batch (rank ``r`` owns batches ``[r*B//W, (r+1)*B//W)``; with more ranks than batches some own none).
+
+    ``unit`` > 1: the runs are made of whole units of ``unit`` batches, balanced to within one unit (a
+    bounded keyframe pass: a rank owns whole groups of keyframes, see :func:`keyframes.window_groups`)."""
 
     n_frames: int
     batch_size: int
     world_size: int = 1
     rank: int = 0
+    unit: int = 1
 
     @property
     def n_batches(self) -> int:
@@ -51,6 +55,10 @@ class ShardPlan:
 
     def batches(self, rank: Optional[int] = None) -> range:
         r = self.rank if rank is None else rank
+        if self.unit > 1:
+            units = -(-self.n_batches // self.unit)
+            return range(min(r * units // self.world_size * self.unit, self.n_batches),
+                         min((r + 1) * units // self.world_size * self.unit, self.n_batches))
         return range(r * self.n_batches // self.world_size, (r + 1) * self.n_batches // self.world_size)
 
     def frames(self, rank: Optional[int] = None) -> range:
@@ -92,8 +100,14 @@ class Group:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def plan(self, n_frames: int, batch_size: int) -> ShardPlan:
-        return ShardPlan(n_frames, batch_size, self.world_size, self.rank)
+    def plan(self, n_frames: int, batch_size: int, keyframe_window: Optional[int] = None) -> ShardPlan:
+        """This rank's share. Under a bounded keyframe pass (more keyframes than ``keyframe_window``)
+        ranks own whole windows of batches, so every group of keyframes lies on one rank."""
+        from .keyframes import windowed
+
+        n_batches = -(-n_frames // batch_size)
+        unit = keyframe_window if windowed(n_batches, keyframe_window) else 1
+        return ShardPlan(n_frames, batch_size, self.world_size, self.rank, unit)
 
     def _comm(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device).contiguous()

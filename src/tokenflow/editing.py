@@ -5,7 +5,9 @@ Per denoising step ``t``:
 1. the keyframes (drawn by the caller, identical on every rank);
 2. keyframe pass: the UNet on this rank's keyframes with extended self-attention under the base
    editor; every self-attention layer keeps the keyframes' source tokens and outputs (and, across
-   ranks, gathers the keys/values of every rank's keyframes: :mod:`tokenflow.distributed`);
+   ranks, gathers the keys/values of every rank's keyframes: :mod:`tokenflow.distributed`). Past
+   ``keyframe_window`` keyframes it is bounded: anchors first, then groups of at most the window,
+   each attending to its own keyframes and the anchors (``docs/long-videos.md``);
 3. the caches of the neighbouring keyframes this rank's first and last batches read;
 4. propagation pass, batch by batch over this rank's frames: self-attention outputs are replaced
    by the keyframes' outputs at the nearest neighbours of the source tokens (the TokenFlow);
@@ -28,9 +30,10 @@ from typing import Optional, Protocol
 
 import torch
 
-from .attention import TokenFlowState, wait_for_host_copies
+from .attention import LayerCache, TokenFlowState, host_empty, wait_for_host_copies
 from .correspondence import POLICIES, propagation_plan, slot_groups
 from .distributed import Group, ShardPlan
+from .keyframes import n_anchors, window_groups, windowed
 from .memory import MemoryPlan, halve, retry_smaller
 
 
@@ -53,7 +56,8 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
                  state: TokenFlowState, scheduler, guidance_scale: float, batch_size: int, propagation: str,
                  qk_injection: bool, feature_injection: bool, memory: MemoryPlan,
                  plan: Optional[ShardPlan] = None, group: Optional[Group] = None,
-                 update: Optional[Update] = None, n_branches: Optional[int] = None) -> torch.Tensor:
+                 update: Optional[Update] = None, n_branches: Optional[int] = None,
+                 keyframe_window: Optional[int] = None) -> torch.Tensor:
     """One TokenFlow step over this rank's frames.
 
     x: (n_r, C, h, w) float32, the frames ``plan.frames()`` (all frames on one process), or
@@ -64,6 +68,10 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     ``update`` replaces classifier-free guidance and the scheduler's step (another family's or editor's
     update, e.g. FlowEdit's); ``n_branches``: the branches per frame, 1 + 2P by default. Latents past the
     frame axis are opaque here: (P, n_r, ...) of any layout (FLUX's packed tokens too).
+
+    ``keyframe_window``: at most this many keyframes per keyframe-pass call (the bounded pass, see
+    :func:`_keyframe_stage`; across ranks ``plan`` must come from ``Group.plan(..., keyframe_window)``);
+    None or at least the keyframe count: the exact pass.
     """
     one_prompt = update is None and x.ndim == 4  # with an update, x is always (P, n_r, ...)
     x = x[None] if one_prompt else x  # (P, n_r, C, h, w)
@@ -78,7 +86,8 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     offset = 0  # global keyframe index of the first local cache row
     kept = None  # frame -> its keyframe-pass noise (B, C, h, w), where the propagation would recompute it
     if tokenflow:
-        noise = _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group)
+        noise = _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group,
+                                keyframe_window)
         if offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
             wait_for_host_copies(memory.device)
         offset = group.exchange_boundaries(state.cache, plan, propagation)
@@ -121,17 +130,92 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
 
 
 def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, memory, plan,
-                    group) -> Optional[torch.Tensor]:
+                    group, window: Optional[int] = None) -> Optional[torch.Tensor]:
     """Extended attention on this rank's keyframes: the layers keep their caches. Returns the UNet's
     prediction of every branch at this rank's keyframes (B, K_r, C, h, w), None if it has none.
+
+    With at most ``window`` keyframes (or no window) it is one pass over all keyframes
+    (:func:`_keyframe_call`). With more, the bounded pass: the anchors first (extended attention among
+    themselves, across ranks their keys/values gathered), whose keys/values every layer keeps; then
+    each of this rank's groups (:func:`tokenflow.keyframes.window_groups`) as its own call, attending
+    to its own keyframes and the anchors; no collective past the anchors. The caches and predictions
+    are put back in keyframe order, as the exact pass leaves them.
+    """
+    mine = plan.batches()
+    if not windowed(len(keyframes), window):
+        return _keyframe_call(unet, x, t, source, keyframes, list(mine), plan.keyframe_counts(), state,
+                              batch_size, memory, plan, group)
+    anchors, groups = window_groups(len(keyframes), window, n_anchors(window))
+    for g in groups:
+        if (g[0] in mine) != (g[-1] in mine):
+            raise ValueError(f"keyframe group {g[0]}..{g[-1]} spans ranks: make the plan with the keyframe "
+                             f"window (Group.plan(..., keyframe_window={window}))")
+    own_anchors = [p for p in anchors if p in mine]
+    anchor_counts = [sum(p in plan.batches(r) for p in anchors) for r in range(plan.world_size)]
+    parts: list[tuple[list[int], dict, Optional[torch.Tensor]]] = []  # (positions, caches, prediction) per call
+    state.anchors = {}
+    try:
+        state.anchor_role = "keep"
+        noise = _keyframe_call(unet, x, t, source, keyframes, own_anchors, anchor_counts, state, batch_size,
+                               memory, plan, group)
+        parts.append((own_anchors, state.cache, noise))
+        state.cache = {}
+        state.anchor_role = "use"
+        for g in groups:
+            if g[0] in mine:  # no collective: each rank runs its own groups, as many as it has
+                noise = _keyframe_call(unet, x, t, source, keyframes, g, [len(g)], state, batch_size, memory,
+                                       plan, group, gather=False)
+                parts.append((g, state.cache, noise))
+                state.cache = {}
+    finally:
+        state.anchor_role, state.anchors = None, {}
+    parts = [p for p in parts if p[0]]
+    if not parts:
+        return None
+    if state.cache_device is not None:  # the parts' copies to pinned host memory must be done before they move
+        wait_for_host_copies(memory.device)
+    state.cache = _in_keyframe_order(parts, mine)
+    noise = parts[0][2].new_empty((parts[0][2].shape[0], len(mine), *parts[0][2].shape[2:]))
+    for positions, _, part in parts:
+        noise[:, torch.tensor(positions) - mine.start] = part
+    return noise
+
+
+def _in_keyframe_order(parts, mine: range) -> dict[str, LayerCache]:
+    """The layers' caches of the calls of a bounded keyframe pass as one cache per layer, rows in
+    keyframe order (this rank's keyframes ``mine``). Each call's tensors are released as they are copied."""
+    covered = sorted(p for positions, _, _ in parts for p in positions)
+    if covered != list(mine):
+        raise RuntimeError(f"the bounded keyframe pass covered keyframes {covered[:8]}, not {mine}")
+    out = {}
+    for name in list(parts[0][1]):
+        first = parts[0][1][name]
+
+        def empty(like: torch.Tensor, shape) -> torch.Tensor:
+            return host_empty(shape, like.dtype, "cuda") if like.is_pinned() else like.new_empty(shape)
+
+        tokens = empty(first.source_tokens, (len(mine), *first.source_tokens.shape[1:]))
+        outputs = empty(first.outputs, (first.outputs.shape[0], len(mine), *first.outputs.shape[2:]))
+        for positions, caches, _ in parts:
+            rows = torch.tensor(positions) - mine.start
+            cache = caches.pop(name)
+            tokens[rows] = cache.source_tokens.to(tokens.device)
+            outputs[:, rows] = cache.outputs.to(outputs.device)
+        out[name] = LayerCache(source_tokens=tokens, outputs=outputs)
+    return out
+
+
+def _keyframe_call(unet: UNetCall, x, t, source, keyframes, positions: list[int], counts: list[int], state,
+                   batch_size, memory, plan, group, gather: bool = True) -> Optional[torch.Tensor]:
+    """Extended attention on the keyframes at ``positions`` of this rank (among themselves and, with
+    ``gather`` across ranks, those of every rank: ``counts`` per rank). Returns their prediction of every
+    branch (B, len(positions), C, h, w), None for none (a rank without any still joins the collectives).
 
     One UNet call on all three branches while that is no bigger than a propagation batch
     (3 x batch_size images); beyond that (a rank with more than ``batch_size`` keyframes: long
     videos) one call per branch, so peak memory does not grow with the video's length.
     """
-    counts = plan.keyframe_counts()
-    mine = plan.batches()
-    local = keyframes[mine.start:mine.stop]  # keyframe b lies in batch b
+    local = keyframes[positions] if len(positions) else keyframes[:0]
     rows = local - plan.frames().start
     if not len(local):  # no keyframe here: a dummy row keeps this rank in the layers' collectives
         local, rows = torch.zeros(1, dtype=torch.long), None
@@ -144,7 +228,7 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
 
     def run(per_call: int) -> Optional[torch.Tensor]:  # all branches in one call, or one branch per call
         state.set_mode("keyframe")
-        state.gather = (lambda v: group.gather_keyframes(v, counts)) if group.distributed else None
+        state.gather = (lambda v: group.gather_keyframes(v, counts)) if group.distributed and gather else None
         try:
             if per_call >= n_branches:
                 noise = unet(x_k, s_k, t, frames=local)

@@ -244,7 +244,8 @@ class FlowPipeline(PipelineCommon):
         # 2. frames, and this rank's share of them as clean latents
         with timer("read"):
             fitted = self.load_video(video, config)
-        plan = self.group.plan(len(fitted.frames), config.batch_size)
+        plan = self.group.plan(len(fitted.frames), config.batch_size,
+                               config.keyframe_window if config.propagation in POLICIES else None)
         with timer("encode"):
             x_src, frames_key = self._encode(fitted.frames, plan, memory)
         height, width = fitted.frames.shape[-2:]
@@ -412,7 +413,8 @@ class _FlowLoop:
                       batch_size=config.batch_size, propagation=config.propagation, qk_injection=False,
                       feature_injection=False, memory=self.memory, plan=self.plan,
                       group=pipe.group if pipe.group.distributed else None,
-                      update=self.update(mode, sigma_next - sigma), n_branches=self.n_branches)
+                      update=self.update(mode, sigma_next - sigma), n_branches=self.n_branches,
+                      keyframe_window=config.keyframe_window)
         total = None
         for _ in range(draws):
             eps = self._draw() if mode == "delta" else self.sample_noise

@@ -86,14 +86,21 @@ class JointTokenFlowProcessor:
         return x[:, -n_text:], x[:, :-n_text]
 
     # ------------------------------------------------------------------ attention
-    def _extended(self, q, k, v, n_text: int, gather: bool) -> torch.Tensor:
+    def _extended(self, q, k, v, n_text: int, gather: bool, branch: int = 0) -> torch.Tensor:
         """The K frames of one edit branch: each frame's queries attend to its own text keys and to
-        the image keys of every keyframe (of every rank with ``gather``). (K, S, H, d) -> (K, S, H*d)."""
+        the image keys of every keyframe (of every rank with ``gather``). (K, S, H, d) -> (K, S, H*d).
+        In a bounded keyframe pass (``gather``: the keyframe pass) the anchors' image keys/values are
+        kept per branch, or follow the group's (see ``TokenFlowState.anchor_role``)."""
         tk, ik = self._split(k, n_text)
         tv, iv = self._split(v, n_text)
         if gather and self.state.gather is not None:
             both = self.state.gather(torch.stack([ik, iv]))  # (2, K_r, L, H, d) -> (2, K, L, H, d)
             ik, iv = both[0], both[1]
+        if gather and self.state.anchor_role == "keep":
+            self.state.anchors[(self.name, branch)] = (ik, iv)
+        elif gather and self.state.anchor_role == "use":
+            anchor_k, anchor_v = self.state.anchors[(self.name, branch)]
+            ik, iv = torch.cat([ik, anchor_k]), torch.cat([iv, anchor_v])
         n = len(q)
         shared_k = ik.reshape(1, -1, *ik.shape[2:]).expand(n, -1, -1, -1)  # (K, K*L, H, d)
         shared_v = iv.reshape(1, -1, *iv.shape[2:]).expand(n, -1, -1, -1)
@@ -107,7 +114,8 @@ class JointTokenFlowProcessor:
             if branch < self.state.n_source_branches:
                 out.append(_sdpa(q[s], k[s], v[s]))
             else:
-                out.append(self._extended(q[s], k[s], v[s], n_text, gather=self.state.mode == "keyframe"))
+                out.append(self._extended(q[s], k[s], v[s], n_text, gather=self.state.mode == "keyframe",
+                                          branch=branch))
         return torch.cat(out)
 
     def _propagated(self, image_in: torch.Tensor, batch: int) -> torch.Tensor:

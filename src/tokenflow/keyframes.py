@@ -116,3 +116,43 @@ def make_sampler(kind: str, seed: int, schedule_path: str | None = None,
     if kind == "fixed":
         return FixedKeyframes()
     raise TokenFlowError(f"unknown keyframe sampler '{kind}'; allowed: random, fixed")
+
+
+# ---------------------------------------------------------------- bounded keyframe attention
+DEFAULT_KEYFRAME_WINDOW = 64  # keyframes per keyframe-pass call: 512 frames at batch 8 keep the exact pass
+KEYFRAME_ANCHORS = 8  # anchor keyframes shared by every group (fewer when the window is smaller)
+
+
+def n_anchors(window: int) -> int:
+    """Anchors of a windowed keyframe pass: ``KEYFRAME_ANCHORS``, at most the window."""
+    return min(KEYFRAME_ANCHORS, window)
+
+
+def windowed(n_keyframes: int, window: "int | None") -> bool:
+    """Whether a step with ``n_keyframes`` keyframes runs the bounded pass (else the exact one)."""
+    return window is not None and n_keyframes > window
+
+
+def window_groups(keyframes: "torch.Tensor | Sequence[int] | int", window: int,
+                  anchors: int) -> tuple[list[int], list[list[int]]]:
+    """Anchors and groups of a bounded keyframe pass, as positions in the step's keyframe list
+    (keyframe ``b`` lies in batch ``b``: the positions are batch indices).
+
+    ``anchors`` positions spread evenly over the whole list (the middle of each of ``anchors`` equal
+    parts); the groups are the chunks ``[g*window, (g+1)*window)`` of the positions without the
+    anchors, so each holds at most ``window`` consecutive keyframes and a group never straddles a
+    chunk boundary (ranks own whole chunks: a group never spans ranks). Every keyframe is in exactly
+    one of the anchors or a group. With ``len(keyframes) <= window`` there is one group of all
+    keyframes and no anchor: the exact pass.
+    """
+    n = keyframes if isinstance(keyframes, int) else len(keyframes)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    if not windowed(n, window):
+        return [], [list(range(n))] if n else []
+    if not 1 <= anchors <= window:
+        raise ValueError(f"anchors must be in [1, window={window}], got {anchors!r}")
+    chosen = [(2 * i + 1) * n // (2 * anchors) for i in range(anchors)]  # distinct: n > window >= anchors
+    taken = set(chosen)
+    groups = [[p for p in range(start, min(start + window, n)) if p not in taken] for start in range(0, n, window)]
+    return chosen, [g for g in groups if g]

@@ -381,7 +381,9 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         with timer("read"):
             fitted = self.load_video(video, config)
         n = len(fitted.frames)
-        plan = self.group.plan(n, config.batch_size)  # this rank's frames and batches: all of them on one process
+        # this rank's frames and batches (all of them on one process; whole keyframe windows past the window)
+        plan = self.group.plan(n, config.batch_size, config.keyframe_window
+                               if config.propagation in PROPAGATION_POLICIES else None)
         generator_state = generator.get_state() if generator is not None else None
         sampler = make_sampler(config.keyframes, config.seed, config.keyframe_schedule, generator)
         if isinstance(sampler, ScheduledKeyframes):  # a bad schedule fails now, not after the inversion

@@ -177,7 +177,8 @@ class UNetModel:
         return tokenflow_step(unet, x, t, source, keyframes, state, scheduler, config.guidance_scale,
                               config.batch_size, config.propagation, qk_injection, feature_injection,
                               memory or MemoryPlan.from_settings(self, self.device),
-                              plan, self.group if plan is not None else None)
+                              plan, self.group if plan is not None else None,
+                              keyframe_window=config.keyframe_window)
 
     # ------------------------------------------------------------------ modules
     def _denoisers(self) -> list[torch.nn.Module]:
