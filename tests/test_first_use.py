@@ -22,6 +22,7 @@ from conftest import moving_frames, run_cli, write_clip
 from test_reliability import audio_seconds, one_error_line
 
 SMALL = ["--height", "32", "--width", "48", "-q"]
+LOUD = SMALL[:-1]  # the notices at INFO level too (and the progress bars)
 
 
 @pytest.mark.parametrize("steps", [20, 30, 7, 50, 64])
@@ -251,3 +252,145 @@ def test_charts_and_pictures_are_labelled(tmp_path):
     # the series' legend swatch lies below the plot's frame, apart from its line inside it
     frame_bottom = np.where((img[:, 200] == 0).all(-1))[0].max()
     assert rows.max() > frame_bottom + 20 and rows.min() < frame_bottom
+
+
+def _refuse_model(monkeypatch):
+    from tokenflow import cli
+
+    def refuse(run):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(cli, "_load_pipeline", refuse)
+
+
+def test_a_missing_output_folder_is_made_and_what_cannot_be_written_fails_before_the_model(
+        tmp_path, capsys, caplog, monkeypatch):
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2, 32, 48))
+    out = tmp_path / "new" / "deeper" / "o.mp4"
+    with caplog.at_level("INFO", logger="tokenflow"):
+        code, stdout, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "tiny", "-o", out, "--steps", "2",
+                                    "--inversion-steps", "2", "--no-cache", *LOUD)
+    assert code == 0, err
+    assert out.is_file() and (out.parent / "o.yaml").is_file()
+    assert f"created the output folder '{out.parent}'" in caplog.text
+    _refuse_model(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "tiny", "-o", tmp_path / "afile" / "a" / "o.mp4",
+                           *SMALL)
+    assert code == 2
+    one_error_line(err, "is a file, not a folder")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access  # the tests run as root, which a chmod does not stop: the permission is faked
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(readonly))
+                        else real_access(p, mode, **kw))
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "tiny", "-o", readonly / "sub" / "o.mp4",
+                           *SMALL)
+    assert code == 2
+    one_error_line(err, "permission denied")
+    assert not (readonly / "sub").exists()
+    # batch: every job's output checked before any model loads
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump({"defaults": {"model": "tiny", "steps": 2},
+                                    "jobs": [{"input": clip, "prompt": "a", "output": str(tmp_path / "b" / "1.mp4")},
+                                             {"input": clip, "prompt": "b", "output": str(readonly / "2.mp4")}]}))
+    code, _, err = run_cli(capsys, "batch", jobs, "-q")
+    assert code == 2
+    one_error_line(err, "job 2", "permission denied")
+
+
+def test_the_readme_batch_example_makes_its_output_folder(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "wolf.mp4", moving_frames(2, 32, 48))
+    (tmp_path / "jobs.yaml").write_text(
+        "defaults:\n  model: tiny\n  steps: 2\n  inversion_steps: 2\n  height: 32\n  width: 48\n  max_frames: 2\n"
+        "jobs:\n  - {input: wolf.mp4, prompt: a robotic wolf, output: out/wolf-robot.mp4}\n")
+    with caplog.at_level("INFO", logger="tokenflow"):
+        code, out, err = run_cli(capsys, "batch", "jobs.yaml")
+    assert code == 0, err
+    assert (tmp_path / "out" / "wolf-robot.mp4").is_file() and "created the output folder 'out'" in caplog.text
+
+
+OFFICIAL_PNP = """# general
+seed: 1
+device: 'cuda'
+output_path: '{out}'
+
+# data
+data_path: '{data}'
+latents_path: 'latents' # should be the same as 'save_dir' arg used in preprocess
+n_inversion_steps: 2 # for retrieving the latents of the inversion
+n_frames: 2
+
+# diffusion
+sd_version: '2.1'
+guidance_scale: 7.5
+n_timesteps: 2
+prompt: "a marble sculpture of a woman running, Venus de Milo"
+negative_prompt: "ugly, blurry, low res, unrealistic, unaesthetic"
+batch_size: 8
+
+# pnp params -- injection thresholds
+pnp_attn_t: 0.5
+pnp_f_t: 0.8
+"""
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_official_configs_write_into_their_output_folder(tmp_path, capsys, monkeypatch, exists):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    write_clip(tmp_path / "woman-running.mp4", moving_frames(2, 32, 48))
+    if exists:
+        (tmp_path / "tokenflow-results").mkdir()
+    (tmp_path / "config_pnp.yaml").write_text(OFFICIAL_PNP.format(out="tokenflow-results", data="woman-running.mp4"))
+    sdedit = OFFICIAL_PNP.replace("pnp_attn_t: 0.5\npnp_f_t: 0.8\n", "start: 0.9\nuse_ddim_noise: True\n")
+    (tmp_path / "config_sdedit.yaml").write_text(sdedit.format(out="sdedit-results", data="woman-running.mp4")
+                                                 .replace("n_timesteps: 2", "n_timesteps: 3")
+                                                 .replace("n_inversion_steps: 2", "n_inversion_steps: 3"))
+    # the official script's flag for the config, and the tiny model for the hub's SD 2.1
+    code, out, err = run_cli(capsys, "edit", "--config_path", "config_pnp.yaml", "--model", "tiny", "--no-cache", *SMALL)
+    assert code == 0, err
+    assert (tmp_path / "tokenflow-results" / "woman-running-tokenflow.mp4").is_file()
+    code, out, err = run_cli(capsys, "edit", "--config", "config_sdedit.yaml", "--model", "tiny", "--no-cache", *SMALL)
+    assert code == 0, err
+    written = yaml.safe_load((tmp_path / "sdedit-results" / "woman-running-tokenflow.yaml").read_text())
+    assert written["editor"] == "sdedit" and written["sdedit_start"] == 0.9
+
+
+def test_official_flags_and_underscored_names_are_ours_and_unknown_options_get_the_close_one(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["edit", "--data_path", "v.mp4", "--inversion_prompt", "a wolf", "--config_path", "c.yaml",
+                              "--max_frames", "4", "--n_frames", "5", "--guidance_scale=3", "--no_cache"])
+    assert (args.data_path, args.inversion_prompt, args.config, args.max_frames, args.guidance_scale,
+            args.no_cache) == ("v.mp4", "a wolf", "c.yaml", 5, 3.0, True)
+    assert parser.parse_args(["invert", "x.mp4", "--H", "64", "--W", "96"]).height == 64
+    help_text = _subparsers(parser)["edit"].format_help()
+    assert "--inversion-prompt" in help_text and "--inversion_prompt" not in help_text and "--data" not in help_text
+    code, _, err = run_cli(capsys, "edit", "x.mp4", "-p", "x", "--stpes", "3")
+    assert code == 2
+    one_error_line(err, "unknown option --stpes (did you mean --steps?)", "see 'tokenflow edit --help'")
+    code, _, err = run_cli(capsys, "eval", "--source", "a", "--edited", "b", "--noclip")
+    assert code == 2
+    one_error_line(err, "did you mean --no-clip?", "'tokenflow eval --help'")
+
+
+def test_default_outputs_of_a_gif_and_an_mp4_differ_and_a_replaced_output_is_announced(tmp_path, capsys, caplog,
+                                                                                      monkeypatch):
+    from tokenflow.outputs import resolve_output
+
+    assert resolve_output(None, "/data/wolf.mp4") == "wolf-tokenflow.mp4"
+    assert resolve_output(None, "wolf.gif") == "wolf-gif-tokenflow.mp4"
+    assert resolve_output(None, "frames/") == "frames-tokenflow.mp4"
+    assert resolve_output(str(tmp_path) + "/", "a/wolf.mov") == os.path.join(str(tmp_path), "wolf-mov-tokenflow.mp4")
+    assert resolve_output(str(tmp_path), "wolf.mp4") == os.path.join(str(tmp_path), "wolf-tokenflow.mp4")
+    assert resolve_output("o.mp4", "wolf.mp4") == "o.mp4"
+    monkeypatch.chdir(tmp_path)
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2, 32, 48))
+    argv = ["edit", clip, "-p", "x", "--model", "tiny", "--steps", "2", "--inversion-steps", "2", "--no-cache", *SMALL]
+    with caplog.at_level("INFO", logger="tokenflow"):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0 and "replaced" not in caplog.text, err
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert caplog.text.count("'clip-tokenflow.mp4' exists and will be replaced") == 1

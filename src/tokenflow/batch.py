@@ -22,10 +22,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, default_output, normalise_keys, read_yaml,
+from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, normalise_keys, read_yaml,
                      settings_path, validate_run)
 from .errors import TokenFlowError
 from .flow import flow_defaults, flow_kind
+from .outputs import check_output, resolve_output
 
 JOB_KEYS = FIELDS | RUN_KEYS
 
@@ -108,7 +109,12 @@ def load_jobs(path: str, summary: Optional[str] = None) -> list[Job]:
             raise TokenFlowError(f"{where}: no input")
         if not config.prompt.strip():
             raise TokenFlowError(f"{where}: no prompt")
-        run.setdefault("output", default_output(run["input"]))
+        run["output"] = resolve_output(run.get("output"), run["input"])
+        try:  # what cannot be written fails now, before any model loads; a missing folder is made later
+            check_output(run["output"])
+            check_output(settings_path(run["output"]), extensions=None)
+        except TokenFlowError as e:
+            raise TokenFlowError(f"{where}: {e}") from None
         jobs.append(Job(i, config, run, "inversion_steps" in merged))
     check_jobs_apart(jobs, path, summary)
     return jobs

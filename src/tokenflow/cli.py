@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
+from .config import (DEFAULT_MODEL, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig,
                      load_config_file, result_settings, settings_path, validate_run)
 from .errors import Interrupted, RankStopped, RunFailed, TokenFlowError
 from .flow import flow_defaults, flow_kind
@@ -40,11 +40,21 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         raise TokenFlowError(f"{message} (see '{self.prog} --help')")
 
+    def parse_args(self, args=None, namespace=None):  # an unknown option: the close one, the command's --help
+        from .options import subcommand_parser, unknown_options_message
+
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = subcommand_parser(self, getattr(namespace, "command", None))
+            raise TokenFlowError(unknown_options_message(extras, sub or self, (sub or self).prog))
+        return namespace
+
 
 def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     """Options shared by edit, invert and analyze; defaults are None so a config file can fill them.
     For edit, the prompt and the output come right after the input."""
     p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
+    p.add_argument("--data-path", help=argparse.SUPPRESS)  # the official scripts' name of the input
     if edit:
         p.add_argument("-p", "--prompt", action="append",
                        help="what the edited video should show (required); repeat it for several edits in "
@@ -196,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a bundled clip with a tiny random model")
     demo.add_argument("-o", "--output", default="tokenflow-demo.mp4", help="output video (default %(default)s)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    from .options import add_aliases
+
+    for p in sub.choices.values():  # --inversion_prompt, --config_path, --data_path, ...
+        add_aliases(p)
     return parser
 
 
@@ -211,6 +225,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
     """Command line over config file over defaults. Returns the edit settings and the run keys."""
     edit: dict[str, Any] = {}
     run: dict[str, Any] = {}
+    if getattr(args, "data_path", None):  # --data_path, as the official scripts name the input
+        if args.input and args.input != args.data_path:
+            raise TokenFlowError(f"two inputs given: '{args.input}' and --data_path '{args.data_path}'")
+        args.input = args.data_path
     if getattr(args, "config", None):
         loaded = load_config_file(args.config)
         edit.update(loaded.edit)
@@ -341,7 +359,9 @@ def _prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict
     """The run keys of each prompt's output: ``out.mp4`` -> ``out-1.mp4``, ...; ``DIR`` -> ``DIR/1``, ..."""
     if not prompts:
         return [run]
-    output = run.get("output") or default_output(run["input"])
+    from .outputs import resolve_output
+
+    output = resolve_output(run.get("output"), run["input"])
     root, ext = os.path.splitext(output)
     frames_dir = run.get("frames_dir")
     if frames_dir and os.path.exists(frames_dir) and not os.path.isdir(frames_dir):
@@ -367,6 +387,9 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     from .atomic import atomic_dir, atomic_path
     from .video import aspect_note, encode_video, frames_replaceable, save_frames
 
+    from .outputs import make_output_folder
+
+    make_output_folder(output)  # made before the work (see cmd_edit); here in case it went meanwhile
     frames = result.uint8()
     depends = result_settings(run, result.config)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
@@ -473,11 +496,12 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
     outputs against inputs, the keyframe schedule against the frames, free space. Returns the output.
     ``frames_parent_later``: the frames folder's parent is made when the frames are written.
     ``no_cache``: the checkpoints go beside the output instead of the cache folder."""
+    from .outputs import check_output, note_replaced, resolve_output
     from .preflight import check_free_space, check_no_overwrite, protected_paths
-    from .video import check_frames_dir, check_output_path
+    from .video import check_frames_dir
 
-    output = check_output_path(run.get("output") or default_output(run["input"]))
-    settings_file = check_output_path(settings_path(output), extensions=None)
+    output = check_output(resolve_output(run.get("output"), run["input"]))
+    settings_file = check_output(settings_path(output), extensions=None)
     frames_dir = run.get("frames_dir")
     if frames_dir:
         check_frames_dir(frames_dir, parent_later=frames_parent_later)
@@ -486,6 +510,7 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
                        protected_paths(run["input"], config_file, config, run))
     _check_schedule_frames(config, info)
     check_free_space(info, config, output, frames_dir, work)
+    note_replaced(output)
     return output
 
 
@@ -548,6 +573,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if rank:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = _load_pipeline(run)
+    from .outputs import make_output_folder
+
+    for output in outputs:  # the model loaded: a missing output folder is made now (a refused run leaves none)
+        make_output_folder(output)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(prompts or [config.prompt])])
     from .distributed import Group
     from .errors import OutOfMemory
@@ -784,6 +813,9 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     key = job.model_key()
     if key not in pipes:
         pipes[key] = _load_pipeline(run)
+    from .outputs import make_output_folder
+
+    make_output_folder(output)
     started = time.perf_counter()
     result = pipes[key].edit(run["input"], config=config, cache_dir=run.get("cache_dir"), progress=not quiet,
                              checkpoint=True, restart=bool(run.get("no_resume")))

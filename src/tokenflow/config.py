@@ -255,7 +255,8 @@ def _official_to_ours(data: dict[str, Any], path: str) -> RunConfig:
     if "data_path" in data:
         cfg.run["input"] = data["data_path"]
     if "output_path" in data:
-        cfg.run["output"] = data["output_path"]
+        out = data["output_path"]  # a folder in the official code: the video gets the default name in it
+        cfg.run["output"] = os.path.join(out, "") if isinstance(out, str) and out.strip() else out
     if "device" in data:
         cfg.run["device"] = data["device"]
     if "sd_version" in data:
@@ -342,9 +343,12 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
 
 
 def default_output(input_path: str) -> str:
-    """``clip.mp4`` -> ``clip-tokenflow.mp4`` (in the current folder)."""
-    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
-    return f"{stem}-tokenflow.mp4"
+    """``clip.mp4`` -> ``clip-tokenflow.mp4`` (in the current folder); any other suffix stays in the
+    name, so that ``clip.gif`` (``clip-gif-tokenflow.mp4``) and ``clip.mp4`` do not share one output."""
+    stem, ext = os.path.splitext(os.path.basename(os.path.normpath(input_path)))
+    if ext.lower() not in ("", ".mp4") and ext[1:].isalnum():
+        stem = f"{stem}-{ext[1:].lower()}"
+    return f"{stem or 'video'}-tokenflow.mp4"
 
 
 def settings_path(output: str) -> str:
