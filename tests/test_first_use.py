@@ -394,3 +394,22 @@ def test_default_outputs_of_a_gif_and_an_mp4_differ_and_a_replaced_output_is_ann
         code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert caplog.text.count("'clip-tokenflow.mp4' exists and will be replaced") == 1
+
+
+def test_edit_in_python_without_a_prompt_refuses_as_the_command_does(tiny_pipe, capsys, tmp_path):
+    from tokenflow.errors import TokenFlowError
+    from tokenflow.flow import FlowPipeline
+
+    frames = moving_frames(2, 32, 48)
+    code, _, err = run_cli(capsys, "edit", write_clip(tmp_path / "c.mp4", frames), "--model", "tiny", *SMALL)
+    assert code == 2
+    message = err.strip().removeprefix("tokenflow: error: ")
+    assert message.startswith("no prompt given")
+    for call in (lambda: tiny_pipe.edit(frames, steps=2, inversion_steps=2, progress=False),
+                 lambda: tiny_pipe.edit(frames, "  ", steps=2, inversion_steps=2, progress=False),
+                 lambda: FlowPipeline.from_tiny("sd3").edit(frames, progress=False)):
+        with pytest.raises(TokenFlowError) as e:
+            call()
+        assert str(e.value) == message
+    with pytest.raises(TokenFlowError, match=r"no prompt given \(-p number 2 is blank\)"):
+        tiny_pipe.edit(frames, prompts=["a", ""], steps=2, inversion_steps=2, progress=False)

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, normalise_keys, read_yaml,
+from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, check_prompts, normalise_keys, read_yaml,
                      settings_path, validate_run)
 from .errors import TokenFlowError
 from .flow import flow_defaults, flow_kind
@@ -103,12 +103,12 @@ def load_jobs(path: str, summary: Optional[str] = None) -> list[Job]:
             config = EditConfig(**{**(flow_defaults(kind) if kind else {}),
                                    **{k: v for k, v in merged.items() if k in FIELDS}}).validate()
             run = validate_run({k: v for k, v in merged.items() if k in RUN_KEYS})
+            if run.get("input"):
+                check_prompts([config.prompt])  # the command's rule
         except TokenFlowError as e:
             raise TokenFlowError(f"{where}: {e}") from None
         if not run.get("input"):
             raise TokenFlowError(f"{where}: no input")
-        if not config.prompt.strip():
-            raise TokenFlowError(f"{where}: no prompt")
         run["output"] = resolve_output(run.get("output"), run["input"])
         try:  # what cannot be written fails now, before any model loads; a missing folder is made later
             check_output(run["output"])

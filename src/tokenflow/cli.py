@@ -552,10 +552,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     prompts = args.prompt if args.prompt and len(args.prompt) > 1 else None
-    for i, p in enumerate(prompts or [config.prompt]):
-        if not p.strip():
-            where = f" (-p number {i + 1} is blank)" if prompts else ""
-            raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show'")
+    from .config import check_prompts
+
+    check_prompts(prompts or [config.prompt], several=bool(prompts))
     runs = _prompt_runs(run, prompts)  # one output per prompt
     outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None),
                               frames_parent_later=bool(prompts), no_cache=args.no_cache)

@@ -203,6 +203,18 @@ def check_text(name: str, value: Any, max_chars: int, empty: bool = True) -> str
     return value
 
 
+def check_prompts(prompts: list[str], several: bool = False) -> None:
+    """An edit needs a prompt that says something: the command, the Python API and a batch job
+    refuse a missing or blank one alike. ``several``: they came as a list (``-p`` repeated)."""
+    if not prompts:
+        prompts = [""]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            where = f" (-p number {i + 1} is blank)" if several else ""
+            raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show' "
+                                 f"(in Python: prompt=...)")
+
+
 FIELDS = {f.name for f in dataclasses.fields(EditConfig)}
 # Keys of the run settings that are not edit settings (the command's own).
 RUN_TEXT_KEYS = ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "model_config")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .attention import TokenFlowState
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
 from .conditioning import PromptEmbeds
-from .config import FLOW_EDITORS, EditConfig
+from .config import FLOW_EDITORS, EditConfig, check_prompts
 from .correspondence import POLICIES
 from .distributed import Group
 from .editing import denoise_step
@@ -206,9 +206,6 @@ class FlowPipeline(PipelineCommon):
                                  f"{', '.join(FLOW_EDITORS)} (pipe.default_config() has the family's defaults)")
         if config.control:
             raise TokenFlowError(f"--control (ControlNet) is for the UNet models, not {self.family.name}")
-        for p in prompt_list:
-            if not p.strip():
-                raise TokenFlowError("no prompt given: the edit needs a prompt that says what the video should show")
 
     def flow_steps(self, config: EditConfig) -> tuple[int, int]:
         """(steps run, of which the last sample plainly): FlowEdit's n_max/n_min, SDEdit's start."""
@@ -239,6 +236,7 @@ class FlowPipeline(PipelineCommon):
         config = (config.replace(prompt=prompt) if prompt is not None else config).validate()
         prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
                                                                 for p in prompts]
+        check_prompts(prompt_list, several=prompts is not None)  # the command's rule
         self._check(config, prompt_list)
         if output_type not in OUTPUT_TYPES:
             raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")

@@ -33,7 +33,7 @@ from .cache import InversionCache, frames_digest, inversion_key
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
 from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
-from .config import DEFAULT_MODEL, EditConfig
+from .config import DEFAULT_MODEL, EditConfig, check_prompts
 from .correspondence import POLICIES as PROPAGATION_POLICIES
 from .distributed import Group, ShardPlan
 from .editing import denoise_step as tokenflow_step
@@ -594,6 +594,7 @@ class TokenFlowPipeline(PipelineCommon):
         config.validate()
         prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
                                                                 for p in prompts]
+        check_prompts(prompt_list, several=prompts is not None)  # the command's rule
         if output_type not in OUTPUT_TYPES:
             raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if generator is not None and generator.device.type != "cpu":
