@@ -413,3 +413,58 @@ def test_edit_in_python_without_a_prompt_refuses_as_the_command_does(tiny_pipe, 
         assert str(e.value) == message
     with pytest.raises(TokenFlowError, match=r"no prompt given \(-p number 2 is blank\)"):
         tiny_pipe.edit(frames, prompts=["a", ""], steps=2, inversion_steps=2, progress=False)
+
+
+def test_the_rate_counts_this_runs_work_only_and_a_long_stage_is_announced_once(monkeypatch, caplog):
+    from tokenflow import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    with caplog.at_level("INFO", logger="tokenflow"):
+        clock = progress.StageClock("the inversion", "fewer --inversion-steps", what="40 frames")
+        clock.resumed()  # an interrupted run had done 1000 of 2000 frame-steps
+        now[0] += 0.01
+        assert clock.update(1000, 2000) == 0 and clock.restored
+        now[0] += 10
+        rate = clock.update(1010, 2000)  # 10 frame-steps in 10 s: 1/s, not 101/s
+        assert not clock.restored and rate == pytest.approx(10 / 10.01)
+        assert caplog.text.count("the inversion will take about 17 min more (40 frames); "  # 990 s at 1/s
+                                 "fewer --inversion-steps shorten it") == 1
+        now[0] += 10
+        clock.update(1020, 2000)
+        assert caplog.text.count("will take about") == 1  # once
+        short = progress.StageClock("the edit", "--steps", already=3)  # resumed after step 3 of 5
+        now[0] += 2
+        assert short.update(4, 5) == pytest.approx(0.5)
+    assert "the edit will take" not in caplog.text  # 2 s more: not long
+    assert [progress.duration(s) for s in (42, 840, 9000)] == ["42 s", "14 min", "2.5 h"]
+
+
+def test_a_resumed_inversion_is_said_once_and_named_in_the_summary(tmp_path, capsys, caplog, monkeypatch):
+    from tokenflow import progress
+    from tokenflow.checkpoints import Checkpointer
+
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(6, 32, 48))
+    args = ["edit", clip, "-p", "x", "--model", "tiny", "-o", tmp_path / "o.mp4", "--cache-dir", tmp_path / "c",
+            "--steps", "2", "--inversion-steps", "2", "--batch-size", "2", *LOUD]
+    real = Checkpointer.save_rows
+    saved = []
+
+    def stop_after_two_batches(self, *a, **k):
+        real(self, *a, **k)
+        saved.append(1)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save_rows", stop_after_two_batches)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130, err
+    monkeypatch.setattr(Checkpointer, "save_rows", real)
+    monkeypatch.setattr(progress, "LONG_SECONDS", -1.0)  # every stage counts as long: the notices show
+    with caplog.at_level("INFO", logger="tokenflow"):
+        code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert caplog.text.count("resuming the inversion at frame 4 of 6") == 1 and caplog.text.count("resuming") == 1
+    assert "inversion resumed after 4 of 6 frames" in out
+    assert caplog.text.count("the inversion will take about") == 1 and caplog.text.count("the edit will take") == 1
+    assert "(6 frames at 48x32, 2 steps); --steps, --max-frames or --height/--width shorten it" in caplog.text

@@ -409,6 +409,9 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     n, h, w = frames.shape[:3]
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
+    resumed_frames = getattr(result.inversion, "resumed_frames", 0)
+    if resumed_frames:
+        resumed += f", inversion resumed after {resumed_frames} of {n} frames"
     aspect = aspect_note(result.source_size, (h, w), result.config.fit)
     aspect = f" ({aspect})" if aspect else ""
     numerics = f"{pipe.device.type} {str(pipe.dtype).replace('torch.', '')}"
@@ -919,7 +922,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _configure_logging(getattr(args, "quiet", False))
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
                     "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache, "batch": cmd_batch}
-        return commands[args.command](args)
+        from .progress import above_the_bars
+
+        with above_the_bars():  # notices land above a running progress bar, not inside it
+            return commands[args.command](args)
     except RunFailed as e:  # out of memory, a stopped peer rank: not the user's input
         print(f"tokenflow: error: {e}", file=sys.stderr)
         return 1

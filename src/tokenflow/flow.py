@@ -31,6 +31,7 @@ from .attention import TokenFlowState
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
 from .conditioning import PromptEmbeds
 from .config import FLOW_EDITORS, EditConfig, check_prompts
+from .progress import StageClock
 from .correspondence import POLICIES
 from .distributed import Group
 from .editing import denoise_step
@@ -140,7 +141,9 @@ class FlowPipeline(PipelineCommon):
             if isinstance(module, torch.nn.Module):
                 torch.nn.Module.to(module, device=dev, dtype=dt)
         tiny = cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
-        tiny.native_side = 512  # a first try that finishes on a CPU
+        from .tiny import TINY_NATIVE_SIDE
+
+        tiny.native_side = TINY_NATIVE_SIDE  # a first try that finishes on a CPU
         return tiny
 
     @property
@@ -455,6 +458,9 @@ class _FlowLoop:
         with joint_tokenflow_hooks(self.family.transformer, self.state, self.pipe.layers, self.family.text_first):
             bar = tqdm(range(self.first, total), desc="Editing", unit="step", initial=self.first, total=total,
                        disable=not progress or not group.is_main, leave=False)
+            clock = StageClock("the edit", "--steps (or --n-max), --max-frames or --height/--width",
+                               announce=progress and group.is_main, already=self.first,
+                               what=f"{n} frames, {total} steps")
             for k in bar:
                 started = time.perf_counter()
                 keyframes = self.sampler(k, n, self.config.batch_size) if self.config.propagation in POLICIES \
@@ -464,6 +470,7 @@ class _FlowLoop:
                 self.step(self.first_index + k, keyframes)
                 bar.set_postfix_str(f"{n * len(self.y) / (time.perf_counter() - started):.2f} frames/s",
                                     refresh=False)
+                clock.update(k + 1, total)
                 if saver:
                     saver.after_step(self.y, self.keyframe_log, total, time.perf_counter() - started)
                 if self.trail is not None:

@@ -34,6 +34,7 @@ from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpo
 from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
 from .config import DEFAULT_MODEL, EditConfig, check_prompts
+from .progress import StageClock
 from .correspondence import POLICIES as PROPAGATION_POLICIES
 from .distributed import Group, ShardPlan
 from .editing import denoise_step as tokenflow_step
@@ -240,7 +241,12 @@ class TokenFlowPipeline(PipelineCommon):
         for m in (c.unet, c.vae, c.text_encoder):
             torch.nn.Module.to(m, device=dev, dtype=dt)  # not diffusers' .to, which warns about any dtype
         upcast_vae(c.vae, dt)
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
+        if not full_size:  # a first try that finishes on a CPU (see tiny.TINY_NATIVE_SIDE)
+            from .tiny import TINY_NATIVE_SIDE
+
+            pipe.native_side = TINY_NATIVE_SIDE
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -434,19 +440,37 @@ class TokenFlowPipeline(PipelineCommon):
                 saver.save("inversion", "x0", {"x0": x0})
         predict = self._predictor(self.prompt_embeds(inversion_prompt), conditioning, shard.start)
 
+        h, w = frames.shape[-2:]
+        clock = StageClock("the inversion", "--inversion-steps, --max-frames or --height/--width",
+                           announce=progress and group.is_main,
+                           what=f"{n} frames at {w}x{h}, {inversion_steps} steps")
+        resumed = {"frames": 0, "said": False}  # frames an interrupted run had inverted
+
+        def say_resumed() -> None:  # one notice, once the batches an interrupted run finished are all found
+            if resumed["frames"] and not resumed["said"]:
+                resumed["said"] = True
+                logger.info("resuming the inversion at frame %d of %d", shard.start + resumed["frames"], n)
+
         def restore(first: int):
             found = saver.find_rows(first) if saver and not restart else None
             if found is not None:
-                logger.info("resuming the inversion at frame %d of %d", shard.start + found[0], n)
+                resumed["frames"] += found[0] - first
+                clock.resumed()
+            else:
+                say_resumed()
             return found
 
         with tqdm(total=inversion_steps, desc="Inverting", unit="step", disable=not progress, leave=False,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]") as bar:
-            started = time.perf_counter()
 
             def report(done: int, total: int) -> None:  # done: frame-steps; the bar counts steps
-                bar.update(done / max(len(shard), 1) - bar.n)
-                bar.set_postfix_str(f"{done / max(time.perf_counter() - started, 1e-9):.2f} frames/s", refresh=False)
+                rate = clock.update(done, total)
+                if clock.restored:  # an earlier run's work: the bar moves on without counting it as fast work
+                    bar.n = bar.last_print_n = bar.initial = done / max(len(shard), 1)
+                    bar.refresh()
+                else:
+                    bar.update(done / max(len(shard), 1) - bar.n)
+                bar.set_postfix_str(f"{rate:.2f} frames/s", refresh=False)
                 if callback:
                     callback("inversion", done, total)
 
@@ -455,6 +479,8 @@ class TokenFlowPipeline(PipelineCommon):
                                         batch_size, report, predict, restore=restore,
                                         on_batch=saver.save_rows if saver else None, first_frame=shard.start)
         inversion.key = key
+        say_resumed()
+        inversion.resumed_frames = resumed["frames"]  # for the summary line
         if cache is not None:
             whole = self._gather_inversion(inversion, shard, n, group)
             if whole is not None:  # rank 0 (or the only process) writes the one entry
@@ -662,6 +688,9 @@ class TokenFlowPipeline(PipelineCommon):
         with timer("editing"), self._on_device(*self._denoisers()), tokenflow_hooks(self.unet, state, self.layers):
             bar = tqdm(range(first, len(timesteps)), desc="Editing", unit="step", initial=first,
                        total=len(timesteps), disable=not progress or not group.is_main, leave=False)
+            clock = StageClock("the edit", "--steps, --max-frames or --height/--width",
+                               announce=progress and group.is_main, already=first,
+                               what=f"{n} frames at {8 * x.shape[-1]}x{8 * x.shape[-2]}, {len(timesteps)} steps")
             for i in bar:
                 t = timesteps[i]
                 started = time.perf_counter()
@@ -675,6 +704,7 @@ class TokenFlowPipeline(PipelineCommon):
                 x = self.denoise_step(x, t, inversion.latents[int(t)], keyframes, state, scheduler, text,
                                       config, qk, feat, conditioning, plan)
                 bar.set_postfix_str(f"{n * len(x) / (time.perf_counter() - started):.2f} frames/s", refresh=False)
+                clock.update(i + 1, len(timesteps))
                 if saver:
                     saver.after_step(x, keyframe_log, len(timesteps), time.perf_counter() - started)
                 if latents is not None:
