@@ -468,3 +468,39 @@ def test_a_resumed_inversion_is_said_once_and_named_in_the_summary(tmp_path, cap
     assert "inversion resumed after 4 of 6 frames" in out
     assert caplog.text.count("the inversion will take about") == 1 and caplog.text.count("the edit will take") == 1
     assert "(6 frames at 48x32, 2 steps); --steps, --max-frames or --height/--width shorten it" in caplog.text
+
+
+def test_diffusers_names_from_pretrained_tiny_torch_dtype_steps_call_and_to(capsys, tmp_path):
+    import warnings
+
+    from tokenflow import TokenFlowPipeline
+    from tokenflow.flow import FlowPipeline
+    from tokenflow.models import resolve_dtype
+
+    frames = moving_frames(2, 32, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # none from our own calls into diffusers/transformers
+        warnings.simplefilter("error", DeprecationWarning)
+        pipe = TokenFlowPipeline.from_pretrained("tiny", torch_dtype=torch.float32).to("cpu")
+        assert pipe.dtype == torch.float32 and pipe.device.type == "cpu" and pipe.native_side == 128
+        called = pipe(frames, prompt="a robot", num_inference_steps=2, inversion_steps=2, height=32, width=48,
+                      use_cache=False, progress=False)
+        direct = pipe.edit(frames, "a robot", steps=2, inversion_steps=2, height=32, width=48, use_cache=False,
+                           progress=False)
+        assert called.config.steps == 2 and torch.equal(called.frames, direct.frames)
+        sd3 = TokenFlowPipeline.from_pretrained("tiny-sd3")
+        assert isinstance(sd3, FlowPipeline) and sd3.dtype == torch.float32
+        assert sd3.to("cpu") is sd3 and sd3(frames, prompt="a cat", num_inference_steps=2, height=32, width=48,
+                                           progress=False).frames.shape[0] == 2
+    with pytest.raises(Exception, match="disagree"):
+        pipe.edit(frames, "x", steps=3, num_inference_steps=2)
+    with pytest.raises(Exception, match="torch_dtype"):
+        pipe.to(torch.float16)
+    assert [resolve_dtype(d) for d in ("fp16", "bf16", "fp32")] == [torch.float16, torch.bfloat16, torch.float32]
+    clip = write_clip(tmp_path / "c.mp4", frames)
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "tiny", "--dtype", "bf16", "--steps", "1",
+                             "--inversion-steps", "1", "--no-cache", "-o", tmp_path / "o.mp4", *SMALL)
+    assert code == 0 and "cpu bfloat16" in out, err
+    code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--dtype", "fp8", *SMALL)
+    assert code == 2
+    one_error_line(err, "unknown dtype 'fp8'", "fp16")

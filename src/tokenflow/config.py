@@ -203,6 +203,20 @@ def check_text(name: str, value: Any, max_chars: int, empty: bool = True) -> str
     return value
 
 
+DIFFUSERS_NAMES = {"num_inference_steps": "steps"}  # diffusers' keyword -> ours
+
+
+def ours(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Keyword settings with diffusers' names (``num_inference_steps=``) as ours (``steps``)."""
+    out = dict(overrides)
+    for theirs, mine in DIFFUSERS_NAMES.items():
+        if theirs in out:
+            if mine in out and out[mine] != out[theirs]:
+                raise TokenFlowError(f"{theirs}={out[theirs]!r} and {mine}={out[mine]!r} disagree; give one")
+            out[mine] = out.pop(theirs)
+    return out
+
+
 def check_prompts(prompts: list[str], several: bool = False) -> None:
     """An edit needs a prompt that says something: the command, the Python API and a batch job
     refuse a missing or blank one alike. ``several``: they came as a list (``-p`` repeated)."""

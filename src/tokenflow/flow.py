@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 from .attention import TokenFlowState
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
 from .conditioning import PromptEmbeds
-from .config import FLOW_EDITORS, EditConfig, check_prompts
+from .config import FLOW_EDITORS, EditConfig, check_prompts, ours
 from .progress import StageClock
 from .correspondence import POLICIES
 from .distributed import Group
 from .editing import denoise_step
 from .errors import TokenFlowError
 from .families.base import FlowFamily
-from .common import PipelineCommon
+from .common import PipelineCommon, move_tensors
 from .inputs import VideoInput
 from .joint_attention import joint_tokenflow_hooks
 from .keyframes import ScheduledKeyframes, make_sampler
@@ -93,7 +93,7 @@ class FlowPipeline(PipelineCommon):
     def from_pretrained(cls, model: str, device: str = "auto", dtype: Union[str, torch.dtype] = "auto", *,
                         family: Optional[str] = None, loras: Sequence[str] = (), model_config: Optional[str] = None,
                         variant: Optional[str] = None, revision: Optional[str] = None, offload: bool = False,
-                        **_: Any) -> "FlowPipeline":
+                        torch_dtype: Optional[Union[str, torch.dtype]] = None, **_: Any) -> "FlowPipeline":
         """SD3/SD3.5 or FLUX.1 from a hub id, a local diffusers folder or a single checkpoint file
         (``model_config``: the diffusers folder or id its configs come from), LoRAs fused in. ``dtype``
         "auto" on CUDA is bfloat16 where the GPU has it (FLUX's T5 overflows in float16). ``offload``:
@@ -101,6 +101,13 @@ class FlowPipeline(PipelineCommon):
         from .families import detect_family
         from .models import apply_loras, hub_kwargs, short_error
 
+        if torch_dtype is not None:  # diffusers' name
+            if dtype != "auto" and dtype != torch_dtype:
+                raise TokenFlowError("give dtype or torch_dtype, not both")
+            dtype = torch_dtype
+        if model in TINY_MODELS:  # the tiny random models built in code, as on the command line
+            return cls.from_tiny(TINY_MODELS[model], seed=0, device=str(resolve_device(device)),
+                                 dtype="float32" if dtype == "auto" else dtype)
         family = family or detect_family(model)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -165,6 +172,13 @@ class FlowPipeline(PipelineCommon):
         for module in (self.family.transformer, self.family.vae, *self.family.text_encoders()):
             module.to("cpu")
         return self
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.family.transformer, self.family.vae, *self.family.text_encoders()]
+
+    def _moved_to(self, device: torch.device) -> None:
+        self.family.compute_device = device
+        self._prompts = {p: move_tensors(e, device) for p, e in self._prompts.items()}
 
     def enable_vae_slicing(self) -> "FlowPipeline":
         self.vae_batch_size = 1
@@ -264,7 +278,7 @@ class FlowPipeline(PipelineCommon):
         ``inversion`` and ``use_cache`` are accepted for the UNet pipeline's signature and unused.
         """
         # 1. check the inputs
-        config, prompt_list = self.check_inputs((config or self.default_config()).replace(**overrides), prompt,
+        config, prompt_list = self.check_inputs((config or self.default_config()).replace(**ours(overrides)), prompt,
                                                 prompts, output_type, generator)
         timer = _Timer()
         # 2. frames, and this rank's share of them as clean latents

@@ -26,6 +26,7 @@ MODEL_ALIASES = {
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # diffusers' and the web UIs' names
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -105,8 +106,10 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torc
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_auto_bf16() else torch.float32
+    dtype = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in DTYPES:
-        raise TokenFlowError(f"unknown dtype {shown(dtype)}; allowed: auto, {', '.join(DTYPES)}")
+        raise TokenFlowError(f"unknown dtype {shown(dtype)}; allowed: auto, {', '.join(DTYPES)} "
+                             f"(or {', '.join(DTYPE_ALIASES)})")
     return DTYPES[dtype]
 
 

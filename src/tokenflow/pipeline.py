@@ -33,7 +33,7 @@ from .cache import InversionCache, frames_digest, inversion_key
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, key_of
 from .conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images, estimate_depth,
                            load_depth_model, model_family, normalise_per_frame)
-from .config import DEFAULT_MODEL, EditConfig, check_prompts
+from .config import DEFAULT_MODEL, EditConfig, check_prompts, ours
 from .progress import StageClock
 from .correspondence import POLICIES as PROPAGATION_POLICIES
 from .distributed import Group, ShardPlan
@@ -41,7 +41,7 @@ from .editing import denoise_step as tokenflow_step
 from .editors import EDITORS, BaseEditor
 from .errors import OutOfMemory, TokenFlowError
 from .injection import resolve_layers, tokenflow_hooks
-from .common import PipelineCommon
+from .common import PipelineCommon, move_tensors
 from .inputs import FittedVideo, VideoInput  # noqa: F401 (FittedVideo: public here before)
 from .inversion import (Inversion, PredictFn, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
                         steps_error)
@@ -127,6 +127,10 @@ class TokenFlowPipeline(PipelineCommon):
         self.group = Group()  # the ranks one edit is split across (see distribute); one process by default
         self._kept_prompts: Optional[dict[str, PromptEmbeds]] = None  # set by release_text_encoders
 
+    def _moved_to(self, device: torch.device) -> None:
+        if self._kept_prompts:
+            self._kept_prompts = {p: move_tensors(e, device) for p, e in self._kept_prompts.items()}
+
     # ------------------------------------------------------------------ memory options
     def enable_offload(self) -> "TokenFlowPipeline":
         """Keep the models on the CPU and bring each to the device only for its stage."""
@@ -192,12 +196,22 @@ class TokenFlowPipeline(PipelineCommon):
     def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto", *,
                         model_config: Optional[str] = None, allow_pickle: bool = False,
                         loras: tuple[str, ...] | list[str] = (), variant: Optional[str] = None,
-                        revision: Optional[str] = None) -> "TokenFlowPipeline":
+                        revision: Optional[str] = None,
+                        torch_dtype: Optional[str | torch.dtype] = None) -> "TokenFlowPipeline":
         """Load SD 1.x/2.x, SD 2 depth or SDXL (an SD3 or FLUX.1 model gives a :class:`tokenflow.FlowPipeline`) from a hub id, a local diffusers folder or a single
         checkpoint file (configs from ``model_config``), with LoRAs (``PATH_OR_ID[:SCALE]``) fused in.
-        ``variant`` (e.g. ``"fp16"``) and ``revision`` are diffusers' own."""
+        ``variant`` (e.g. ``"fp16"``), ``revision`` and ``torch_dtype`` (the same as ``dtype``) are
+        diffusers' own. ``"tiny"`` (and ``"tiny-sd3"``, ``"tiny-flux"``) is the tiny random model built
+        in code, as ``--model tiny`` on the command line (float32 unless a dtype is asked for)."""
         from .flow import flow_kind
 
+        if torch_dtype is not None:
+            if dtype != "auto" and dtype != torch_dtype:
+                raise TokenFlowError("give dtype or torch_dtype, not both")
+            dtype = torch_dtype
+        if model == "tiny":
+            return cls.from_tiny(seed=0, device=str(resolve_device(device)),
+                                 dtype="float32" if dtype == "auto" else dtype)
         if flow_kind(model):  # SD3/SD3.5, FLUX.1: the rectified-flow pipeline
             from .flow import FlowPipeline
 
@@ -610,7 +624,7 @@ class TokenFlowPipeline(PipelineCommon):
         checkpoint with the same result (``restart`` ignores them); call
         ``result.discard_checkpoint()`` once the result is saved.
         """
-        config = (config or EditConfig()).replace(**overrides)
+        config = (config or EditConfig()).replace(**ours(overrides))
         if prompts is not None:
             if isinstance(prompts, str) or not len(prompts) or prompt is not None:
                 raise TokenFlowError("prompts must be a non-empty list of prompts (and then no prompt)")
