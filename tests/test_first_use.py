@@ -106,15 +106,20 @@ def test_an_unreachable_hub_fails_at_once_with_the_way_out(tmp_path, capsys, mon
     monkeypatch.setattr(models, "_REACHABLE", {})
     code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "someone/some-model", *SMALL)
     assert code == 2
-    one_error_line(err, "cannot reach the hub (127.0.0.1)", "someone/some-model", "HF_HUB_OFFLINE=1")
+    one_error_line(err, "cannot reach the hub (127.0.0.1)", "someone/some-model", "HF_HUB_OFFLINE=1", "--model tiny")
     code, _, err = run_cli(capsys, "eval", "--source", clip, "--edited", clip, "-p", "x")
     assert code == 2
-    one_error_line(err, "cannot reach the hub", "CLIP model")
+    one_error_line(err, "cannot reach the hub", "CLIP model", "--no-clip")
     # offline mode with an id that was never downloaded: the same, without trying
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", "someone/some-model", *SMALL)
     assert code == 2
-    one_error_line(err, "not in the local hub cache and HF_HUB_OFFLINE is set")
+    one_error_line(err, "not in the local hub cache and HF_HUB_OFFLINE is set", "--model tiny")
+    (tmp_path / "notes.mp4").write_text("these are notes, not a video\n" * 40)
+    code, _, err = run_cli(capsys, "edit", tmp_path / "notes.mp4", "-p", "x", *SMALL)
+    assert code == 2
+    one_error_line(err, "cannot read", "as a video: it is not a video file FFmpeg knows")
+    assert "Errno" not in err and "InvalidDataError" not in err
 
 
 def _subparsers(parser):

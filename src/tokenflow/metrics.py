@@ -133,7 +133,7 @@ class ClipScorer:
             tokenizer = CLIPTokenizer.from_pretrained(model_id, **kwargs)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TokenFlowError(f"cannot load CLIP model '{model_id}': {reason[:200]} (use --no-clip offline)") from None
+            raise TokenFlowError(f"cannot load CLIP model '{model_id}': {reason[:200]} (--no-clip scores the warp error alone)") from None
         return cls(model, tokenizer, device=device)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:

@@ -237,6 +237,11 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     return _REACHABLE[host], host
 
 
+# what a hub error adds for the thing that could not be had: the way to go on without it
+HUB_HINTS = {"model": "; --model tiny tries the machinery with no download",
+             "CLIP model": "; --no-clip scores the warp error alone, with no download"}
+
+
 def hub_kwargs(name: str, what: str) -> dict[str, Any]:
     """How to load ``name`` (a local folder or a hub id) without hanging when there is no network.
 
@@ -253,7 +258,7 @@ def hub_kwargs(name: str, what: str) -> dict[str, Any]:
     if constants.HF_HUB_OFFLINE:
         if not cached:
             raise TokenFlowError(f"{what} '{name}' is not in the local hub cache and HF_HUB_OFFLINE is set: "
-                                 f"download it once while online, or give a local folder")
+                                 f"download it once while online, or give a local folder{HUB_HINTS.get(what, '')}")
         return {"local_files_only": True}
     reachable, host = _hub_reachable()
     if reachable:
@@ -263,7 +268,7 @@ def hub_kwargs(name: str, what: str) -> dict[str, Any]:
         return {"local_files_only": True}
     raise TokenFlowError(f"cannot reach the hub ({host}) to download {what} '{name}', and it is not in the local "
                          f"cache: connect to the internet, give a local folder (or a .safetensors file), or set "
-                         f"HF_HUB_OFFLINE=1 to use cached models only")
+                         f"HF_HUB_OFFLINE=1 to use cached models only{HUB_HINTS.get(what, '')}")
 
 
 def short_error(e: Exception) -> str:
