@@ -509,3 +509,23 @@ def test_diffusers_names_from_pretrained_tiny_torch_dtype_steps_call_and_to(caps
     code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "--dtype", "fp8", *SMALL)
     assert code == 2
     one_error_line(err, "unknown dtype 'fp8'", "fp16")
+
+
+def test_the_settings_file_records_what_ran_and_reads_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 96), fps=12)
+    code, _, err = run_cli(capsys, "edit", "clip.mp4", "-p", "a cat", "--model", "tiny", "-o", "a.mp4",
+                           "--steps", "2", "--inversion-steps", "2", "--every", "2", "--no-cache", "-q")
+    assert code == 0, err  # the size and the frame rate left to their defaults
+    a = yaml.safe_load((tmp_path / "a.yaml").read_text())
+    assert a["input"] == str(tmp_path / "clip.mp4") and a["model"] == "tiny"
+    assert (a["height"], a["width"]) == (64, 192) and a["fps"] == 12  # the source's rate; the output's is 6
+    assert a["dtype"] == "float32" and a["device"] == "cpu"
+    os.mkdir(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the absolute input reads back from any folder
+    code, _, err = run_cli(capsys, "edit", "--config", tmp_path / "a.yaml", "-o", "b.mp4", "--no-cache", "-q")
+    assert code == 0, err
+    b = yaml.safe_load((tmp_path / "elsewhere" / "b.yaml").read_text())
+    assert a == b
+    with av.open(str(tmp_path / "elsewhere" / "b.mp4")) as c:
+        assert float(c.streams.video[0].average_rate) == 6 and c.streams.video[0].width == 192

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, check_prompts, normalise_keys, read_yaml,
+from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RESOLVED_KEYS, RUN_KEYS, EditConfig, check_prompts, normalise_keys, read_yaml,
                      settings_path, validate_run)
 from .errors import TokenFlowError
 from .flow import flow_defaults, flow_kind
@@ -150,7 +150,9 @@ def finished_settings(job: Job, settings: dict[str, Any]) -> bool:
         return False
     if not isinstance(written, dict):
         return False
-    return all(written.get(k) == settings.get(k) for k in {*settings, *OPTIONAL_MODEL_KEYS})
+    # a size or rate left to its default (None) matches what it came to in the file (RESOLVED_KEYS)
+    return all(written.get(k) == settings.get(k) for k in {*settings, *OPTIONAL_MODEL_KEYS}
+               if not (k in RESOLVED_KEYS and settings.get(k) is None))
 
 
 def deal(jobs: list[Job], rank: int, world_size: int) -> list[Job]:

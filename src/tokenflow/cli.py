@@ -390,8 +390,11 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     from .outputs import make_output_folder
 
     make_output_folder(output)  # made before the work (see cmd_edit); here in case it went meanwhile
+    from .config import resolved_settings
+
     frames = result.uint8()
-    depends = result_settings(run, result.config)
+    depends = resolved_settings(result_settings(run, result.config), frames.shape[1], frames.shape[2], result.fps,
+                                result.config.frame_stride)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
                 "model": depends.pop("model"), "device": str(pipe.device),
                 "dtype": str(pipe.dtype).replace("torch.", ""), **depends}

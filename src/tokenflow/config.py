@@ -386,9 +386,26 @@ OPTIONAL_MODEL_KEYS = ("model_config", "lora")
 
 
 def result_settings(run: dict[str, Any], config: EditConfig) -> dict[str, Any]:
-    """What an output depends on, as its settings file records it (and a batch compares to skip it)."""
-    return {"input": run.get("input"), "model": run.get("model") or DEFAULT_MODEL,
+    """What an output depends on, as its settings file records it (and a batch compares to skip it).
+    The input is absolute, so that the file reads back from any folder."""
+    source = run.get("input")
+    return {"input": os.path.abspath(source) if isinstance(source, str) else source,
+            "model": run.get("model") or DEFAULT_MODEL,
             **{k: run[k] for k in OPTIONAL_MODEL_KEYS if run.get(k)}, **config.to_dict()}
+
+
+RESOLVED_KEYS = ("height", "width", "fps")  # None in a request; what they came to in the settings written
+
+
+def resolved_settings(settings: dict[str, Any], height: int, width: int, fps: float,
+                      frame_stride: int = 1) -> dict[str, Any]:
+    """``settings`` with what ran in place of the defaults: the working size, the source's frame rate
+    (the output's times the stride: read back, it gives the same output rate)."""
+    out = dict(settings)
+    out["height"], out["width"] = int(height), int(width)
+    if out.get("fps") is None:
+        out["fps"] = round(float(fps) * frame_stride, 6)
+    return out
 
 
 def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
