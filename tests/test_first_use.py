@@ -529,3 +529,20 @@ def test_the_settings_file_records_what_ran_and_reads_back(tmp_path, capsys, mon
     assert a == b
     with av.open(str(tmp_path / "elsewhere" / "b.mp4")) as c:
         assert float(c.streams.video[0].average_rate) == 6 and c.streams.video[0].width == 192
+
+
+def test_invert_reconstruct_writes_the_reconstruction_when_asked(tmp_path, capsys):
+    from tokenflow.video import read_video
+
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2, 32, 48))
+    base = ["invert", clip, "--model", "tiny", "--steps", "2", "--inversion-steps", "2", "--no-cache", *SMALL]
+    code, _, err = run_cli(capsys, *base, "-o", tmp_path / "r.mp4")
+    assert code == 2
+    one_error_line(err, "give --reconstruct too")
+    code, out, err = run_cli(capsys, *base, "--reconstruct", "-o", tmp_path / "recon" / "r.mp4")
+    assert code == 0, err
+    assert "reconstruction PSNR" in out and out.strip().endswith(str(tmp_path / "recon" / "r.mp4"))
+    recon = read_video(tmp_path / "recon" / "r.mp4")
+    assert recon.frames.shape == (2, 32, 48, 3) and recon.fps == 12
+    help_text = _subparsers(build_parser())["invert"].format_help()
+    assert "Without --reconstruct nothing else is written" in " ".join(help_text.split())

@@ -145,10 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "--guidance-scale is the target's (default 13.5 SD3, 5.5 FLUX)")
     edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder (default: none)")
 
-    inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
+    inv = sub.add_parser("invert", help="invert a video into the cache (optionally reconstruct it)",
+                         description="DDIM-invert the frames and keep the inverted latents in the inversion "
+                                     "cache, so that later edits of the same frames, size, model and inversion "
+                                     "prompt skip the inversion. Without --reconstruct nothing else is written. "
+                                     "--reconstruct also runs the DDIM reconstruction and prints its PSNR; with "
+                                     "-o it writes it as a video (as the official preprocess's inverted.mp4).")
     _edit_options(inv)
     inv.add_argument("--reconstruct", action="store_true",
                      help="also run a DDIM reconstruction and report its PSNR (as many UNet calls again)")
+    inv.add_argument("-o", "--output", help="with --reconstruct: write the reconstruction to this video "
+                                            "(.mp4/.mov/.mkv, or a folder: INPUT-tokenflow.mp4 in it; default: none)")
 
     ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
     ev.add_argument("--source", required=True, help="the source video or frame folder (required)")
@@ -618,19 +625,38 @@ def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, _ = _settings_and_input(args, "tokenflow invert INPUT")
     _no_flow(run, "invert", "FlowEdit edits SD3/FLUX without an inversion: use tokenflow edit")
+    output = None
+    if run.get("output"):  # the reconstruction's video, checked before the model loads
+        from .outputs import check_output, note_replaced, resolve_output
+        from .preflight import check_no_overwrite, protected_paths
+
+        if not args.reconstruct:
+            raise TokenFlowError("-o writes the reconstruction: give --reconstruct too (invert alone writes "
+                                 "only the cache)")
+        output = check_output(resolve_output(run["output"], run["input"]))
+        check_no_overwrite([output], None, protected_paths(run["input"], getattr(args, "config", None), config, run))
+        note_replaced(output)
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
-    frames = pipe.load_video(run["input"], config).frames
+    video = pipe.load_video(run["input"], config)
+    frames = video.frames
     conditioning = pipe.prepare_conditioning(frames, config)
     inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
     n, _, h, w = frames.shape
     line = f"inverted {n} frames at {w}x{h} ({config.inversion_steps} steps)"
     if args.reconstruct:
-        value = pipe.reconstruction_psnr(frames, inversion, inversion_prompt=config.inversion_prompt,
-                                         inversion_steps=config.inversion_steps,
-                                         batch_size=config.inversion_batch(),
-                                         progress=not args.quiet, conditioning=conditioning)
-        line += f", reconstruction PSNR {value:.2f} dB"
-    print(f"{line} in {time.perf_counter() - started:.1f}s")
+        from .inversion import psnr
+
+        rebuilt = pipe.reconstruct(inversion, inversion_prompt=config.inversion_prompt,
+                                   inversion_steps=config.inversion_steps, batch_size=config.inversion_batch(),
+                                   progress=not args.quiet, conditioning=conditioning)
+        line += f", reconstruction PSNR {psnr(rebuilt, frames):.2f} dB"
+        if output:
+            from .outputs import make_output_folder
+            from .video import to_uint8, write_video
+
+            make_output_folder(output)
+            write_video(output, to_uint8(rebuilt), video.fps, video.audio_source, audio_start=video.audio_start)
+    print(f"{line} in {time.perf_counter() - started:.1f}s" + (f" -> {output}" if output else ""))
     return 0
 
 
