@@ -546,3 +546,20 @@ def test_invert_reconstruct_writes_the_reconstruction_when_asked(tmp_path, capsy
     assert recon.frames.shape == (2, 32, 48, 3) and recon.fps == 12
     help_text = _subparsers(build_parser())["invert"].format_help()
     assert "Without --reconstruct nothing else is written" in " ".join(help_text.split())
+
+
+def test_eval_warns_when_the_edit_does_not_match_the_source(tmp_path, capsys, caplog):
+    from tokenflow.metrics import mismatch
+
+    source = np.zeros((120, 48, 64, 3), np.uint8)
+    assert mismatch("e.mp4", source, np.zeros((120, 96, 128, 3), np.uint8)) is None  # another scale: an edit
+    assert "8 frames against the source's 120" in mismatch("e.mp4", source, source[:8])
+    assert "64x64 against the source's 64x48" in mismatch("e.mp4", source, np.zeros((120, 64, 64, 3), np.uint8))
+    src = write_clip(tmp_path / "src.mp4", moving_frames(6, 32, 48))
+    other = write_clip(tmp_path / "other.mp4", moving_frames(3, 48, 48, seed=2))
+    with caplog.at_level("WARNING", logger="tokenflow"):
+        code, out, err = run_cli(capsys, "eval", "--source", src, "--edited", other, "--edited", src, "--no-clip")
+    assert code == 0, err
+    assert caplog.text.count("is it an edit of this source?") == 1  # the source itself matches
+    assert f"'{other}' has 3 frames against the source's 6 (the first 3 are compared) and 48x48 against the " \
+           f"source's 48x32" in caplog.text

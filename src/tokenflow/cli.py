@@ -682,6 +682,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TokenFlowError("CLIP-T needs --prompt (or give --no-clip)")
     source = read_video(args.source, args.max_frames, args.fps).frames
     edited = {path: read_video(path, args.max_frames, args.fps).frames for path in args.edited}
+    from .metrics import mismatch
+
+    for path, frames in edited.items():
+        if mismatch(path, source, frames):
+            logger.warning("%s", mismatch(path, source, frames))
     clip = None if args.no_clip else ClipScorer.from_pretrained(args.clip_model or DEFAULT_CLIP,
                                                                  str(resolve_device(args.device or "auto")))
     results = evaluate(source, edited, args.prompt, clip)
