@@ -563,3 +563,33 @@ def test_eval_warns_when_the_edit_does_not_match_the_source(tmp_path, capsys, ca
     assert caplog.text.count("is it an edit of this source?") == 1  # the source itself matches
     assert f"'{other}' has 3 frames against the source's 6 (the first 3 are compared) and 48x48 against the " \
            f"source's 48x32" in caplog.text
+
+
+def test_dtype_auto_on_a_cpu_is_measured_once_per_cpu_model_and_cached(tmp_path, monkeypatch):
+    from tokenflow import cpu_speed, models
+
+    calls = []
+
+    def fake(speed):
+        def measure():
+            calls.append(speed)
+            return speed
+        return measure
+
+    path = str(tmp_path / "c" / "cpu-dtype.json")
+    assert cpu_speed.bf16_is_faster(fake({"gemm": 1.55, "conv3x3": 1.7}), path) is True  # the EPYC of issue 23
+    assert cpu_speed.bf16_is_faster(fake({"gemm": 0.1, "conv3x3": 0.1}), path) is True and len(calls) == 1  # cached
+    monkeypatch.setattr(cpu_speed, "cpu_model", lambda: "another CPU")
+    assert cpu_speed.bf16_is_faster(fake({"gemm": 0.52, "conv3x3": 1.3}), path) is False and len(calls) == 2
+    assert cpu_speed.bf16_is_faster(fake({"gemm": 1.21, "conv3x3": 1.19}), str(tmp_path / "other.json")) is False
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(models.CPU_BF16_ENV)
+    monkeypatch.setattr(cpu_speed, "measure_speedups", fake({"gemm": 2.0, "conv3x3": 2.0}))
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert models.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # asked for: kept
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")  # the override (and what the parity tests run under)
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert os.path.isfile(tmp_path / "xdg" / "tokenflow" / "cpu-dtype.json")
+    monkeypatch.undo()
+    speed = cpu_speed.measure_speedups(reps=1)  # the real kernels: a fraction of a second
+    assert set(speed) == {"gemm", "conv3x3"} and all(v > 0 for v in speed.values())

@@ -96,9 +96,9 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     p.add_argument("--batch-size", type=int, help="frames per keyframe interval and UNet batch (default 8)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, then mps, "
                                                   "then cpu)")
-    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
-                                                 "cuda, bfloat16 on a CPU with AMX or Arm BF16, float32 elsewhere; "
-                                                 "--model tiny: float32)")
+    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (or fp32, fp16, bf16; default "
+                                                 "auto: float16 on cuda, bfloat16 on a CPU where it measures "
+                                                 "clearly faster, float32 elsewhere; --model tiny: float32)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the inversion cache; nothing goes to the cache folder: resume "
@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
     ui.add_argument("--share", action="store_true", help="ask Gradio for a public link (off by default)")
     ui.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    ui.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
-                                                  "cuda, bfloat16 on a CPU with AMX or Arm BF16, float32 "
-                                                  "elsewhere; --model tiny: float32)")
+    ui.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (or fp32, fp16, bf16; default "
+                                                  "auto: float16 on cuda, bfloat16 on a CPU where it measures "
+                                                  "clearly faster, float32 elsewhere; --model tiny: float32)")
     ui.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     ui.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload (default %(default)s MB)")
     ui.add_argument("--max-frames", type=int, default=120, help="most frames a visitor may edit (default %(default)s)")

@@ -61,26 +61,13 @@ CPU_BF16_ENV = "TOKENFLOW_CPU_BF16"  # 0: auto stays float32 on the CPU; 1: auto
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether bfloat16 matmuls and convolutions run faster than float32 on this CPU: an x86 CPU with
-    AMX (Sapphire Rapids and later) or an Arm CPU with BF16. AVX512-BF16 alone is not enough: on such a
-    Xeon without AMX, bfloat16 GEMMs ran at 0.52x the float32 rate and a full-size edit took 1.28x as
-    long (benchmarks/dtype_drift.py --kernels), so auto stays float32 there."""
-    import platform
+    """Whether bfloat16 matmuls and convolutions run clearly faster than float32 on this CPU: measured
+    once per CPU model (a GEMM and a 3x3 convolution, a fraction of a second) and cached
+    (:mod:`tokenflow.cpu_speed`). A rule on CPU features got it wrong both ways: a Xeon with AVX512-BF16
+    and no AMX ran bfloat16 at 0.52x, an EPYC with AVX512-BF16 at 1.55x."""
+    from .cpu_speed import bf16_is_faster
 
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64", "i686", "x86"):
-        cpu = getattr(torch, "cpu", None)
-        check, enable = getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_init_amx", None)
-        try:  # the CPU has AMX, and the kernel lets this process use it
-            return bool(check and check() and (enable is None or enable()))
-        except Exception:  # a torch build without the probe
-            return False
-    if machine in ("aarch64", "arm64"):
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except Exception:
-            return False
-    return False
+    return bf16_is_faster()
 
 
 def cpu_auto_bf16() -> bool:
@@ -95,8 +82,9 @@ def cpu_auto_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
-    """auto: float16 on CUDA; bfloat16 on a CPU that computes it faster than float32 (AMX or Arm BF16,
-    ``cpu_has_native_bf16``; TOKENFLOW_CPU_BF16=0 keeps float32 there, 1 takes bfloat16 on any CPU);
+    """auto: float16 on CUDA; bfloat16 on a CPU that computes it clearly faster than float32 (measured
+    once per CPU model, ``cpu_has_native_bf16``; TOKENFLOW_CPU_BF16=0 keeps float32 there, 1 takes
+    bfloat16 on any CPU);
     float32 elsewhere. Exact agreement with the official code's recorded outputs is a float32
     property: ask for float32 for it."""
     if isinstance(dtype, torch.dtype):
