@@ -593,3 +593,19 @@ def test_dtype_auto_on_a_cpu_is_measured_once_per_cpu_model_and_cached(tmp_path,
     monkeypatch.undo()
     speed = cpu_speed.measure_speedups(reps=1)  # the real kernels: a fraction of a second
     assert set(speed) == {"gemm", "conv3x3"} and all(v > 0 for v in speed.values())
+
+
+def test_what_clip_did_not_read_of_a_long_prompt_is_in_the_settings_file(tmp_path, capsys):
+    clip = write_clip(tmp_path / "c.mp4", moving_frames(2, 32, 48))
+    long_prompt = " ".join(["a marble statue"] * 30 + ["of a robot"])
+    code, _, err = run_cli(capsys, "edit", clip, "-p", long_prompt, "--model", "tiny", "-o", tmp_path / "o.mp4",
+                           "--steps", "1", "--inversion-steps", "1", "--no-cache", *SMALL)
+    assert code == 0, err
+    settings = yaml.safe_load((tmp_path / "o.yaml").read_text())
+    dropped = settings["notes"]["prompt_dropped"]
+    words = dropped.split()
+    assert 0 < len(words) < 90 and long_prompt.split()[-len(words):] == words and words[-1] == "robot"
+    assert set(settings["notes"]) == {"prompt_dropped"}  # the short prompts were read whole
+    code, _, err = run_cli(capsys, "edit", "--config", tmp_path / "o.yaml", "-o", tmp_path / "p.mp4", "--no-cache",
+                           "-q")
+    assert code == 0, err  # the note does not stop the file from reading back

@@ -405,6 +405,12 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
                 "model": depends.pop("model"), "device": str(pipe.device),
                 "dtype": str(pipe.dtype).replace("torch.", ""), **depends}
+    from .models import dropped_text
+
+    dropped = {f"{key}_dropped": dropped_text(settings[key]) for key in ("prompt", "inversion_prompt", "negative_prompt")
+               if dropped_text(settings[key])}
+    if dropped:  # CLIP reads 77 tokens: what it did not read of a prompt (ignored when read back)
+        settings["notes"] = dropped
     with contextlib.ExitStack() as commit:  # renames happen on exit, in reverse order: settings last,
         # so a settings file never stands beside an older video (batch skips by it)
         with open(commit.enter_context(atomic_path(settings_path(output))), "w") as f:

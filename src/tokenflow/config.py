@@ -344,9 +344,11 @@ def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
 
 
 def normalise_keys(data: dict) -> dict[str, Any]:
-    """Dashed or underscored keys; the ``tokenflow`` version key of a written settings file dropped."""
+    """Dashed or underscored keys; the ``tokenflow`` version key and the ``notes`` (what happened: e.g. the
+    words of a prompt its text encoder did not read) of a written settings file dropped."""
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     data.pop("tokenflow", None)
+    data.pop("notes", None)
     return data
 
 

@@ -458,6 +458,13 @@ def free_memory(device: torch.device | str) -> None:
 
 
 _TRUNCATION_WARNED: set = set()  # (prompt, length): a prompt encoded many times is reported once
+_DROPPED: dict[str, str] = {}  # prompt -> the text its text encoder did not read (for the settings file)
+
+
+def dropped_text(prompt: str) -> Optional[str]:
+    """What the text encoder did not read of ``prompt`` when it was encoded in this process (CLIP's 77
+    tokens), or None when it read all of it."""
+    return _DROPPED.get(prompt)
 
 
 def _first_rank() -> bool:
@@ -472,6 +479,8 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     length = tokenizer.model_max_length
     tokens = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # all of them, quietly
     room = length - tokenizer.num_special_tokens_to_add()
+    if len(tokens) > room:
+        _DROPPED[prompt] = tokenizer.decode(tokens[room:]).strip()
     if len(tokens) > room and (prompt, length) not in _TRUNCATION_WARNED and _first_rank():
         _TRUNCATION_WARNED.add((prompt, length))
         dropped = tokenizer.decode(tokens[room:]).strip()
