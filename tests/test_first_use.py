@@ -370,6 +370,7 @@ def test_official_flags_and_underscored_names_are_ours_and_unknown_options_get_t
     assert (args.data_path, args.inversion_prompt, args.config, args.max_frames, args.guidance_scale,
             args.no_cache) == ("v.mp4", "a wolf", "c.yaml", 5, 3.0, True)
     assert parser.parse_args(["invert", "x.mp4", "--H", "64", "--W", "96"]).height == 64
+    assert parser.parse_args(["edit", "x.mp4", "--guid", "4"]).guidance_scale == 4  # abbreviations still unique
     help_text = _subparsers(parser)["edit"].format_help()
     assert "--inversion-prompt" in help_text and "--inversion_prompt" not in help_text and "--data" not in help_text
     code, _, err = run_cli(capsys, "edit", "x.mp4", "-p", "x", "--stpes", "3")

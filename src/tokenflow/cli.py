@@ -40,6 +40,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         raise TokenFlowError(f"{message} (see '{self.prog} --help')")
 
+    def parse_known_args(self, args=None, namespace=None):  # the official flags, underscored names: ours
+        from .options import ours
+
+        return super().parse_known_args(ours(self, sys.argv[1:] if args is None else args), namespace)
+
     def parse_args(self, args=None, namespace=None):  # an unknown option: the close one, the command's --help
         from .options import subcommand_parser, unknown_options_message
 
@@ -213,10 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a bundled clip with a tiny random model")
     demo.add_argument("-o", "--output", default="tokenflow-demo.mp4", help="output video (default %(default)s)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    from .options import add_aliases
-
-    for p in sub.choices.values():  # --inversion_prompt, --config_path, --data_path, ...
-        add_aliases(p)
     return parser
 
 
