@@ -59,7 +59,6 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     """Options shared by edit, invert and analyze; defaults are None so a config file can fill them.
     For edit, the prompt and the output come right after the input."""
     p.add_argument("input", nargs="?", help="video file (mp4, mov, mkv, webm, avi, gif) or folder of frames")
-    p.add_argument("--data-path", help=argparse.SUPPRESS)  # the official scripts' name of the input
     if edit:
         p.add_argument("-p", "--prompt", action="append",
                        help="what the edited video should show (required); repeat it for several edits in "
@@ -119,6 +118,7 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet's convolution and MLP blocks (pays off on long runs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and the summary")
+    p.add_argument("--data-path", help=argparse.SUPPRESS)  # the official scripts' name of the input
 
 
 def build_parser() -> argparse.ArgumentParser:
