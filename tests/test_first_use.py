@@ -610,3 +610,13 @@ def test_what_clip_did_not_read_of_a_long_prompt_is_in_the_settings_file(tmp_pat
     code, _, err = run_cli(capsys, "edit", "--config", tmp_path / "o.yaml", "-o", tmp_path / "p.mp4", "--no-cache",
                            "-q")
     assert code == 0, err  # the note does not stop the file from reading back
+
+
+def test_invert_with_an_official_config_ignores_its_output_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    write_clip(tmp_path / "woman-running.mp4", moving_frames(2, 32, 48))
+    (tmp_path / "config_pnp.yaml").write_text(OFFICIAL_PNP.format(out="tokenflow-results", data="woman-running.mp4"))
+    code, out, err = run_cli(capsys, "invert", "--config", "config_pnp.yaml", "--model", "tiny", "--no-cache", *SMALL)
+    assert code == 0 and "inverted 2 frames" in out, err
+    assert not (tmp_path / "tokenflow-results").exists()

@@ -393,21 +393,18 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     import yaml
 
     from .atomic import atomic_dir, atomic_path
+    from .config import resolved_settings
+    from .models import dropped_text
+    from .outputs import make_output_folder
     from .video import aspect_note, encode_video, frames_replaceable, save_frames
 
-    from .outputs import make_output_folder
-
     make_output_folder(output)  # made before the work (see cmd_edit); here in case it went meanwhile
-    from .config import resolved_settings
-
     frames = result.uint8()
     depends = resolved_settings(result_settings(run, result.config), frames.shape[1], frames.shape[2], result.fps,
                                 result.config.frame_stride)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
                 "model": depends.pop("model"), "device": str(pipe.device),
                 "dtype": str(pipe.dtype).replace("torch.", ""), **depends}
-    from .models import dropped_text
-
     dropped = {f"{key}_dropped": dropped_text(settings[key]) for key in ("prompt", "inversion_prompt", "negative_prompt")
                if dropped_text(settings[key])}
     if dropped:  # CLIP reads 77 tokens: what it did not read of a prompt (ignored when read back)
@@ -633,14 +630,14 @@ def cmd_invert(args: argparse.Namespace) -> int:
     config, run, _ = _settings_and_input(args, "tokenflow invert INPUT")
     _no_flow(run, "invert", "FlowEdit edits SD3/FLUX without an inversion: use tokenflow edit")
     output = None
-    if run.get("output"):  # the reconstruction's video, checked before the model loads
+    if args.output:  # the reconstruction's video (not a config's output_path), checked before the model loads
         from .outputs import check_output, note_replaced, resolve_output
         from .preflight import check_no_overwrite, protected_paths
 
         if not args.reconstruct:
             raise TokenFlowError("-o writes the reconstruction: give --reconstruct too (invert alone writes "
                                  "only the cache)")
-        output = check_output(resolve_output(run["output"], run["input"]))
+        output = check_output(resolve_output(args.output, run["input"]))
         check_no_overwrite([output], None, protected_paths(run["input"], getattr(args, "config", None), config, run))
         note_replaced(output)
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
@@ -691,9 +688,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     edited = {path: read_video(path, args.max_frames, args.fps).frames for path in args.edited}
     from .metrics import mismatch
 
-    for path, frames in edited.items():
-        if mismatch(path, source, frames):
-            logger.warning("%s", mismatch(path, source, frames))
+    for note in filter(None, (mismatch(path, source, frames) for path, frames in edited.items())):
+        logger.warning("%s", note)
     clip = None if args.no_clip else ClipScorer.from_pretrained(args.clip_model or DEFAULT_CLIP,
                                                                  str(resolve_device(args.device or "auto")))
     results = evaluate(source, edited, args.prompt, clip)
