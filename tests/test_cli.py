@@ -49,7 +49,7 @@ BAD = {
     "unknown policy": (["edit", "{clip}", "-p", "x", "--propagation", "psychic"], "unknown propagation"),
     "bad model folder": (["edit", "{clip}", "-p", "x", "--model", "{emptydir}"], "cannot load model"),
     "missing model folder": (["edit", "{clip}", "-p", "x", "--model", "./no/such/model"], "does not exist"),
-    "unwritable output": (["edit", "{clip}", "-p", "x", "-o", "{tmp}/no/such/dir/out.mp4"], "cannot write output"),
+    "unwritable output": (["edit", "{clip}", "-p", "x", "-o", "{text}/dir/out.mp4"], "cannot write output"),
     "output is a folder": (["edit", "{clip}", "-p", "x", "-o", "{emptydir}.mp4"], "is a folder"),
     "output extension": (["edit", "{clip}", "-p", "x", "-o", "{tmp}/out.avi"], "must end in"),
     "config missing": (["edit", "{clip}", "-p", "x", "--config", "{tmp}/none.yaml"], "cannot read config"),
@@ -57,7 +57,7 @@ BAD = {
     "config unknown key": (["edit", "{clip}", "-p", "x", "--config", "{unknownyaml}"], "unknown key"),
     "config bad value": (["edit", "{clip}", "--config", "{badvalueyaml}"], "steps must be"),
     "no prompt": (["edit", "{clip}"], "no prompt"),
-    "unknown option": (["edit", "{clip}", "-p", "x", "--frobnicate"], "unrecognized arguments"),
+    "unknown option": (["edit", "{clip}", "-p", "x", "--frobnicate"], "unknown option --frobnicate; see 'tokenflow edit --help'"),
     "unknown device": (["edit", "{clip}", "-p", "x", "--device", "tpu", "--model", "{emptydir}"], "unknown device"),
 }
 

@@ -22,10 +22,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RUN_KEYS, EditConfig, default_output, normalise_keys, read_yaml,
+from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RESOLVED_KEYS, RUN_KEYS, EditConfig, check_prompts, normalise_keys, read_yaml,
                      settings_path, validate_run)
 from .errors import TokenFlowError
 from .flow import flow_defaults, flow_kind
+from .outputs import check_output, resolve_output
 
 JOB_KEYS = FIELDS | RUN_KEYS
 
@@ -102,13 +103,18 @@ def load_jobs(path: str, summary: Optional[str] = None) -> list[Job]:
             config = EditConfig(**{**(flow_defaults(kind) if kind else {}),
                                    **{k: v for k, v in merged.items() if k in FIELDS}}).validate()
             run = validate_run({k: v for k, v in merged.items() if k in RUN_KEYS})
+            if run.get("input"):
+                check_prompts([config.prompt])  # the command's rule
         except TokenFlowError as e:
             raise TokenFlowError(f"{where}: {e}") from None
         if not run.get("input"):
             raise TokenFlowError(f"{where}: no input")
-        if not config.prompt.strip():
-            raise TokenFlowError(f"{where}: no prompt")
-        run.setdefault("output", default_output(run["input"]))
+        run["output"] = resolve_output(run.get("output"), run["input"])
+        try:  # what cannot be written fails now, before any model loads; a missing folder is made later
+            check_output(run["output"])
+            check_output(settings_path(run["output"]), extensions=None)
+        except TokenFlowError as e:
+            raise TokenFlowError(f"{where}: {e}") from None
         jobs.append(Job(i, config, run, "inversion_steps" in merged))
     check_jobs_apart(jobs, path, summary)
     return jobs
@@ -144,7 +150,9 @@ def finished_settings(job: Job, settings: dict[str, Any]) -> bool:
         return False
     if not isinstance(written, dict):
         return False
-    return all(written.get(k) == settings.get(k) for k in {*settings, *OPTIONAL_MODEL_KEYS})
+    # a size or rate left to its default (None) matches what it came to in the file (RESOLVED_KEYS)
+    return all(written.get(k) == settings.get(k) for k in {*settings, *OPTIONAL_MODEL_KEYS}
+               if not (k in RESOLVED_KEYS and settings.get(k) is None))
 
 
 def deal(jobs: list[Job], rank: int, world_size: int) -> list[Job]:

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .config import (DEFAULT_MODEL, DEMO_CLIP, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig, default_output,
+from .config import (DEFAULT_MODEL, DEMO_CLIP, EDITORS, KEYFRAME_SAMPLERS, PROPAGATIONS, RUN_KEYS, EditConfig,
                      load_config_file, result_settings, settings_path, validate_run)
 from .errors import Interrupted, RankStopped, RunFailed, TokenFlowError
 
@@ -51,6 +51,20 @@ DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a w
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         raise TokenFlowError(f"{message} (see '{self.prog} --help')")
+
+    def parse_known_args(self, args=None, namespace=None):  # the official flags, underscored names: ours
+        from .options import ours
+
+        return super().parse_known_args(ours(self, sys.argv[1:] if args is None else args), namespace)
+
+    def parse_args(self, args=None, namespace=None):  # an unknown option: the close one, the command's --help
+        from .options import subcommand_parser, unknown_options_message
+
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = subcommand_parser(self, getattr(namespace, "command", None))
+            raise TokenFlowError(unknown_options_message(extras, sub or self, (sub or self).prog))
+        return namespace
 
 
 def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
@@ -98,9 +112,9 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     p.add_argument("--batch-size", type=int, help="frames per keyframe interval and UNet batch (default 8)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, then mps, "
                                                   "then cpu)")
-    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
-                                                 "cuda, bfloat16 on a CPU with AMX or Arm BF16, float32 elsewhere; "
-                                                 "--model tiny: float32)")
+    p.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (or fp32, fp16, bf16; default "
+                                                 "auto: float16 on cuda, bfloat16 on a CPU where it measures "
+                                                 "clearly faster, float32 elsewhere; --model tiny: float32)")
     p.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the inversion cache; nothing goes to the cache folder: resume "
@@ -116,6 +130,7 @@ def _edit_options(p: argparse.ArgumentParser, edit: bool = False) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet's convolution and MLP blocks (pays off on long runs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and the summary")
+    p.add_argument("--data-path", help=argparse.SUPPRESS)  # the official scripts' name of the input
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,10 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "--guidance-scale is the target's (default 13.5 SD3, 5.5 FLUX)")
     edit.add_argument("--frames-dir", help="also write the edited frames as PNG into this folder (default: none)")
 
-    inv = sub.add_parser("invert", help="invert a video into the cache and report the reconstruction PSNR")
+    inv = sub.add_parser("invert", help="invert a video into the cache (optionally reconstruct it)",
+                         description="DDIM-invert the frames and keep the inverted latents in the inversion "
+                                     "cache, so that later edits of the same frames, size, model and inversion "
+                                     "prompt skip the inversion. Without --reconstruct nothing else is written. "
+                                     "--reconstruct also runs the DDIM reconstruction and prints its PSNR; with "
+                                     "-o it writes it as a video (as the official preprocess's inverted.mp4).")
     _edit_options(inv)
     inv.add_argument("--reconstruct", action="store_true",
                      help="also run a DDIM reconstruction and report its PSNR (as many UNet calls again)")
+    inv.add_argument("-o", "--output", help="with --reconstruct: write the reconstruction to this video "
+                                            "(.mp4/.mov/.mkv, or a folder: INPUT-tokenflow.mp4 in it; default: none)")
 
     ev = sub.add_parser("eval", help="warp error and CLIP scores of edited videos against their source")
     ev.add_argument("--source", required=True, help="the source video or frame folder (required)")
@@ -186,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
     ui.add_argument("--share", action="store_true", help="ask Gradio for a public link (off by default)")
     ui.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    ui.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (default auto: float16 on "
-                                                  "cuda, bfloat16 on a CPU with AMX or Arm BF16, float32 "
-                                                  "elsewhere; --model tiny: float32)")
+    ui.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16 (or fp32, fp16, bf16; default "
+                                                  "auto: float16 on cuda, bfloat16 on a CPU where it measures "
+                                                  "clearly faster, float32 elsewhere; --model tiny: float32)")
     ui.add_argument("--cache-dir", help="inversion cache folder (default ~/.cache/tokenflow/inversions)")
     ui.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload (default %(default)s MB)")
     ui.add_argument("--max-frames", type=int, default=120, help="most frames a visitor may edit (default %(default)s)")
@@ -244,6 +266,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
     """Command line over config file over defaults. Returns the edit settings and the run keys."""
     edit: dict[str, Any] = {}
     run: dict[str, Any] = {}
+    if getattr(args, "data_path", None):  # --data_path, as the official scripts name the input
+        if args.input and args.input != args.data_path:
+            raise TokenFlowError(f"two inputs given: '{args.input}' and --data_path '{args.data_path}'")
+        args.input = args.data_path
     if getattr(args, "config", None):
         loaded = load_config_file(args.config)
         edit.update(loaded.edit)
@@ -378,7 +404,9 @@ def _prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict
     """The run keys of each prompt's output: ``out.mp4`` -> ``out-1.mp4``, ...; ``DIR`` -> ``DIR/1``, ..."""
     if not prompts:
         return [run]
-    output = run.get("output") or default_output(run["input"])
+    from .outputs import resolve_output
+
+    output = resolve_output(run.get("output"), run["input"])
     root, ext = os.path.splitext(output)
     frames_dir = run.get("frames_dir")
     if frames_dir and os.path.exists(frames_dir) and not os.path.isdir(frames_dir):
@@ -402,13 +430,22 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     import yaml
 
     from .atomic import atomic_dir, atomic_path
+    from .config import resolved_settings
+    from .models import dropped_text
+    from .outputs import make_output_folder
     from .video import aspect_note, encode_video, frames_replaceable, save_frames
 
+    make_output_folder(output)  # made before the work (see cmd_edit); here in case it went meanwhile
     frames = result.uint8()
-    depends = result_settings(run, result.config)
+    depends = resolved_settings(result_settings(run, result.config), frames.shape[1], frames.shape[2], result.fps,
+                                result.config.frame_stride)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
                 "model": depends.pop("model"), "device": str(pipe.device),
                 "dtype": str(pipe.dtype).replace("torch.", ""), **depends}
+    dropped = {f"{key}_dropped": dropped_text(settings[key]) for key in ("prompt", "inversion_prompt", "negative_prompt")
+               if dropped_text(settings[key])}
+    if dropped:  # CLIP reads 77 tokens: what it did not read of a prompt (ignored when read back)
+        settings["notes"] = dropped
     with contextlib.ExitStack() as commit:  # renames happen on exit, in reverse order: settings last,
         # so a settings file never stands beside an older video (batch skips by it)
         with open(commit.enter_context(atomic_path(settings_path(output))), "w") as f:
@@ -423,6 +460,9 @@ def _finish(pipe, result, output: str, run: dict[str, Any], started: float, labe
     n, h, w = frames.shape[:3]
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
+    resumed_frames = getattr(result.inversion, "resumed_frames", 0)
+    if resumed_frames:
+        resumed += f", inversion resumed after {resumed_frames} of {n} frames"
     aspect = aspect_note(result.source_size, (h, w), result.config.fit)
     aspect = f" ({aspect})" if aspect else ""
     numerics = f"{pipe.device.type} {str(pipe.dtype).replace('torch.', '')}"
@@ -510,11 +550,12 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
     outputs against inputs, the keyframe schedule against the frames, free space. Returns the output.
     ``frames_parent_later``: the frames folder's parent is made when the frames are written.
     ``no_cache``: the checkpoints go beside the output instead of the cache folder."""
+    from .outputs import check_output, note_replaced, resolve_output
     from .preflight import check_free_space, check_no_overwrite, protected_paths
-    from .video import check_frames_dir, check_output_path
+    from .video import check_frames_dir
 
-    output = check_output_path(run.get("output") or default_output(run["input"]))
-    settings_file = check_output_path(settings_path(output), extensions=None)
+    output = check_output(resolve_output(run.get("output"), run["input"]))
+    settings_file = check_output(settings_path(output), extensions=None)
     frames_dir = run.get("frames_dir")
     if frames_dir:
         check_frames_dir(frames_dir, parent_later=frames_parent_later)
@@ -523,6 +564,7 @@ def _check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: O
                        protected_paths(run["input"], config_file, config, run))
     _check_schedule_frames(config, info)
     check_free_space(info, config, output, frames_dir, work)
+    note_replaced(output)
     return output
 
 
@@ -564,10 +606,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, info = _settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     prompts = args.prompt if args.prompt and len(args.prompt) > 1 else None
-    for i, p in enumerate(prompts or [config.prompt]):
-        if not p.strip():
-            where = f" (-p number {i + 1} is blank)" if prompts else ""
-            raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show'")
+    from .config import check_prompts
+
+    check_prompts(prompts or [config.prompt], several=bool(prompts))
     runs = _prompt_runs(run, prompts)  # one output per prompt
     outputs = [_check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None),
                               frames_parent_later=bool(prompts), no_cache=args.no_cache)
@@ -585,6 +626,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if rank:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = _load_pipeline(run)
+    from .outputs import make_output_folder
+
+    for output in outputs:  # the model loaded: a missing output folder is made now (a refused run leaves none)
+        make_output_folder(output)
     pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(prompts or [config.prompt])])
     from .distributed import Group
     from .errors import OutOfMemory
@@ -622,19 +667,38 @@ def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config, run, _ = _settings_and_input(args, "tokenflow invert INPUT")
     _no_flow(run, "invert", "FlowEdit edits SD3/FLUX without an inversion: use tokenflow edit")
+    output = None
+    if args.output:  # the reconstruction's video (not a config's output_path), checked before the model loads
+        from .outputs import check_output, note_replaced, resolve_output
+        from .preflight import check_no_overwrite, protected_paths
+
+        if not args.reconstruct:
+            raise TokenFlowError("-o writes the reconstruction: give --reconstruct too (invert alone writes "
+                                 "only the cache)")
+        output = check_output(resolve_output(args.output, run["input"]))
+        check_no_overwrite([output], None, protected_paths(run["input"], getattr(args, "config", None), config, run))
+        note_replaced(output)
     pipe = _load_pipeline(run).release_text_encoders([config.inversion_prompt])
-    frames = pipe.load_video(run["input"], config).frames
+    video = pipe.load_video(run["input"], config)
+    frames = video.frames
     conditioning = pipe.prepare_conditioning(frames, config)
     inversion = _cached_inversion(pipe, frames, config, run, args, conditioning)
     n, _, h, w = frames.shape
     line = f"inverted {n} frames at {w}x{h} ({config.inversion_steps} steps)"
     if args.reconstruct:
-        value = pipe.reconstruction_psnr(frames, inversion, inversion_prompt=config.inversion_prompt,
-                                         inversion_steps=config.inversion_steps,
-                                         batch_size=config.inversion_batch(),
-                                         progress=not args.quiet, conditioning=conditioning)
-        line += f", reconstruction PSNR {value:.2f} dB"
-    print(f"{line} in {time.perf_counter() - started:.1f}s")
+        from .inversion import psnr
+
+        rebuilt = pipe.reconstruct(inversion, inversion_prompt=config.inversion_prompt,
+                                   inversion_steps=config.inversion_steps, batch_size=config.inversion_batch(),
+                                   progress=not args.quiet, conditioning=conditioning)
+        line += f", reconstruction PSNR {psnr(rebuilt, frames):.2f} dB"
+        if output:
+            from .outputs import make_output_folder
+            from .video import to_uint8, write_video
+
+            make_output_folder(output)
+            write_video(output, to_uint8(rebuilt), video.fps, video.audio_source, audio_start=video.audio_start)
+    print(f"{line} in {time.perf_counter() - started:.1f}s" + (f" -> {output}" if output else ""))
     return 0
 
 
@@ -660,6 +724,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TokenFlowError("CLIP-T needs --prompt (or give --no-clip)")
     source = read_video(args.source, args.max_frames, args.fps).frames
     edited = {path: read_video(path, args.max_frames, args.fps).frames for path in args.edited}
+    from .metrics import mismatch
+
+    for note in filter(None, (mismatch(path, source, frames) for path, frames in edited.items())):
+        logger.warning("%s", note)
     clip = None if args.no_clip else ClipScorer.from_pretrained(args.clip_model or DEFAULT_CLIP,
                                                                  str(resolve_device(args.device or "auto")))
     results = evaluate(source, edited, args.prompt, clip)
@@ -835,6 +903,9 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     key = job.model_key()
     if key not in pipes:
         pipes[key] = _load_pipeline(run)
+    from .outputs import make_output_folder
+
+    make_output_folder(output)
     started = time.perf_counter()
     result = pipes[key].edit(run["input"], config=config, cache_dir=run.get("cache_dir"), progress=not quiet,
                              checkpoint=True, restart=bool(run.get("no_resume")))
@@ -939,7 +1010,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _configure_logging(getattr(args, "quiet", False), libraries=args.command != "cache")
         commands = {"edit": cmd_edit, "invert": cmd_invert, "eval": cmd_eval, "analyze": cmd_analyze,
                     "ui": cmd_ui, "demo": cmd_demo, "cache": cmd_cache, "batch": cmd_batch}
-        return commands[args.command](args)
+        from .progress import above_the_bars
+
+        with above_the_bars():  # notices land above a running progress bar, not inside it
+            return commands[args.command](args)
     except RunFailed as e:  # out of memory, a stopped peer rank: not the user's input
         print(f"tokenflow: error: {e}", file=sys.stderr)
         return 1

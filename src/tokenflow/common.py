@@ -4,12 +4,13 @@ modules on the device for their stage only (offload), and the ranks one edit is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import EditConfig
+from .config import EditConfig, check_prompts
 from .distributed import Group, ShardPlan
 from .errors import TokenFlowError
 from .inputs import VideoInputs
@@ -36,6 +37,33 @@ class PipelineCommon(VideoInputs):
             label["model_name"] = self.model_name
         return label
 
+    def __call__(self, video, prompt: Optional[str] = None, **kwargs: Any):
+        """``pipe(video, prompt=...)``, as a diffusers pipeline is called: :meth:`edit`."""
+        return self.edit(video, prompt, **kwargs)
+
+    def to(self, device: Any = None, dtype: Any = None):
+        """diffusers' ``pipe.to(device)``: the compute (and the models, unless offloaded) on ``device``.
+        The dtype is chosen when loading (``from_pretrained(..., torch_dtype=...)``)."""
+        from .errors import TokenFlowError
+        from .models import resolve_device
+
+        if isinstance(device, torch.dtype) or dtype is not None:
+            raise TokenFlowError("pipe.to takes a device; choose the dtype when loading: "
+                                 "from_pretrained(..., torch_dtype=...)")
+        dev = resolve_device(device if device is not None else "auto")
+        if not self.offload:
+            for m in self._modules():
+                torch.nn.Module.to(m, dev)  # not diffusers' .to, which warns about any dtype
+        self._device = dev
+        self._moved_to(dev)
+        return self
+
+    def _modules(self) -> list:
+        return []
+
+    def _moved_to(self, device: torch.device) -> None:
+        """What else follows the device (embeddings kept on it)."""
+
     def distribute(self, group: Optional[Group] = None):
         """Split every edit across the ranks of a ``torchrun`` launch (or ``group``): each rank edits and
         decodes its own frames; rank 0 gets the whole result. Every rank must call ``edit`` with the same
@@ -58,6 +86,7 @@ class PipelineCommon(VideoInputs):
         config = (config.replace(prompt=prompt) if prompt is not None else config).validate()
         prompt_list = [config.prompt] if prompts is None else [config.replace(prompt=p).validate().prompt
                                                                 for p in prompts]
+        check_prompts(prompt_list, several=prompts is not None)  # the command's rule
         if output_type not in OUTPUT_TYPES:
             raise TokenFlowError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if generator is not None and generator.device.type != "cpu":
@@ -96,3 +125,14 @@ class PipelineCommon(VideoInputs):
                 m.to("cpu")
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def move_tensors(obj: Any, device: torch.device) -> Any:
+    """A tensor, or a dataclass of tensors (prompt embeddings), on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: move_tensors(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj)
+                                           if isinstance(getattr(obj, f.name), torch.Tensor)})
+    return obj

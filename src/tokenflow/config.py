@@ -224,6 +224,32 @@ def check_text(name: str, value: Any, max_chars: int, empty: bool = True) -> str
     return value
 
 
+DIFFUSERS_NAMES = {"num_inference_steps": "steps"}  # diffusers' keyword -> ours
+
+
+def ours(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Keyword settings with diffusers' names (``num_inference_steps=``) as ours (``steps``)."""
+    out = dict(overrides)
+    for theirs, mine in DIFFUSERS_NAMES.items():
+        if theirs in out:
+            if mine in out and out[mine] != out[theirs]:
+                raise TokenFlowError(f"{theirs}={out[theirs]!r} and {mine}={out[mine]!r} disagree; give one")
+            out[mine] = out.pop(theirs)
+    return out
+
+
+def check_prompts(prompts: list[str], several: bool = False) -> None:
+    """An edit needs a prompt that says something: the command, the Python API and a batch job
+    refuse a missing or blank one alike. ``several``: they came as a list (``-p`` repeated)."""
+    if not prompts:
+        prompts = [""]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            where = f" (-p number {i + 1} is blank)" if several else ""
+            raise TokenFlowError(f"no prompt given{where}: use -p/--prompt 'what the video should show' "
+                                 f"(in Python: prompt=...)")
+
+
 FIELDS = {f.name for f in dataclasses.fields(EditConfig)}
 # Keys of the run settings that are not edit settings (the command's own).
 RUN_TEXT_KEYS = ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "model_config")
@@ -276,7 +302,8 @@ def _official_to_ours(data: dict[str, Any], path: str) -> RunConfig:
     if "data_path" in data:
         cfg.run["input"] = data["data_path"]
     if "output_path" in data:
-        cfg.run["output"] = data["output_path"]
+        out = data["output_path"]  # a folder in the official code: the video gets the default name in it
+        cfg.run["output"] = os.path.join(out, "") if isinstance(out, str) and out.strip() else out
     if "device" in data:
         cfg.run["device"] = data["device"]
     if "sd_version" in data:
@@ -338,9 +365,11 @@ def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
 
 
 def normalise_keys(data: dict) -> dict[str, Any]:
-    """Dashed or underscored keys; the ``tokenflow`` version key of a written settings file dropped."""
+    """Dashed or underscored keys; the ``tokenflow`` version key and the ``notes`` (what happened: e.g. the
+    words of a prompt its text encoder did not read) of a written settings file dropped."""
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     data.pop("tokenflow", None)
+    data.pop("notes", None)
     return data
 
 
@@ -363,9 +392,12 @@ def load_config_file(path: str | os.PathLike) -> RunConfig:
 
 
 def default_output(input_path: str) -> str:
-    """``clip.mp4`` -> ``clip-tokenflow.mp4`` (in the current folder)."""
-    stem = os.path.splitext(os.path.basename(os.path.normpath(input_path)))[0] or "video"
-    return f"{stem}-tokenflow.mp4"
+    """``clip.mp4`` -> ``clip-tokenflow.mp4`` (in the current folder); any other suffix stays in the
+    name, so that ``clip.gif`` (``clip-gif-tokenflow.mp4``) and ``clip.mp4`` do not share one output."""
+    stem, ext = os.path.splitext(os.path.basename(os.path.normpath(input_path)))
+    if ext.lower() not in ("", ".mp4") and ext[1:].isalnum():
+        stem = f"{stem}-{ext[1:].lower()}"
+    return f"{stem or 'video'}-tokenflow.mp4"
 
 
 def settings_path(output: str) -> str:
@@ -377,9 +409,26 @@ OPTIONAL_MODEL_KEYS = ("model_config", "lora")
 
 
 def result_settings(run: dict[str, Any], config: EditConfig) -> dict[str, Any]:
-    """What an output depends on, as its settings file records it (and a batch compares to skip it)."""
-    return {"input": run.get("input"), "model": run.get("model") or DEFAULT_MODEL,
+    """What an output depends on, as its settings file records it (and a batch compares to skip it).
+    The input is absolute, so that the file reads back from any folder."""
+    source = run.get("input")
+    return {"input": os.path.abspath(source) if isinstance(source, str) else source,
+            "model": run.get("model") or DEFAULT_MODEL,
             **{k: run[k] for k in OPTIONAL_MODEL_KEYS if run.get(k)}, **config.to_dict()}
+
+
+RESOLVED_KEYS = ("height", "width", "fps")  # None in a request; what they came to in the settings written
+
+
+def resolved_settings(settings: dict[str, Any], height: int, width: int, fps: float,
+                      frame_stride: int = 1) -> dict[str, Any]:
+    """``settings`` with what ran in place of the defaults: the working size, the source's frame rate
+    (the output's times the stride: read back, it gives the same output rate)."""
+    out = dict(settings)
+    out["height"], out["width"] = int(height), int(width)
+    if out.get("fps") is None:
+        out["fps"] = round(float(fps) * frame_stride, 6)
+    return out
 
 
 def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:

@@ -29,6 +29,14 @@ def short_message(e: BaseException) -> str:
 
 
 def unreadable(path: str, e: BaseException) -> TokenFlowError:
+    """In words: FFmpeg's ``InvalidDataError: [Errno 1094995529] ...`` means the file is not a video it knows."""
+    import av
+
+    if isinstance(e, getattr(av.error, "InvalidDataError", ())):
+        return TokenFlowError(f"cannot read '{path}' as a video: it is not a video file FFmpeg knows (not a video, "
+                              f"damaged, or an unknown format); convert it to .mp4, or give a folder of frames")
+    if isinstance(e, getattr(av.error, "FFmpegError", ())) and getattr(e, "strerror", None):
+        return TokenFlowError(f"cannot read '{path}' as a video: {e.strerror}")
     return TokenFlowError(f"cannot read '{path}' as a video: {type(e).__name__}: {short_message(e)}")
 
 

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 from .attention import TokenFlowState
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, edit_key
 from .conditioning import PromptEmbeds
-from .config import FLOW_EDITORS, EditConfig
+from .config import FLOW_EDITORS, EditConfig, ours
+from .progress import StageClock
 from .correspondence import POLICIES
 from .distributed import Group
 from .editing import denoise_step
 from .errors import TokenFlowError
-from .common import PipelineCommon
+from .common import PipelineCommon, move_tensors
 from .families.base import FlowFamily
 from .inputs import VideoInput
 from .joint_attention import joint_tokenflow_hooks
@@ -93,7 +94,7 @@ class FlowPipeline(PipelineCommon):
     def from_pretrained(cls, model: str, device: str = "auto", dtype: Union[str, torch.dtype] = "auto", *,
                         family: Optional[str] = None, loras: Sequence[str] = (), model_config: Optional[str] = None,
                         variant: Optional[str] = None, revision: Optional[str] = None, offload: bool = False,
-                        **_: Any) -> "FlowPipeline":
+                        torch_dtype: Optional[Union[str, torch.dtype]] = None, **_: Any) -> "FlowPipeline":
         """SD3/SD3.5 or FLUX.1 from a hub id, a local diffusers folder or a single checkpoint file
         (``model_config``: the diffusers folder or id its configs come from), LoRAs fused in. ``dtype``
         "auto" on CUDA is bfloat16 where the GPU has it (FLUX's T5 overflows in float16). ``offload``:
@@ -101,6 +102,13 @@ class FlowPipeline(PipelineCommon):
         from .families import detect_family
         from .models import apply_loras, hub_kwargs, short_error
 
+        if torch_dtype is not None:  # diffusers' name
+            if dtype != "auto" and dtype != torch_dtype:
+                raise TokenFlowError("give dtype or torch_dtype, not both")
+            dtype = torch_dtype
+        if model in TINY_MODELS:  # the tiny random models built in code, as on the command line
+            return cls.from_tiny(TINY_MODELS[model], seed=0, device=str(resolve_device(device)),
+                                 dtype="float32" if dtype == "auto" else dtype)
         family = family or detect_family(model)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -142,7 +150,9 @@ class FlowPipeline(PipelineCommon):
             if isinstance(module, torch.nn.Module):
                 torch.nn.Module.to(module, device=dev, dtype=dt)
         tiny = cls(_family(kind, pipe), f"tiny-{kind}:{seed}")
-        tiny.native_side = 512  # a first try that finishes on a CPU
+        from .tiny import TINY_NATIVE_SIDE
+
+        tiny.native_side = TINY_NATIVE_SIDE  # a first try that finishes on a CPU
         tiny.model_name = f"tiny-{kind}" + (f" (seed {seed})" if seed else "")
         return tiny
 
@@ -165,6 +175,13 @@ class FlowPipeline(PipelineCommon):
         for module in (self.family.transformer, self.family.vae, *self.family.text_encoders()):
             module.to("cpu")
         return self
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.family.transformer, self.family.vae, *self.family.text_encoders()]
+
+    def _moved_to(self, device: torch.device) -> None:
+        self.family.compute_device = device
+        self._prompts = {p: move_tensors(e, device) for p, e in self._prompts.items()}
 
     def enable_vae_slicing(self) -> "FlowPipeline":
         self.vae_batch_size = 1
@@ -209,9 +226,6 @@ class FlowPipeline(PipelineCommon):
                                  f"{', '.join(FLOW_EDITORS)} (pipe.default_config() has the family's defaults)")
         if config.control:
             raise TokenFlowError(f"--control (ControlNet) is for the UNet models, not {self.family.name}")
-        for p in prompt_list:
-            if not p.strip():
-                raise TokenFlowError("no prompt given: the edit needs a prompt that says what the video should show")
 
     def flow_steps(self, config: EditConfig) -> tuple[int, int]:
         """(steps run, of which the last sample plainly): FlowEdit's n_max/n_min, SDEdit's start."""
@@ -238,7 +252,7 @@ class FlowPipeline(PipelineCommon):
         ``inversion`` and ``use_cache`` are accepted for the UNet pipeline's signature and unused.
         """
         # 1. check the inputs
-        config, prompt_list = self.check_inputs((config or self.default_config()).replace(**overrides), prompt,
+        config, prompt_list = self.check_inputs((config or self.default_config()).replace(**ours(overrides)), prompt,
                                                 prompts, output_type, generator)
         timer, memory = Timer(), MemoryPlan.from_settings(self, self.device)
         # 2. frames, and this rank's share of them as clean latents
@@ -432,6 +446,9 @@ class _FlowLoop:
         with joint_tokenflow_hooks(self.family.transformer, self.state, self.pipe.layers, self.family.text_first):
             bar = tqdm(range(self.first, total), desc="Editing", unit="step", initial=self.first, total=total,
                        disable=not progress or not group.is_main, leave=False)
+            clock = StageClock("the edit", "--steps (or --n-max), --max-frames or --height/--width",
+                               announce=progress and group.is_main, already=self.first,
+                               what=f"{n} frames, {total} steps")
             for k in bar:
                 started = time.perf_counter()
                 keyframes = self.sampler(k, n, self.config.batch_size) if self.config.propagation in POLICIES \
@@ -441,6 +458,7 @@ class _FlowLoop:
                 self.step(self.first_index + k, keyframes)
                 bar.set_postfix_str(f"{n * len(self.y) / (time.perf_counter() - started):.2f} frames/s",
                                     refresh=False)
+                clock.update(k + 1, total)
                 if saver:
                     saver.after_step(self.y, self.keyframe_log, total, time.perf_counter() - started)
                 if self.trail is not None:

@@ -103,6 +103,22 @@ def warp_errors(frames: np.ndarray, flows: SourceFlows) -> np.ndarray:
     return np.array(errors)
 
 
+def mismatch(name: str, source: np.ndarray, edited: np.ndarray) -> Optional[str]:
+    """Why ``edited`` may not be an edit of ``source``: another frame count, or another aspect ratio
+    (an edit's working size is usually another scale of the source's: that alone is no mismatch)."""
+    notes = []
+    if len(edited) != len(source):
+        notes.append(f"{len(edited)} frames against the source's {len(source)} (the first "
+                     f"{min(len(edited), len(source))} are compared)")
+    (sh, sw), (eh, ew) = source.shape[1:3], edited.shape[1:3]
+    if abs((ew / eh) / (sw / sh) - 1) > 0.02:
+        notes.append(f"{ew}x{eh} against the source's {sw}x{sh} (another aspect ratio; the source is resized "
+                     f"to {ew}x{eh})")
+    if not notes:
+        return None
+    return f"'{name}' has {' and '.join(notes)}: is it an edit of this source?"
+
+
 def match_frames(source: np.ndarray, edited: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Same frame count (the shorter) and the edited video's size for both."""
     from .video import resize_frames
@@ -133,7 +149,7 @@ class ClipScorer:
             tokenizer = CLIPTokenizer.from_pretrained(model_id, **kwargs)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TokenFlowError(f"cannot load CLIP model '{model_id}': {reason[:200]} (use --no-clip offline)") from None
+            raise TokenFlowError(f"cannot load CLIP model '{model_id}': {reason[:200]} (--no-clip scores the warp error alone)") from None
         return cls(model, tokenizer, device=device)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:

@@ -26,6 +26,7 @@ MODEL_ALIASES = {
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # diffusers' and the web UIs' names
 
 
 def _mps_available() -> bool:
@@ -66,26 +67,13 @@ CPU_BF16_ENV = "TOKENFLOW_CPU_BF16"  # 0: auto stays float32 on the CPU; 1: auto
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether bfloat16 matmuls and convolutions run faster than float32 on this CPU: an x86 CPU with
-    AMX (Sapphire Rapids and later) or an Arm CPU with BF16. AVX512-BF16 alone is not enough: on such a
-    Xeon without AMX, bfloat16 GEMMs ran at 0.52x the float32 rate and a full-size edit took 1.28x as
-    long (benchmarks/dtype_drift.py --kernels), so auto stays float32 there."""
-    import platform
+    """Whether bfloat16 matmuls and convolutions run clearly faster than float32 on this CPU: measured
+    once per CPU model (a GEMM and a 3x3 convolution, a fraction of a second) and cached
+    (:mod:`tokenflow.cpu_speed`). A rule on CPU features got it wrong both ways: a Xeon with AVX512-BF16
+    and no AMX ran bfloat16 at 0.52x, an EPYC with AVX512-BF16 at 1.55x."""
+    from .cpu_speed import bf16_is_faster
 
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64", "i686", "x86"):
-        cpu = getattr(torch, "cpu", None)
-        check, enable = getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_init_amx", None)
-        try:  # the CPU has AMX, and the kernel lets this process use it
-            return bool(check and check() and (enable is None or enable()))
-        except Exception:  # a torch build without the probe
-            return False
-    if machine in ("aarch64", "arm64"):
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except Exception:
-            return False
-    return False
+    return bf16_is_faster()
 
 
 def cpu_auto_bf16() -> bool:
@@ -100,8 +88,9 @@ def cpu_auto_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
-    """auto: float16 on CUDA; bfloat16 on a CPU that computes it faster than float32 (AMX or Arm BF16,
-    ``cpu_has_native_bf16``; TOKENFLOW_CPU_BF16=0 keeps float32 there, 1 takes bfloat16 on any CPU);
+    """auto: float16 on CUDA; bfloat16 on a CPU that computes it clearly faster than float32 (measured
+    once per CPU model, ``cpu_has_native_bf16``; TOKENFLOW_CPU_BF16=0 keeps float32 there, 1 takes
+    bfloat16 on any CPU);
     float32 elsewhere. Exact agreement with the official code's recorded outputs is a float32
     property: ask for float32 for it."""
     if isinstance(dtype, torch.dtype):
@@ -111,8 +100,10 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torc
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_auto_bf16() else torch.float32
+    dtype = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in DTYPES:
-        raise TokenFlowError(f"unknown dtype {shown(dtype)}; allowed: auto, {', '.join(DTYPES)}")
+        raise TokenFlowError(f"unknown dtype {shown(dtype)}; allowed: auto, {', '.join(DTYPES)} "
+                             f"(or {', '.join(DTYPE_ALIASES)})")
     return DTYPES[dtype]
 
 
@@ -240,6 +231,11 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     return _REACHABLE[host], host
 
 
+# what a hub error adds for the thing that could not be had: the way to go on without it
+HUB_HINTS = {"model": "; --model tiny tries the machinery with no download",
+             "CLIP model": "; --no-clip scores the warp error alone, with no download"}
+
+
 def hub_kwargs(name: str, what: str) -> dict[str, Any]:
     """How to load ``name`` (a local folder or a hub id) without hanging when there is no network.
 
@@ -256,7 +252,7 @@ def hub_kwargs(name: str, what: str) -> dict[str, Any]:
     if constants.HF_HUB_OFFLINE:
         if not cached:
             raise TokenFlowError(f"{what} '{name}' is not in the local hub cache and HF_HUB_OFFLINE is set: "
-                                 f"download it once while online, or give a local folder")
+                                 f"download it once while online, or give a local folder{HUB_HINTS.get(what, '')}")
         return {"local_files_only": True}
     reachable, host = _hub_reachable()
     if reachable:
@@ -266,7 +262,7 @@ def hub_kwargs(name: str, what: str) -> dict[str, Any]:
         return {"local_files_only": True}
     raise TokenFlowError(f"cannot reach the hub ({host}) to download {what} '{name}', and it is not in the local "
                          f"cache: connect to the internet, give a local folder (or a .safetensors file), or set "
-                         f"HF_HUB_OFFLINE=1 to use cached models only")
+                         f"HF_HUB_OFFLINE=1 to use cached models only{HUB_HINTS.get(what, '')}")
 
 
 def short_error(e: Exception) -> str:
@@ -451,6 +447,13 @@ def upcast_vae(vae, dtype: torch.dtype) -> None:
 
 
 _TRUNCATION_WARNED: set = set()  # (prompt, length): a prompt encoded many times is reported once
+_DROPPED: dict[str, str] = {}  # prompt -> the text its text encoder did not read (for the settings file)
+
+
+def dropped_text(prompt: str) -> Optional[str]:
+    """What the text encoder did not read of ``prompt`` when it was encoded in this process (CLIP's 77
+    tokens), or None when it read all of it."""
+    return _DROPPED.get(prompt)
 
 
 def _first_rank() -> bool:
@@ -465,6 +468,8 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     length = tokenizer.model_max_length
     tokens = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # all of them, quietly
     room = length - tokenizer.num_special_tokens_to_add()
+    if len(tokens) > room:
+        _DROPPED[prompt] = tokenizer.decode(tokens[room:]).strip()
     if len(tokens) > room and (prompt, length) not in _TRUNCATION_WARNED and _first_rank():
         _TRUNCATION_WARNED.add((prompt, length))
         dropped = tokenizer.decode(tokens[room:]).strip()

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
 from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, edit_key
-from .common import PipelineCommon
+from .common import PipelineCommon, move_tensors
 from .conditioning import Conditioning, PromptEmbeds
-from .config import DEFAULT_MODEL, EditConfig
+from .config import DEFAULT_MODEL, EditConfig, ours
 from .correspondence import POLICIES as PROPAGATION_POLICIES
 from .distributed import Group, ShardPlan
 from .editors import EDITORS, BaseEditor
@@ -41,6 +41,7 @@ from .inversion import (Inversion, ddim_invert, ddim_reconstruct, gather_inversi
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
 from .memory import MemoryPlan, vae_in_pieces
+from .progress import StageClock
 from .models import (Components, decode_latents, encode_frames, load_components, module_identity, path_identity,
                      resolve_device, resolve_dtype, upcast_vae)
 from .results import EditResult, ProgressCallback, Timer, results_of  # noqa: F401 (EditResult: public here)
@@ -85,6 +86,10 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         self.reuse_keyframe_outputs = True
         self.group = Group()  # the ranks one edit is split across (see distribute); one process by default
         self._kept_prompts: Optional[dict[str, PromptEmbeds]] = None  # set by release_text_encoders
+
+    def _moved_to(self, device: torch.device) -> None:
+        if self._kept_prompts:
+            self._kept_prompts = {p: move_tensors(e, device) for p, e in self._kept_prompts.items()}
 
     # ------------------------------------------------------------------ memory options
     def enable_offload(self) -> "TokenFlowPipeline":
@@ -142,12 +147,22 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
     def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto", *,
                         model_config: Optional[str] = None, allow_pickle: bool = False,
                         loras: tuple[str, ...] | list[str] = (), variant: Optional[str] = None,
-                        revision: Optional[str] = None) -> "TokenFlowPipeline":
+                        revision: Optional[str] = None,
+                        torch_dtype: Optional[str | torch.dtype] = None) -> "TokenFlowPipeline":
         """Load SD 1.x/2.x, SD 2 depth or SDXL (an SD3 or FLUX.1 model gives a :class:`tokenflow.FlowPipeline`) from a hub id, a local diffusers folder or a single
         checkpoint file (configs from ``model_config``), with LoRAs (``PATH_OR_ID[:SCALE]``) fused in.
-        ``variant`` (e.g. ``"fp16"``) and ``revision`` are diffusers' own."""
+        ``variant`` (e.g. ``"fp16"``), ``revision`` and ``torch_dtype`` (the same as ``dtype``) are
+        diffusers' own. ``"tiny"`` (and ``"tiny-sd3"``, ``"tiny-flux"``) is the tiny random model built
+        in code, as ``--model tiny`` on the command line (float32 unless a dtype is asked for)."""
         from .flow import flow_kind
 
+        if torch_dtype is not None:
+            if dtype != "auto" and dtype != torch_dtype:
+                raise TokenFlowError("give dtype or torch_dtype, not both")
+            dtype = torch_dtype
+        if model == "tiny":
+            return cls.from_tiny(seed=0, device=str(resolve_device(device)),
+                                 dtype="float32" if dtype == "auto" else dtype)
         if flow_kind(model):  # SD3/SD3.5, FLUX.1: the rectified-flow pipeline
             from .flow import FlowPipeline
 
@@ -197,6 +212,10 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         upcast_vae(c.vae, dt)
         pipe = cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler)
         pipe.model_name = "tiny" if seed == 0 and not full_size else f"tiny (seed {seed}{', full size' * full_size})"
+        if not full_size:  # a first try that finishes on a CPU (see tiny.TINY_NATIVE_SIDE)
+            from .tiny import TINY_NATIVE_SIDE
+
+            pipe.native_side = TINY_NATIVE_SIDE
         return pipe
 
     @property
@@ -276,7 +295,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             return cached.rows(shard)
         x0 = self._clean_latents(frames, shard, saver, restart, memory)
         inversion = self._ddim_invert(x0, shard, n, prompt, inversion_steps, keep, batch_size, conditioning,
-                                      saver, restart, progress, callback)
+                                      saver, restart, progress, callback, group)
         inversion.key = key
         if cache is not None:  # rank 0 (or the only process) writes the one entry
             cache.save_or_warn(key, fields, gather_inversion(inversion, shard, n, group), label)
@@ -303,30 +322,51 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
     def _ddim_invert(self, x0: torch.Tensor, shard: range, n: int, prompt: str, inversion_steps: int,
                      keep: torch.Tensor, batch_size: int, conditioning: Optional[Conditioning],
                      saver: Optional[Checkpointer], restart: bool, progress: bool,
-                     callback: Optional[ProgressCallback]) -> Inversion:
+                     callback: Optional[ProgressCallback], group: Group) -> Inversion:
         """DDIM inversion of this rank's clean latents with a progress bar, batches checkpointed."""
         predict = self._predictor(self.prompt_embeds(prompt), conditioning, shard.start)
+
+        h, w = 8 * x0.shape[-2], 8 * x0.shape[-1]
+        clock = StageClock("the inversion", "--inversion-steps, --max-frames or --height/--width",
+                           announce=progress and group.is_main,
+                           what=f"{n} frames at {w}x{h}, {inversion_steps} steps")
+        resumed = {"frames": 0, "said": False}  # frames an interrupted run had inverted
+
+        def say_resumed() -> None:  # one notice, once the batches an interrupted run finished are all found
+            if resumed["frames"] and not resumed["said"]:
+                resumed["said"] = True
+                logger.info("resuming the inversion at frame %d of %d", shard.start + resumed["frames"], n)
 
         def restore(first: int):
             found = saver.find_rows(first) if saver and not restart else None
             if found is not None:
-                logger.info("resuming the inversion at frame %d of %d", shard.start + found[0], n)
+                resumed["frames"] += found[0] - first
+                clock.resumed()
+            else:
+                say_resumed()
             return found
 
         with tqdm(total=inversion_steps, desc="Inverting", unit="step", disable=not progress, leave=False,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]") as bar:
-            started = time.perf_counter()
 
             def report(done: int, total: int) -> None:  # done: frame-steps; the bar counts steps
-                bar.update(done / max(len(shard), 1) - bar.n)
-                bar.set_postfix_str(f"{done / max(time.perf_counter() - started, 1e-9):.2f} frames/s", refresh=False)
+                rate = clock.update(done, total)
+                if clock.restored:  # an earlier run's work: the bar moves on without counting it as fast work
+                    bar.n = bar.last_print_n = bar.initial = done / max(len(shard), 1)
+                    bar.refresh()
+                else:
+                    bar.update(done / max(len(shard), 1) - bar.n)
+                bar.set_postfix_str(f"{rate:.2f} frames/s", refresh=False)
                 if callback:
                     callback("inversion", done, total)
 
             with self._on_device(*self._denoisers()):
-                return ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
-                                   batch_size, report, predict, restore=restore,
-                                   on_batch=saver.save_rows if saver else None, first_frame=shard.start)
+                inversion = ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
+                                        batch_size, report, predict, restore=restore,
+                                        on_batch=saver.save_rows if saver else None, first_frame=shard.start)
+        say_resumed()
+        inversion.resumed_frames = resumed["frames"]  # for the summary line
+        return inversion
 
     def reconstruct(self, inversion: Inversion, inversion_prompt: str = "", inversion_steps: int = 50,
                     batch_size: int = 8, progress: bool = True,
@@ -372,7 +412,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         ``result.discard_checkpoint()`` once the result is saved.
         """
         # 1. check the inputs: every setting, before any work
-        config, prompt_list = self.check_inputs((config or EditConfig()).replace(**overrides), prompt, prompts,
+        config, prompt_list = self.check_inputs((config or EditConfig()).replace(**ours(overrides)), prompt, prompts,
                                                 output_type, generator)
         editor: BaseEditor = EDITORS[config.editor](config)
         timer, memory = Timer(), MemoryPlan.from_settings(self, self.device)
@@ -483,6 +523,9 @@ class _EditLoop:
         with tokenflow_hooks(pipe.unet, state, pipe.layers):
             bar = tqdm(range(self.first, total), desc="Editing", unit="step", initial=self.first, total=total,
                        disable=not progress or not group.is_main, leave=False)
+            clock = StageClock("the edit", "--steps, --max-frames or --height/--width",
+                               announce=progress and group.is_main, already=self.first,
+                               what=f"{n} frames at {8 * self.x.shape[-1]}x{8 * self.x.shape[-2]}, {total} steps")
             for i in bar:
                 t = self.timesteps[i]
                 started = time.perf_counter()
@@ -496,6 +539,7 @@ class _EditLoop:
                 self.x = pipe.denoise_step(self.x, t, self.inversion.latents[int(t)], keyframes, state, self.scheduler,
                                            self.text, config, qk, feat, self.conditioning, self.plan, self.memory)
                 bar.set_postfix_str(f"{n * len(self.x) / (time.perf_counter() - started):.2f} frames/s", refresh=False)
+                clock.update(i + 1, total)
                 if saver:
                     saver.after_step(self.x, self.keyframe_log, total, time.perf_counter() - started)
                 if self.trail is not None:

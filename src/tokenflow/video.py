@@ -458,23 +458,38 @@ def aspect_note(source_hw: Optional[tuple[int, int]], hw: tuple[int, int], fit: 
     return f"{done} from {sw}x{sh}{tip}"
 
 
-def check_output_path(path: str | os.PathLike, extensions=VIDEO_OUTPUT_EXTENSIONS) -> str:
-    """Fail early, before any work, if ``path`` cannot be written (nor its temporary beside it)."""
+def check_output_path(path: str | os.PathLike, extensions=VIDEO_OUTPUT_EXTENSIONS, parent_later: bool = False) -> str:
+    """Fail early, before any work, if ``path`` cannot be written (nor its temporary beside it).
+    ``parent_later``: its folder may be missing (it is made before the work: see ``outputs.py``)."""
     path = os.fspath(path)
     if extensions and not path.lower().endswith(extensions):
         raise TokenFlowError(f"output '{path}' must end in {', '.join(extensions)}")
     if os.path.isdir(path):
-        raise TokenFlowError(f"output '{path}' is a folder")
-    check_writable_name(path)
+        raise TokenFlowError(f"output '{path}' is a folder (end it with '/' to write into it)")
+    check_writable_name(path, parent_later=parent_later)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise TokenFlowError(f"cannot write output '{path}': permission denied")
     return path
 
 
-def check_writable_name(path: str, suffix: str = "") -> None:
-    """The parent folder exists and is writable; the name and its temporary (with ``suffix``)
-    fit the file system."""
+def nearest_existing_folder(path: str) -> str:
+    """The folder ``path`` would be written in if it exists, else its nearest existing ancestor
+    (which may be a file: then nothing can be made there)."""
     parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def check_writable_name(path: str, suffix: str = "", parent_later: bool = False) -> None:
+    """The parent folder exists and is writable; the name and its temporary (with ``suffix``)
+    fit the file system. ``parent_later``: a missing parent is fine when the nearest existing
+    folder above it is writable (the missing folders are made there)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent_later and not os.path.lexists(parent):
+        parent = nearest_existing_folder(path)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise TokenFlowError(f"cannot write output '{path}': '{parent}' is a file, not a folder")
     if not os.path.isdir(parent):
         raise TokenFlowError(f"cannot write output '{path}': folder '{parent}' does not exist")
     if not os.access(parent, os.W_OK):
