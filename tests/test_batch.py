@@ -85,9 +85,9 @@ def test_batch_settings_are_checked_before_any_work(tmp_path, capsys, tiny_model
 
 def test_batch_jobs_are_checked_against_each_other_before_the_model_loads(tmp_path, capsys, monkeypatch,
                                                                           tiny_model_dir):
-    from tokenflow import cli
+    from tokenflow import runs
 
-    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(runs, "load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
     wolf = write_clip(tmp_path / "wolf.mp4", moving_frames(3, 32, 48))
     cat = write_clip(tmp_path / "cat.mp4", moving_frames(3, 32, 48, seed=1))
     before = {p: open(p, "rb").read() for p in (wolf, cat)}

@@ -283,9 +283,9 @@ def test_rank_environment_of_a_plain_run_is_checked_and_every_wait_is_bounded(tm
 
     from conftest import run_cli, write_clip
     from test_reliability import one_error_line
-    from tokenflow import cli
+    from tokenflow import runs
 
-    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(runs, "load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(3, 32, 48))
     edit = ["edit", clip, "-p", "x", "--model", "tiny", "-o", tmp_path / "o.mp4", "--steps", "2"]
     master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}

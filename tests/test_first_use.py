@@ -260,12 +260,12 @@ def test_charts_and_pictures_are_labelled(tmp_path):
 
 
 def _refuse_model(monkeypatch):
-    from tokenflow import cli
+    from tokenflow import runs
 
     def refuse(run):
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr(cli, "_load_pipeline", refuse)
+    monkeypatch.setattr(runs, "load_pipeline", refuse)
 
 
 def test_a_missing_output_folder_is_made_and_what_cannot_be_written_fails_before_the_model(

@@ -102,9 +102,9 @@ def test_several_prompts_on_the_command_line_write_one_output_each(tmp_path, cap
 
 def test_several_prompts_whose_output_is_refused_create_nothing(tmp_path, capsys, monkeypatch):
     from test_reliability import one_error_line
-    from tokenflow import cli
+    from tokenflow import runs
 
-    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(runs, "load_pipeline", lambda run: pytest.fail("the model loaded before the check"))
     clip = write_clip(tmp_path / "o-2.mp4", moving_frames(3, 32, 48))  # the second prompt's output name
     before = open(clip, "rb").read()
     code, _, err = run_cli(capsys, "edit", clip, "-p", "a robot", "-p", "a statue", "-o", tmp_path / "o.mp4",

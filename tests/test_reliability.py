@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenflow import cli
+from tokenflow import runs
 from tokenflow.config import EditConfig
 from tokenflow.errors import OutOfMemory
 from tokenflow.video import image_to_rgb8, probe_video, read_video, write_video
@@ -35,7 +35,7 @@ def no_model(monkeypatch):
     def refuse(run):
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr(cli, "_load_pipeline", refuse)
+    monkeypatch.setattr(runs, "load_pipeline", refuse)
 
 
 def one_error_line(err: str, *needles: str) -> None:
@@ -553,7 +553,7 @@ def test_out_of_memory_that_no_smaller_batch_fixes_names_the_setting(tiny_pipe, 
 
     pipe = TokenFlowPipeline.from_tiny(seed=0)
     monkeypatch.setattr(pipe, "_predict", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA")))
-    monkeypatch.setattr(cli, "_load_pipeline", lambda run: pipe)
+    monkeypatch.setattr(runs, "load_pipeline", lambda run: pipe)
     code, _, err = run_cli(capsys, "edit", clip, "-p", "x", "-o", clip.replace("clip.mp4", "o.mp4"), "--no-cache",
                            *FAST)
     assert code == 1
