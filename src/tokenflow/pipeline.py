@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from .attention import TokenFlowState
 from .cache import InversionCache, frames_digest, inversion_key
-from .checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, checkpoint_root, edit_key
+from .checkpoints import Checkpointer, CheckpointStore, checkpoint_root
 from .common import PipelineCommon, move_tensors
 from .conditioning import Conditioning, PromptEmbeds
 from .config import DEFAULT_MODEL, EditConfig, ours
@@ -34,8 +32,8 @@ from .correspondence import POLICIES as PROPAGATION_POLICIES
 from .distributed import Group, ShardPlan
 from .editors import EDITORS, BaseEditor
 from .errors import TokenFlowError
-from .families.unet import UNetModel
-from .injection import resolve_layers, tokenflow_hooks
+from .families.unet import UNetEditLoop, UNetModel
+from .injection import resolve_layers
 from .inputs import FittedVideo, VideoInput  # noqa: F401 (FittedVideo: public here before)
 from .inversion import (Inversion, ddim_invert, ddim_reconstruct, gather_inversion, missing_timesteps, psnr,
                         steps_error)
@@ -438,7 +436,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                                                self.cache_label(video))
         fitted = fitted._replace(frames=None)  # the pixels are not needed past here: long videos keep latents
         # 4. the sampling loop (from its checkpoint, when an interrupted run left one)
-        loop = _EditLoop(self, config, editor, prompt_list, inversion, plan, sampler, conditioning, memory,
+        loop = UNetEditLoop(self, config, editor, prompt_list, inversion, plan, sampler, conditioning, memory,
                          generator or torch.Generator().manual_seed(config.seed), return_latents)
         saver = None
         if checkpoint and inversion.key and not return_latents:
@@ -475,78 +473,6 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             raise TokenFlowError(f"the inversion has no latents at timesteps {missing[:3]}; "
                                  f"invert with the same --steps as the edit")
         return given.rows(mine)
-
-
-class _EditLoop:
-    """The editing loop of one UNet edit (paper Alg. 1 per step): keyframes, injections, the TokenFlow step."""
-
-    def __init__(self, pipe: TokenFlowPipeline, config: EditConfig, editor: BaseEditor, prompts: list[str],
-                 inversion: Inversion, plan: ShardPlan, sampler, conditioning: Conditioning, memory: MemoryPlan,
-                 generator: torch.Generator, return_latents: bool):
-        self.pipe, self.config, self.editor, self.prompts = pipe, config, editor, prompts
-        self.inversion, self.plan, self.sampler, self.conditioning = inversion, plan, sampler, conditioning
-        self.memory = memory
-        self.scheduler = pipe.new_scheduler()
-        self.scheduler.set_timesteps(config.steps)
-        self.timesteps = editor.select_timesteps(self.scheduler.timesteps)
-        negative = pipe.prompt_embeds(config.negative_prompt)
-        self.text = PromptEmbeds.cat([pipe.prompt_embeds(config.inversion_prompt),  # 1 + 2P rows: source, then
-                                      *(e for p in prompts for e in (negative, pipe.prompt_embeds(p)))])  # uncond/cond
-        x = editor.start_latents(inversion, self.scheduler, self.timesteps[0], generator).float()
-        self.x = x[None].repeat(len(prompts), *([1] * x.ndim))  # (P, n, C, h, w): every prompt starts alike
-        self.trail = [self.x.clone()] if return_latents else None
-        self.keyframe_log: list[list[int]] = []
-        self.first = 0  # the step a resumed run starts at
-
-    def checkpoints(self, root: str, generator_state: Optional[torch.Tensor], restart: bool,
-                    label: dict) -> EditCheckpoints:
-        """The edit's resume checkpoint; picks up where an interrupted run of the same edit stopped."""
-        pipe, group = self.pipe, self.pipe.group
-        key = edit_key("edit", self.config, pipe.model_id, pipe.dtype, pipe.device, generator_state,
-                       inversion=self.inversion.key,
-                       **({"prompts": self.prompts} if len(self.prompts) > 1 else {}))
-        if group.distributed:  # each rank checkpoints its own frames
-            key = f"{key}-{group.world_size}-{group.rank}"
-        saver = EditCheckpoints(Checkpointer(CheckpointStore(root), key, label), self.sampler, group)
-        restored = None if restart else saver.restore(len(self.timesteps))
-        if restored is not None:
-            x, self.keyframe_log = restored
-            self.x = x[None] if x.ndim == 4 else x  # one prompt's checkpoint of an earlier version
-            self.first = len(self.keyframe_log)
-        return saver
-
-    def run(self, progress: bool, callback: Optional[ProgressCallback], saver: Optional[EditCheckpoints]
-            ) -> torch.Tensor:
-        """Every step from the first (or the one resumed at); returns the latents (P, n_r, C, h, w)."""
-        pipe, config, group, n, total = self.pipe, self.config, self.pipe.group, self.plan.n_frames, len(self.timesteps)
-        state = TokenFlowState(n_branches=3)
-        with tokenflow_hooks(pipe.unet, state, pipe.layers):
-            bar = tqdm(range(self.first, total), desc="Editing", unit="step", initial=self.first, total=total,
-                       disable=not progress or not group.is_main, leave=False)
-            clock = StageClock("the edit", "--steps, --max-frames or --height/--width",
-                               announce=progress and group.is_main, already=self.first,
-                               what=f"{n} frames at {8 * self.x.shape[-1]}x{8 * self.x.shape[-2]}, {total} steps")
-            for i in bar:
-                t = self.timesteps[i]
-                started = time.perf_counter()
-                # 1. keyframes (the baselines have none), the same seeded draws on every rank
-                keyframes = self.sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
-                    else torch.empty(0, dtype=torch.long)
-                self.keyframe_log.append(keyframes.tolist())
-                group.check_same(self.keyframe_log[-1], f"keyframes of step {i + 1}")
-                qk, feat = self.editor.injection(i, config.steps)
-                # 2.-5. on this rank's frames (smaller UNet batches when the device runs out of memory)
-                self.x = pipe.denoise_step(self.x, t, self.inversion.latents[int(t)], keyframes, state, self.scheduler,
-                                           self.text, config, qk, feat, self.conditioning, self.plan, self.memory)
-                bar.set_postfix_str(f"{n * len(self.x) / (time.perf_counter() - started):.2f} frames/s", refresh=False)
-                clock.update(i + 1, total)
-                if saver:
-                    saver.after_step(self.x, self.keyframe_log, total, time.perf_counter() - started)
-                if self.trail is not None:
-                    self.trail.append(self.x.clone())
-                if callback:
-                    callback("editing", i + 1, total)
-        return self.x
 
 
 def _stable_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The UNet families' seam (SD 1.x/2.x, SD 2 depth, SDXL): prompts, per-frame conditions and the one
-model call, shared by the inversion and the editing loop.
+model call, shared by the inversion and the editing loop; and the UNet editing loop itself
+(:class:`UNetEditLoop`, the counterpart of the rectified-flow families' ``flow._FlowLoop``).
 
 :class:`UNetModel` is what :class:`~tokenflow.pipeline.TokenFlowPipeline` knows of its network; the
 rectified-flow families have theirs in :mod:`tokenflow.families.base`. It needs the pipeline's modules
@@ -10,20 +11,31 @@ rectified-flow families have theirs in :mod:`tokenflow.families.base`. It needs 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import time
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from tqdm.auto import tqdm
 
+from ..attention import TokenFlowState
+from ..checkpoints import Checkpointer, CheckpointStore, EditCheckpoints, edit_key
 from ..conditioning import (DEFAULT_CONTROLNETS, DEFAULT_DEPTH_MODEL, Conditioning, PromptEmbeds, control_images,
                             estimate_depth, load_depth_model, model_family, normalise_per_frame)
+from ..config import POLICIES as PROPAGATION_POLICIES
 from ..config import EditConfig
 from ..distributed import ShardPlan
 from ..editing import denoise_step as tokenflow_step
+from ..editors import BaseEditor
 from ..errors import TokenFlowError
-from ..attention import TokenFlowState
-from ..inversion import PredictFn
+from ..injection import tokenflow_hooks
+from ..inversion import Inversion, PredictFn
 from ..memory import MemoryPlan
 from ..models import encode_prompt, encode_prompt_sdxl, path_identity, short_error
+from ..progress import StageClock
+from ..results import ProgressCallback
+
+if TYPE_CHECKING:
+    from ..pipeline import TokenFlowPipeline
 
 
 class UNetModel:
@@ -188,3 +200,75 @@ class UNetModel:
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.depth_estimator,
                             *self.controlnets.values()) if m is not None]
+
+
+class UNetEditLoop:
+    """The editing loop of one UNet edit (paper Alg. 1 per step): keyframes, injections, the TokenFlow step."""
+
+    def __init__(self, pipe: "TokenFlowPipeline", config: EditConfig, editor: BaseEditor, prompts: list[str],
+                 inversion: Inversion, plan: ShardPlan, sampler, conditioning: Conditioning, memory: MemoryPlan,
+                 generator: torch.Generator, return_latents: bool):
+        self.pipe, self.config, self.editor, self.prompts = pipe, config, editor, prompts
+        self.inversion, self.plan, self.sampler, self.conditioning = inversion, plan, sampler, conditioning
+        self.memory = memory
+        self.scheduler = pipe.new_scheduler()
+        self.scheduler.set_timesteps(config.steps)
+        self.timesteps = editor.select_timesteps(self.scheduler.timesteps)
+        negative = pipe.prompt_embeds(config.negative_prompt)
+        self.text = PromptEmbeds.cat([pipe.prompt_embeds(config.inversion_prompt),  # 1 + 2P rows: source, then
+                                      *(e for p in prompts for e in (negative, pipe.prompt_embeds(p)))])  # uncond/cond
+        x = editor.start_latents(inversion, self.scheduler, self.timesteps[0], generator).float()
+        self.x = x[None].repeat(len(prompts), *([1] * x.ndim))  # (P, n, C, h, w): every prompt starts alike
+        self.trail = [self.x.clone()] if return_latents else None
+        self.keyframe_log: list[list[int]] = []
+        self.first = 0  # the step a resumed run starts at
+
+    def checkpoints(self, root: str, generator_state: Optional[torch.Tensor], restart: bool,
+                    label: dict) -> EditCheckpoints:
+        """The edit's resume checkpoint; picks up where an interrupted run of the same edit stopped."""
+        pipe, group = self.pipe, self.pipe.group
+        key = edit_key("edit", self.config, pipe.model_id, pipe.dtype, pipe.device, generator_state,
+                       inversion=self.inversion.key,
+                       **({"prompts": self.prompts} if len(self.prompts) > 1 else {}))
+        if group.distributed:  # each rank checkpoints its own frames
+            key = f"{key}-{group.world_size}-{group.rank}"
+        saver = EditCheckpoints(Checkpointer(CheckpointStore(root), key, label), self.sampler, group)
+        restored = None if restart else saver.restore(len(self.timesteps))
+        if restored is not None:
+            x, self.keyframe_log = restored
+            self.x = x[None] if x.ndim == 4 else x  # one prompt's checkpoint of an earlier version
+            self.first = len(self.keyframe_log)
+        return saver
+
+    def run(self, progress: bool, callback: Optional[ProgressCallback], saver: Optional[EditCheckpoints]
+            ) -> torch.Tensor:
+        """Every step from the first (or the one resumed at); returns the latents (P, n_r, C, h, w)."""
+        pipe, config, group, n, total = self.pipe, self.config, self.pipe.group, self.plan.n_frames, len(self.timesteps)
+        state = TokenFlowState(n_branches=3)
+        with tokenflow_hooks(pipe.unet, state, pipe.layers):
+            bar = tqdm(range(self.first, total), desc="Editing", unit="step", initial=self.first, total=total,
+                       disable=not progress or not group.is_main, leave=False)
+            clock = StageClock("the edit", "--steps, --max-frames or --height/--width",
+                               announce=progress and group.is_main, already=self.first,
+                               what=f"{n} frames at {8 * self.x.shape[-1]}x{8 * self.x.shape[-2]}, {total} steps")
+            for i in bar:
+                t = self.timesteps[i]
+                started = time.perf_counter()
+                # 1. keyframes (the baselines have none), the same seeded draws on every rank
+                keyframes = self.sampler(i, n, config.batch_size) if config.propagation in PROPAGATION_POLICIES \
+                    else torch.empty(0, dtype=torch.long)
+                self.keyframe_log.append(keyframes.tolist())
+                group.check_same(self.keyframe_log[-1], f"keyframes of step {i + 1}")
+                qk, feat = self.editor.injection(i, config.steps)
+                # 2.-5. on this rank's frames (smaller UNet batches when the device runs out of memory)
+                self.x = pipe.denoise_step(self.x, t, self.inversion.latents[int(t)], keyframes, state, self.scheduler,
+                                           self.text, config, qk, feat, self.conditioning, self.plan, self.memory)
+                bar.set_postfix_str(f"{n * len(self.x) / (time.perf_counter() - started):.2f} frames/s", refresh=False)
+                clock.update(i + 1, total)
+                if saver:
+                    saver.after_step(self.x, self.keyframe_log, total, time.perf_counter() - started)
+                if self.trail is not None:
+                    self.trail.append(self.x.clone())
+                if callback:
+                    callback("editing", i + 1, total)
+        return self.x
