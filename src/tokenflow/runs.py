@@ -185,10 +185,31 @@ def prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict[
 
 
 def write_results(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited",
-            discard: bool = True) -> None:
-    """Write the video, the frames and the settings. Each lands whole: all three are written under
-    temporary names first and renamed only once every one of them is complete, so a full disk
-    while writing leaves none of them behind; the settings file is renamed last."""
+                  discard: bool = True) -> None:
+    """:func:`save_result`, then the summary line of the command."""
+    from .video import aspect_note
+
+    frames = save_result(pipe, result, output, run, discard)
+    n, h, w = frames.shape[:3]
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
+    resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
+    resumed_frames = getattr(result.inversion, "resumed_frames", 0)
+    if resumed_frames:
+        resumed += f", inversion resumed after {resumed_frames} of {n} frames"
+    aspect = aspect_note(result.source_size, (h, w), result.config.fit)
+    aspect = f" ({aspect})" if aspect else ""
+    numerics = f"{pipe.device.type} {str(pipe.dtype).replace('torch.', '')}"
+    print(f"{label} {n} frames at {w}x{h}{aspect} in {time.perf_counter() - started:.1f}s ({numerics}; {stages}"
+          f"{resumed}) -> {output}")
+
+
+def save_result(pipe, result, output: str, run: dict[str, Any], discard: bool = True):
+    """The one writer of an edit's results (the command, ``batch`` and the web page): the video, the
+    frames (``run["frames_dir"]``) and the settings file beside the video, in the one format ``--config``
+    reads back (what ran: the working size, the fps, the model, the numerics). Each lands whole: all three
+    are written under temporary names first and renamed only once every one of them is complete, so a
+    full disk while writing leaves none of them behind; the settings file is renamed last. ``discard``:
+    the edit's resume checkpoint goes once the output is safe. Returns the frames written (N, H, W, 3)."""
     import contextlib
 
     import yaml
@@ -197,7 +218,7 @@ def write_results(pipe, result, output: str, run: dict[str, Any], started: float
     from .config import resolved_settings
     from .models import dropped_text
     from .outputs import make_output_folder
-    from .video import aspect_note, encode_video, frames_replaceable, save_frames
+    from .video import encode_video, frames_replaceable, save_frames
 
     make_output_folder(output)  # made before the work (see cmd_edit); here in case it went meanwhile
     frames = result.uint8()
@@ -221,17 +242,7 @@ def write_results(pipe, result, output: str, run: dict[str, Any], started: float
             save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
-    n, h, w = frames.shape[:3]
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
-    resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
-    resumed_frames = getattr(result.inversion, "resumed_frames", 0)
-    if resumed_frames:
-        resumed += f", inversion resumed after {resumed_frames} of {n} frames"
-    aspect = aspect_note(result.source_size, (h, w), result.config.fit)
-    aspect = f" ({aspect})" if aspect else ""
-    numerics = f"{pipe.device.type} {str(pipe.dtype).replace('torch.', '')}"
-    print(f"{label} {n} frames at {w}x{h}{aspect} in {time.perf_counter() - started:.1f}s ({numerics}; {stages}"
-          f"{resumed}) -> {output}")
+    return frames
 
 
 def settings_and_input(args: argparse.Namespace, usage: str):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .config import DEMO_CLIP, EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig, save_settings
+from .config import DEMO_CLIP, EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig
 from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ class EditorSession:
         """Edit towards each line of ``prompt`` (several prompts share one run: the source branch and
         the keyframe draws are computed once per step); writes a video and its settings per prompt.
         Raises :class:`Stopped` when the visitor stops the job."""
-        from .video import write_video
+        from .runs import save_result
 
         started = time.perf_counter()
         path, prompts, config = self._prepare(video, prompt, random_seed, settings)
@@ -272,8 +272,8 @@ class EditorSession:
         for result in results:
             name = self.output_stem(path, result.config.prompt)
             out, yaml_path = os.path.join(self.output_dir, name + ".mp4"), os.path.join(self.output_dir, name + ".yaml")
-            write_video(out, result.uint8(), result.fps, result.audio_source, audio_start=result.audio_start)
-            save_settings(yaml_path, {"model": self.model_name, **result.config.to_dict()})
+            # the command's writer: the same atomic files and the settings format --config reads back
+            save_result(self.pipe, result, out, {"input": path, "model": self.model_name}, discard=False)
             videos.append(out)
             yamls.append(yaml_path)
         n, _, fh, fw = results[0].frames.shape
