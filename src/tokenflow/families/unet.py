@@ -80,7 +80,7 @@ class UNetModel:
                         raise TokenFlowError(f"ControlNet file '{name}' must be .safetensors")
                     net = ControlNetModel.from_single_file(name, torch_dtype=self.dtype)
                 else:
-                    from .models import hub_kwargs
+                    from ..models import hub_kwargs
 
                     net = ControlNetModel.from_pretrained(name, torch_dtype=self.dtype, **hub_kwargs(name, "ControlNet"))
             except TokenFlowError:
