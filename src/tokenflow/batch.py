@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RESOLVED_KEYS, RUN_KEYS, EditConfig, check_prompts, normalise_keys, read_yaml,
-                     settings_path, validate_run)
+from .config import (FIELDS, OPTIONAL_MODEL_KEYS, RESOLVED_KEYS, RUN_KEYS, EditConfig, RunSettings, check_prompts,
+                     normalise_keys, read_yaml, settings_path)
 from .errors import TokenFlowError
 from .flow import flow_defaults, flow_kind
 from .outputs import check_output, resolve_output
@@ -35,26 +35,23 @@ JOB_KEYS = FIELDS | RUN_KEYS
 class Job:
     index: int  # 1-based, as a person counts the jobs in the file
     config: EditConfig
-    run: dict[str, Any]
+    run: RunSettings
     given_inversion_steps: bool = False  # else chosen to suit the steps, as the command does
 
     @property
     def name(self) -> str:
-        return f"job {self.index} ({os.path.basename(str(self.run.get('input', '?')))})"
+        return f"job {self.index} ({os.path.basename(str((self.run.input if self.run.input is not None else '?')))})"
 
     @property
     def output(self) -> str:
-        return self.run["output"]
+        return self.run.output
 
     def settings_path(self) -> str:
         return settings_path(self.output)
 
     def model_key(self) -> tuple:
         """Jobs with the same key share one loaded model."""
-        lora = self.run.get("lora")
-        return (self.run.get("model"), self.run.get("model_config"), tuple([lora] if isinstance(lora, str) else lora or ()),
-                self.run.get("device"), self.run.get("dtype"),
-                *(bool(self.run.get(k)) for k in ("allow_pickle", "offload", "vae_slicing", "vae_tiling", "compile")))
+        return self.run.model_key()
 
 
 @dataclass
@@ -102,17 +99,17 @@ def load_jobs(path: str, summary: Optional[str] = None) -> list[Job]:
             kind = flow_kind(merged.get("model"))  # SD3/FLUX start from FlowEdit's settings
             config = EditConfig(**{**(flow_defaults(kind) if kind else {}),
                                    **{k: v for k, v in merged.items() if k in FIELDS}}).validate()
-            run = validate_run({k: v for k, v in merged.items() if k in RUN_KEYS})
-            if run.get("input"):
+            run = RunSettings.from_dict({k: v for k, v in merged.items() if k in RUN_KEYS})
+            if run.input:
                 check_prompts([config.prompt])  # the command's rule
         except TokenFlowError as e:
             raise TokenFlowError(f"{where}: {e}") from None
-        if not run.get("input"):
+        if not run.input:
             raise TokenFlowError(f"{where}: no input")
-        run["output"] = resolve_output(run.get("output"), run["input"])
+        run = run.replace(output=resolve_output(run.output, run.input))
         try:  # what cannot be written fails now, before any model loads; a missing folder is made later
-            check_output(run["output"])
-            check_output(settings_path(run["output"]), extensions=None)
+            check_output(run.output)
+            check_output(settings_path(run.output), extensions=None)
         except TokenFlowError as e:
             raise TokenFlowError(f"{where}: {e}") from None
         jobs.append(Job(i, config, run, "inversion_steps" in merged))
@@ -130,10 +127,10 @@ def check_jobs_apart(jobs: list[Job], jobs_file: Optional[str] = None, summary: 
     runs = []
     for job in jobs:
         run = job.run
-        reads = [run["input"], *protected_paths(run["input"], jobs_file, job.config, run)]
+        reads = [run.input, *protected_paths(run.input, jobs_file, job.config, run)]
         writes = [(job.output, "output"), (job.settings_path(), "settings file")]
-        writes.append((run.get("cache_dir") or default_cache_dir(), "cache folder"))
-        runs.append(RunPaths(job.name, reads, writes, run.get("frames_dir")))
+        writes.append((run.cache_dir or default_cache_dir(), "cache folder"))
+        runs.append(RunPaths(job.name, reads, writes, run.frames_dir))
     if summary:
         runs.append(RunPaths("--json", [], [(summary, "summary")]))
     check_runs_apart(runs)

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .config import (DEFAULT_MODEL, DEMO_CLIP, EditConfig, result_settings)
+from .config import DEFAULT_MODEL, DEMO_CLIP, EditConfig, RunSettings, result_settings
 from .errors import RankStopped, TokenFlowError
 
 from . import runs
@@ -40,12 +40,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     rank, world, local_rank = check_launch()  # ranks in range, and what the process group needs
     if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
-        if str(run.get("device") or "").startswith("cuda:"):
-            raise TokenFlowError(f"--device {run['device']} under torchrun would put every rank on one GPU; "
+        if str(run.device or "").startswith("cuda:"):
+            raise TokenFlowError(f"--device {run.device} under torchrun would put every rank on one GPU; "
                                  f"give --device cuda (or auto): each rank takes cuda:LOCAL_RANK")
-        device = local_device(run.get("device") or "auto", local_rank)
-        if device != (run.get("device") or "auto"):
-            run = {**run, "device": device}
+        device = local_device(run.device or "auto", local_rank)
+        if device != (run.device or "auto"):
+            run = run.replace(device=device)
         if rank:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
     pipe = runs.load_pipeline(run)
@@ -63,9 +63,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     try:
         if world > 1:
             group = pipe.distribute().group
-        results = pipe.edit(run["input"], config=config, cache_dir=run.get("cache_dir"),
+        results = pipe.edit(run.input, config=config, cache_dir=run.cache_dir,
                             use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
-                            checkpoint=True, restart=bool(run.get("no_resume")), prompts=prompts,
+                            checkpoint=True, restart=bool(run.no_resume), prompts=prompts,
                             checkpoint_dir=runs.checkpoint_dir_beside(outputs[0]) if args.no_cache else None)
         results = results if prompts else [results]
         if group.is_main:  # rank 0 holds the whole video and writes it
@@ -98,11 +98,11 @@ def cmd_invert(args: argparse.Namespace) -> int:
         if not args.reconstruct:
             raise TokenFlowError("-o writes the reconstruction: give --reconstruct too (invert alone writes "
                                  "only the cache)")
-        output = check_output(resolve_output(args.output, run["input"]))
-        check_no_overwrite([output], None, protected_paths(run["input"], getattr(args, "config", None), config, run))
+        output = check_output(resolve_output(args.output, run.input))
+        check_no_overwrite([output], None, protected_paths(run.input, getattr(args, "config", None), config, run))
         note_replaced(output)
     pipe = runs.load_pipeline(run).release_text_encoders([config.inversion_prompt])
-    video = pipe.load_video(run["input"], config)
+    video = pipe.load_video(run.input, config)
     frames = video.frames
     conditioning = pipe.prepare_conditioning(frames, config)
     inversion = runs.cached_inversion(pipe, frames, config, run, args, conditioning)
@@ -189,7 +189,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise TokenFlowError(f"output folder '{args.output}' is a file")
     check_writable_name(runs.existing_ancestor(args.output))
     check_no_overwrite([os.path.join(args.output, name) for name in FIGURES], None,
-                       protected_paths(run["input"], getattr(args, "config", None), config, run))
+                       protected_paths(run.input, getattr(args, "config", None), config, run))
     if args.layer is not None and not args.layer.strip():
         raise TokenFlowError("--layer must name a self-attention layer, got an empty name")
 
@@ -207,13 +207,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not 0 <= args.timestep < 1000:
         raise TokenFlowError(f"timestep must be in [0, 999], got {args.timestep}")
     pipe = runs.load_pipeline(run).release_text_encoders([config.inversion_prompt])
-    layers = [hooked.name for hooked in pipe.layers] if runs.flow_kind(run.get("model")) else pipe.layers.self_attention
+    layers = [hooked.name for hooked in pipe.layers] if runs.flow_kind(run.model) else pipe.layers.self_attention
     if args.layer and args.layer not in layers:
         raise TokenFlowError(f"unknown layer '{args.layer}'; the layers TokenFlow hooks are e.g. {layers[-1]}")
-    frames, fps = pipe.load_video(run["input"], config)[:2]
+    frames, fps = pipe.load_video(run.input, config)[:2]
     n = len(frames)
     target = check_frames(n)
-    if runs.flow_kind(run.get("model")):  # no inversion: the features of FlowEdit's noised source branch
+    if runs.flow_kind(run.model):  # no inversion: the features of FlowEdit's noised source branch
         from .analysis import analyze_flow_features
 
         analysis = analyze_flow_features(pipe, frames, args.timestep, config.inversion_prompt, args.layer,
@@ -251,7 +251,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not args.max_upload_mb > 0 or args.max_upload_mb == float("inf") or args.max_frames < 1 or args.max_side < 8:
         raise TokenFlowError("limits must be positive (max-upload-mb > 0, max-frames >= 1, max-side >= 8)")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    pipe = runs.load_pipeline({"model": args.model, "device": args.device, "dtype": args.dtype})
+    pipe = runs.load_pipeline(RunSettings(model=args.model, device=args.device, dtype=args.dtype))
     from .flow import TINY_MODELS
 
     name = ("tiny random model (built in code; output is noise)" if args.model == runs.TINY or args.model in TINY_MODELS
@@ -320,7 +320,7 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     from .video import probe_video
 
     run, config = job.run, job.config
-    info = probe_video(run["input"])
+    info = probe_video(run.input)
     check_local_paths(config, run)
     output = runs.check_outputs(run, config, info)
     key = job.model_key()
@@ -330,8 +330,8 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
 
     make_output_folder(output)
     started = time.perf_counter()
-    result = pipes[key].edit(run["input"], config=config, cache_dir=run.get("cache_dir"), progress=not quiet,
-                             checkpoint=True, restart=bool(run.get("no_resume")))
+    result = pipes[key].edit(run.input, config=config, cache_dir=run.cache_dir, progress=not quiet,
+                             checkpoint=True, restart=bool(run.no_resume))
     runs.write_results(pipes[key], result, output, run, started, label=f"{job.name} [rank {rank}]: edited")
     return output
 
@@ -351,8 +351,8 @@ def _join_batch_ranks(jobs, local_rank: int):
         torch.cuda.set_device(local_rank)
     start_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_seconds())
     for job in jobs:  # each rank its own device
-        if torch.cuda.is_available() and not job.run.get("device"):
-            job.run["device"] = local_device("auto", local_rank)
+        if torch.cuda.is_available() and not job.run.device:
+            job.run = job.run.replace(device=local_device("auto", local_rank))
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=BATCH_TIMEOUT_HOURS))
 
 
@@ -366,7 +366,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json, extensions=(".json",))
     jobs = load_jobs(args.jobs, summary=args.json)  # every job's settings and paths checked before any work
-    jobs = [j if runs.flow_kind(j.run.get("model")) else
+    jobs = [j if runs.flow_kind(j.run.model) else
             dataclasses_replace(j, config=runs.with_inversion_steps(j.config, j.given_inversion_steps)) for j in jobs]
     rank, world, local_rank = check_launch()
     summary_group = _join_batch_ranks(jobs, local_rank) if world > 1 else None
@@ -374,7 +374,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     results = []
     for job in deal(jobs, rank, world):
         started = time.perf_counter()
-        r = JobResult(job.index, job.run["input"], job.output, rank)
+        r = JobResult(job.index, job.run.input, job.output, rank)
         try:
             if not args.force and finished_settings(job, result_settings(job.run, job.config)):
                 r.status = "skipped"
@@ -416,5 +416,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe = TokenFlowPipeline.from_tiny(seed=0, device="cpu")
     config = EditConfig(**DEMO_SETTINGS).validate()
     result = pipe.edit(DEMO_CLIP, config=config, use_cache=False, progress=not args.quiet)
-    runs.write_results(pipe, result, output, {"input": DEMO_CLIP, "model": runs.TINY}, started, label="demo: edited")
+    runs.write_results(pipe, result, output, RunSettings(input=DEMO_CLIP, model=runs.TINY), started, label="demo: edited")
     return 0

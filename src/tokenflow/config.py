@@ -252,6 +252,7 @@ def check_prompts(prompts: list[str], several: bool = False) -> None:
 
 FIELDS = {f.name for f in dataclasses.fields(EditConfig)}
 # Keys of the run settings that are not edit settings (the command's own).
+# (the fields of RunSettings, by the type validate_run checks)
 RUN_TEXT_KEYS = ("input", "output", "model", "device", "dtype", "cache_dir", "frames_dir", "model_config")
 RUN_FLAG_KEYS = ("offload", "vae_slicing", "vae_tiling", "compile", "allow_pickle", "no_resume")
 RUN_KEYS = {*RUN_TEXT_KEYS, *RUN_FLAG_KEYS, "lora"}
@@ -275,6 +276,55 @@ def validate_run(run: dict[str, Any], where: str = "") -> dict[str, Any]:
         if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
             raise TokenFlowError(f"{prefix}lora must be a path or id, or a list of them, got {shown(lora)}")
     return run
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A run's own settings, beside its edit settings (:class:`EditConfig`): what the command line, a
+    settings file, a batch job and the web page hand to a run. Frozen (a changed copy comes from
+    :meth:`replace`); :meth:`from_dict` checks the types, since a settings file can hold anything."""
+
+    input: Optional[str] = None
+    output: Optional[str] = None
+    model: Optional[str] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    cache_dir: Optional[str] = None
+    frames_dir: Optional[str] = None
+    model_config: Optional[str] = None
+    offload: Optional[bool] = None
+    vae_slicing: Optional[bool] = None
+    vae_tiling: Optional[bool] = None
+    compile: Optional[bool] = None
+    allow_pickle: Optional[bool] = None
+    no_resume: Optional[bool] = None
+    lora: Optional[Any] = None  # a path or id (``PATH_OR_ID[:SCALE]``), or a list of them, as given
+
+    # what makes jobs share one loaded model (besides the model and its configuration, device and dtype)
+    MODEL_FLAGS = ("allow_pickle", "offload", "vae_slicing", "vae_tiling", "compile")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "") -> "RunSettings":
+        unknown = sorted(set(values) - RUN_KEYS)
+        if unknown:
+            raise TokenFlowError(f"{where + ': ' if where else ''}unknown key(s) {', '.join(unknown)}")
+        return cls(**validate_run(dict(values), where))
+
+    def replace(self, **changes: Any) -> "RunSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings given (None left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        return tuple([self.lora] if isinstance(self.lora, str) else self.lora or ())
+
+    def model_key(self) -> tuple:
+        """Runs with the same key can share one loaded model."""
+        return (self.model, self.model_config, self.loras, self.device, self.dtype,
+                *(bool(getattr(self, k)) for k in self.MODEL_FLAGS))
 
 
 @dataclass
@@ -408,13 +458,13 @@ def settings_path(output: str) -> str:
 OPTIONAL_MODEL_KEYS = ("model_config", "lora")
 
 
-def result_settings(run: dict[str, Any], config: EditConfig) -> dict[str, Any]:
+def result_settings(run: "RunSettings", config: EditConfig) -> dict[str, Any]:
     """What an output depends on, as its settings file records it (and a batch compares to skip it).
     The input is absolute, so that the file reads back from any folder."""
-    source = run.get("input")
+    source = run.input
     return {"input": os.path.abspath(source) if isinstance(source, str) else source,
-            "model": run.get("model") or DEFAULT_MODEL,
-            **{k: run[k] for k in OPTIONAL_MODEL_KEYS if run.get(k)}, **config.to_dict()}
+            "model": run.model or DEFAULT_MODEL,
+            **{k: getattr(run, k) for k in OPTIONAL_MODEL_KEYS if getattr(run, k)}, **config.to_dict()}
 
 
 RESOLVED_KEYS = ("height", "width", "fps")  # None in a request; what they came to in the settings written
@@ -437,3 +487,7 @@ def save_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
 
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(settings, f, sort_keys=False)
+
+
+if RUN_KEYS != {f.name for f in dataclasses.fields(RunSettings)}:  # pragma: no cover (one list of the keys)
+    raise ImportError("RunSettings and RUN_KEYS disagree")

@@ -51,10 +51,10 @@ def protected_paths(input_path: Optional[str], config_file: Optional[str], confi
                     run: dict) -> list[str]:
     """Every local file or folder a run reads: none of them may be written to."""
     paths = [input_path, config_file, config.keyframe_schedule, config.controlnet, config.depth_model,
-             run.get("model"), run.get("model_config")]
+             run.model, run.model_config]
     if config.control not in (None, "canny", "depth"):
         paths.append(config.control)
-    loras = run.get("lora") or []
+    loras = run.lora or []
     for spec in [loras] if isinstance(loras, str) else loras:
         paths.append(parse_lora(spec)[0])
     return [p for p in paths if p and os.path.exists(os.path.expanduser(p))]
@@ -217,11 +217,11 @@ def check_free_space(info: VideoInfo, config: EditConfig, output: Optional[str],
 
 def check_local_paths(config: EditConfig, run: dict) -> None:
     """Paths given for models, LoRAs and ControlNets exist (a hub id is looked up later)."""
-    check_exists("model", run.get("model"))
-    check_exists("model config", run.get("model_config"))
+    check_exists("model", run.model)
+    check_exists("model config", run.model_config)
     check_exists("ControlNet", config.controlnet)
     check_exists("depth model", config.depth_model)
-    loras = run.get("lora") or []
+    loras = run.lora or []
     for spec in [loras] if isinstance(loras, str) else loras:
         check_exists("LoRA", parse_lora(spec)[0])
     if config.keyframe_schedule and not os.path.isfile(config.keyframe_schedule):

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any, Optional
 
-from .config import (DEFAULT_MODEL, RUN_KEYS, EditConfig, load_config_file, result_settings, settings_path, validate_run)
+from .config import DEFAULT_MODEL, RUN_KEYS, EditConfig, RunSettings, load_config_file, result_settings, settings_path
 from .errors import TokenFlowError
 
 
@@ -53,10 +53,10 @@ def keyframe_window_arg(text: str):
     return value
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, Any]]:
-    """Command line over config file over defaults. Returns the edit settings and the run keys."""
+def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, RunSettings]:
+    """Command line over config file over defaults. Returns the edit settings and the run's own."""
     edit: dict[str, Any] = {}
-    run: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     if getattr(args, "data_path", None):  # --data_path, as the official scripts name the input
         if args.input and args.input != args.data_path:
             raise TokenFlowError(f"two inputs given: '{args.input}' and --data_path '{args.data_path}'")
@@ -64,8 +64,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
     if getattr(args, "config", None):
         loaded = load_config_file(args.config)
         edit.update(loaded.edit)
-        run.update(loaded.run)
-    from_config = dict(run)
+        given.update(loaded.run)
+    from_config = dict(given)
     for name in _ARG_TO_FIELD:
         value = getattr(args, name, None)
         if isinstance(value, list):  # -p given several times: the settings hold the first (see cmd_edit)
@@ -75,15 +75,15 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
     for name in sorted(RUN_KEYS):
         value = getattr(args, name, None)
         if value is not None:
-            run[name] = value
-    kind = flow_kind(run.get("model"))
+            given[name] = value
+    run = RunSettings.from_dict(given)
+    kind = flow_kind(run.model)
     try:  # SD3/FLUX start from FlowEdit's published settings
         config = EditConfig(**({**flow_defaults(kind), **edit} if kind else edit))
     except TypeError as e:
         raise TokenFlowError(f"bad settings: {e}") from None
     config = config.validate() if kind else with_inversion_steps(config.validate(), "inversion_steps" in edit)
-    run = validate_run(run)
-    device = run.get("device")
+    device = run.device
     if device and getattr(args, "device", None) is None and device == from_config.get("device") and device != "auto":
         from .models import resolve_device
 
@@ -91,7 +91,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[EditConfig, dict[str, An
             resolve_device(device)
         except TokenFlowError:  # a config written on another machine: use what this one has
             logger.warning("the config asks for device '%s', which is not available here; using auto", device)
-            run["device"] = "auto"
+            run = run.replace(device="auto")
     return config, run
 
 
@@ -113,66 +113,66 @@ def with_inversion_steps(config: EditConfig, given: bool) -> EditConfig:
 TINY = "tiny"  # --model tiny: the tiny random model built in code (checks the machinery; output is noise)
 
 
-def load_pipeline(run: dict[str, Any]):
+def load_pipeline(run: RunSettings):
     from .pipeline import TokenFlowPipeline
 
-    kind = flow_kind(run.get("model"))
+    kind = flow_kind(run.model)
     if kind:
         return apply_runtime_options(load_flow_pipeline(run, kind), run)
-    if run.get("model") == TINY:
-        if run.get("lora") or run.get("model_config"):
+    if run.model == TINY:
+        if run.lora or run.model_config:
             raise TokenFlowError("--model tiny takes no --lora or --model-config")
         from .models import resolve_device
 
         return apply_runtime_options(TokenFlowPipeline.from_tiny(seed=0, device=str(resolve_device(
-            run.get("device") or "auto")), dtype=run.get("dtype") if run.get("dtype") not in (None, "auto")
+            run.device or "auto")), dtype=run.dtype if run.dtype not in (None, "auto")
             else "float32"), run)
-    loras = run.get("lora") or []
-    pipe = TokenFlowPipeline.from_pretrained(run.get("model") or DEFAULT_MODEL, device=run.get("device") or "auto",
-                                             dtype=run.get("dtype") or "auto", model_config=run.get("model_config"),
-                                             allow_pickle=bool(run.get("allow_pickle")),
+    loras = run.lora or []
+    pipe = TokenFlowPipeline.from_pretrained(run.model or DEFAULT_MODEL, device=run.device or "auto",
+                                             dtype=run.dtype or "auto", model_config=run.model_config,
+                                             allow_pickle=bool(run.allow_pickle),
                                              loras=[loras] if isinstance(loras, str) else list(loras))
     return apply_runtime_options(pipe, run)
 
 
-def load_flow_pipeline(run: dict[str, Any], kind: str):
+def load_flow_pipeline(run: RunSettings, kind: str):
     from .flow import TINY_MODELS, FlowPipeline
     from .models import resolve_device
 
-    model, device = run["model"], run.get("device") or "auto"
+    model, device = run.model, run.device or "auto"
     if model in TINY_MODELS:
-        if run.get("lora") or run.get("model_config"):
+        if run.lora or run.model_config:
             raise TokenFlowError(f"--model {model} takes no --lora or --model-config")
-        dtype = run.get("dtype") if run.get("dtype") not in (None, "auto") else "float32"
+        dtype = run.dtype if run.dtype not in (None, "auto") else "float32"
         return FlowPipeline.from_tiny(kind, seed=0, device=str(resolve_device(device)), dtype=dtype)
-    loras = run.get("lora") or []
-    return FlowPipeline.from_pretrained(model, device=device, dtype=run.get("dtype") or "auto", family=kind,
-                                        model_config=run.get("model_config"), offload=bool(run.get("offload")),
+    loras = run.lora or []
+    return FlowPipeline.from_pretrained(model, device=device, dtype=run.dtype or "auto", family=kind,
+                                        model_config=run.model_config, offload=bool(run.offload),
                                         loras=[loras] if isinstance(loras, str) else list(loras))
 
 
-def apply_runtime_options(pipe, run: dict[str, Any]):
+def apply_runtime_options(pipe, run: RunSettings):
     """--offload, --vae-slicing, --vae-tiling, --compile (flags absent or False leave the pipeline as is)."""
-    if run.get("offload"):
+    if run.offload:
         pipe.enable_offload()
-    if run.get("vae_slicing"):
+    if run.vae_slicing:
         pipe.enable_vae_slicing()
-    if run.get("vae_tiling"):
+    if run.vae_tiling:
         pipe.enable_vae_tiling()
-    if run.get("compile"):
+    if run.compile:
         pipe.compile()
     return pipe
 
 
-def prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict[str, Any]]:
+def prompt_runs(run: RunSettings, prompts: Optional[list[str]]) -> list[RunSettings]:
     """The run keys of each prompt's output: ``out.mp4`` -> ``out-1.mp4``, ...; ``DIR`` -> ``DIR/1``, ..."""
     if not prompts:
         return [run]
     from .outputs import resolve_output
 
-    output = resolve_output(run.get("output"), run["input"])
+    output = resolve_output(run.output, run.input)
     root, ext = os.path.splitext(output)
-    frames_dir = run.get("frames_dir")
+    frames_dir = run.frames_dir
     if frames_dir and os.path.exists(frames_dir) and not os.path.isdir(frames_dir):
         raise TokenFlowError(f"--frames-dir '{frames_dir}' is a file; several prompts need a folder for "
                              f"their frame folders 1 ... {len(prompts)}")
@@ -180,11 +180,11 @@ def prompt_runs(run: dict[str, Any], prompts: Optional[list[str]]) -> list[dict[
         from .video import check_writable_name  # the frames are written, so a refused run leaves nothing
 
         check_writable_name(frames_dir)
-    return [{**run, "output": f"{root}-{i}{ext}",
-             "frames_dir": os.path.join(frames_dir, str(i)) if frames_dir else None} for i in range(1, len(prompts) + 1)]
+    return [run.replace(output=f"{root}-{i}{ext}", frames_dir=os.path.join(frames_dir, str(i)) if frames_dir else None)
+            for i in range(1, len(prompts) + 1)]
 
 
-def write_results(pipe, result, output: str, run: dict[str, Any], started: float, label: str = "edited",
+def write_results(pipe, result, output: str, run: RunSettings, started: float, label: str = "edited",
                   discard: bool = True) -> None:
     """:func:`save_result`, then the summary line of the command."""
     from .video import aspect_note
@@ -203,9 +203,9 @@ def write_results(pipe, result, output: str, run: dict[str, Any], started: float
           f"{resumed}) -> {output}")
 
 
-def save_result(pipe, result, output: str, run: dict[str, Any], discard: bool = True):
+def save_result(pipe, result, output: str, run: RunSettings, discard: bool = True):
     """The one writer of an edit's results (the command, ``batch`` and the web page): the video, the
-    frames (``run["frames_dir"]``) and the settings file beside the video, in the one format ``--config``
+    frames (``run.frames_dir``) and the settings file beside the video, in the one format ``--config``
     reads back (what ran: the working size, the fps, the model, the numerics). Each lands whole: all three
     are written under temporary names first and renamed only once every one of them is complete, so a
     full disk while writing leaves none of them behind; the settings file is renamed last. ``discard``:
@@ -237,9 +237,9 @@ def save_result(pipe, result, output: str, run: dict[str, Any], discard: bool = 
             yaml.safe_dump(settings, f, sort_keys=False)
         encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
                      audio_start=result.audio_start)
-        if run.get("frames_dir"):  # several prompts: DIR/1, ... go into DIR, made now (see prompt_runs)
-            os.makedirs(os.path.dirname(os.path.abspath(run["frames_dir"])), exist_ok=True)
-            save_frames(commit.enter_context(atomic_dir(run["frames_dir"], frames_replaceable)), frames)
+        if run.frames_dir:  # several prompts: DIR/1, ... go into DIR, made now (see prompt_runs)
+            os.makedirs(os.path.dirname(os.path.abspath(run.frames_dir)), exist_ok=True)
+            save_frames(commit.enter_context(atomic_dir(run.frames_dir, frames_replaceable)), frames)
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
     return frames
@@ -253,26 +253,26 @@ def settings_and_input(args: argparse.Namespace, usage: str):
     from .video import probe_video
 
     config, run = resolve_settings(args)
-    if not run.get("input"):
+    if not run.input:
         raise TokenFlowError(f"no input given: {usage}")
-    if run.get("cache_dir") and os.path.exists(run["cache_dir"]) and not os.path.isdir(run["cache_dir"]):
-        raise TokenFlowError(f"cache folder '{run['cache_dir']}' is a file")
-    device = resolve_device(run.get("device") or "auto")
-    resolve_dtype(run.get("dtype") or "auto", device)
+    if run.cache_dir and os.path.exists(run.cache_dir) and not os.path.isdir(run.cache_dir):
+        raise TokenFlowError(f"cache folder '{run.cache_dir}' is a file")
+    device = resolve_device(run.device or "auto")
+    resolve_dtype(run.dtype or "auto", device)
     check_local_paths(config, run)
-    if flow_kind(run.get("model")):  # no inversion: the rectified-flow pipeline checks its own settings
+    if flow_kind(run.model):  # no inversion: the rectified-flow pipeline checks its own settings
         check_flow(config, run)
     else:
         check_steps(config)
-    return config, run, probe_video(run["input"])
+    return config, run, probe_video(run.input)
 
 
-def no_flow(run: dict[str, Any], command: str, why: str) -> None:
-    if flow_kind(run.get("model")):
-        raise TokenFlowError(f"tokenflow {command} is not for SD3/FLUX models ({run['model']}): {why}")
+def no_flow(run: RunSettings, command: str, why: str) -> None:
+    if flow_kind(run.model):
+        raise TokenFlowError(f"tokenflow {command} is not for SD3/FLUX models ({run.model}): {why}")
 
 
-def check_flow(config: EditConfig, run: dict[str, Any]) -> None:
+def check_flow(config: EditConfig, run: RunSettings) -> None:
     from .config import FLOW_EDITORS
 
     if config.editor not in FLOW_EDITORS:
@@ -319,7 +319,7 @@ def check_schedule_frames(config: EditConfig, info) -> None:
     ScheduledKeyframes.from_json(config.keyframe_schedule).check(steps, n, config.batch_size)
 
 
-def check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Optional[str] = None,
+def check_outputs(run: RunSettings, config: EditConfig, info, config_file: Optional[str] = None,
                    frames_parent_later: bool = False, no_cache: bool = False) -> str:
     """Everything about an edit's outputs that can fail, checked before the work: names, folders,
     outputs against inputs, the keyframe schedule against the frames, free space. Returns the output.
@@ -329,30 +329,30 @@ def check_outputs(run: dict[str, Any], config: EditConfig, info, config_file: Op
     from .preflight import check_free_space, check_no_overwrite, protected_paths
     from .video import check_frames_dir
 
-    output = check_output(resolve_output(run.get("output"), run["input"]))
+    output = check_output(resolve_output(run.output, run.input))
     settings_file = check_output(settings_path(output), extensions=None)
-    frames_dir = run.get("frames_dir")
+    frames_dir = run.frames_dir
     if frames_dir:
         check_frames_dir(frames_dir, parent_later=frames_parent_later)
     work = checkpoint_dir_beside(output) if no_cache else cache_root(run)  # what the run writes besides its outputs
     check_no_overwrite([output, settings_file, work], frames_dir,
-                       protected_paths(run["input"], config_file, config, run))
+                       protected_paths(run.input, config_file, config, run))
     check_schedule_frames(config, info)
     check_free_space(info, config, output, frames_dir, work)
     note_replaced(output)
     return output
 
 
-def cached_inversion(pipe, frames, config: EditConfig, run: dict[str, Any], args: argparse.Namespace,
+def cached_inversion(pipe, frames, config: EditConfig, run: RunSettings, args: argparse.Namespace,
                       conditioning=None, output: Optional[str] = None):
     """The inversion through the cache; checkpointed beside the cache, or with --no-cache beside
     ``output`` (none without an output: ``tokenflow invert --no-cache`` keeps nothing)."""
     checkpoint_dir = checkpoint_dir_beside(output) if args.no_cache and output else None
     return pipe.invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
-                       config.inversion_batch(), run.get("cache_dir"), not args.no_cache, progress=not args.quiet,
+                       config.inversion_batch(), run.cache_dir, not args.no_cache, progress=not args.quiet,
                        conditioning=conditioning or pipe.prepare_conditioning(frames, config),
-                       checkpoint=not args.no_cache or output is not None, restart=bool(run.get("no_resume")),
-                       checkpoint_dir=checkpoint_dir, source=run["input"])
+                       checkpoint=not args.no_cache or output is not None, restart=bool(run.no_resume),
+                       checkpoint_dir=checkpoint_dir, source=run.input)
 
 
 def existing_ancestor(path: str) -> str:
@@ -371,7 +371,7 @@ def checkpoint_dir_beside(output: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(output)), CHECKPOINT_FOLDER)
 
 
-def cache_root(run: dict[str, Any]) -> str:
+def cache_root(run: RunSettings) -> str:
     from .cache import default_cache_dir
 
-    return run.get("cache_dir") or default_cache_dir()
+    return run.cache_dir or default_cache_dir()

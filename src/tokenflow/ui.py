@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .config import DEMO_CLIP, EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig
+from .config import DEMO_CLIP, EDITORS, FLOW_EDITORS, PROPAGATIONS, UNET_EDITORS, EditConfig, RunSettings
 from .errors import TokenFlowError
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class EditorSession:
             name = self.output_stem(path, result.config.prompt)
             out, yaml_path = os.path.join(self.output_dir, name + ".mp4"), os.path.join(self.output_dir, name + ".yaml")
             # the command's writer: the same atomic files and the settings format --config reads back
-            save_result(self.pipe, result, out, {"input": path, "model": self.model_name}, discard=False)
+            save_result(self.pipe, result, out, RunSettings(input=path, model=self.model_name), discard=False)
             videos.append(out)
             yamls.append(yaml_path)
         n, _, fh, fw = results[0].frames.shape
