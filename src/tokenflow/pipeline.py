@@ -437,10 +437,9 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         fitted = fitted._replace(frames=None)  # the pixels are not needed past here: long videos keep latents
         # 4. the sampling loop (from its checkpoint, when an interrupted run left one)
         loop = UNetEditLoop(self, config, editor, prompt_list, inversion, plan, sampler, conditioning, memory,
-                         generator or torch.Generator().manual_seed(config.seed), return_latents)
-        saver = None
-        if checkpoint and inversion.key and not return_latents:
-            saver = loop.checkpoints(checkpoints, generator_state, restart, self.cache_label(video))
+                            generator or torch.Generator().manual_seed(config.seed), return_latents)
+        saver = loop.checkpoints(checkpoints, generator_state, restart, self.cache_label(video)) \
+            if checkpoint and inversion.key and not return_latents else None
         with timer("editing"), self._on_device(*self._denoisers()):
             x = loop.run(progress, callback, saver)
         # 5. decode; rank 0 gathers the video
