@@ -546,7 +546,10 @@ def _family_class(kind: str):
 
 
 def _pipeline_class(family: str):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from .models import quiet_pipeline_import
+
+    with quiet_pipeline_import():
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
 

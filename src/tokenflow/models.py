@@ -6,6 +6,7 @@ Constants come from the components themselves (``vae.config.scaling_factor``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -528,3 +529,17 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 10) -> torch.Te
             out = torch.empty(len(latents), *frames.shape[1:])
         out[i:i + len(frames)] = frames
     return out
+
+
+@contextlib.contextmanager
+def quiet_pipeline_import():
+    """Importing diffusers' SD3/FLUX pipelines makes transformers say that torchvision is missing (their
+    image processors fall back to PIL; TokenFlow calls none of them): not the user's business."""
+    import transformers
+
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(level)

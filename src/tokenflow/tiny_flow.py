@@ -101,7 +101,10 @@ def build_tiny_flux(seed: int = 0) -> dict[str, Any]:
 
 def build_tiny_pipeline(kind: str, seed: int = 0):
     """A diffusers ``StableDiffusion3Pipeline`` (``sd3``) or ``FluxPipeline`` (``flux``) of tiny components."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from .models import quiet_pipeline_import
+
+    with quiet_pipeline_import():
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     if kind == "sd3":
         return StableDiffusion3Pipeline(**build_tiny_sd3(seed))
