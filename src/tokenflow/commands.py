@@ -6,16 +6,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from dataclasses import replace as dataclasses_replace
 import logging
 import os
 import sys
 import time
-
-from .config import DEFAULT_MODEL, DEMO_CLIP, EditConfig, RunSettings, result_settings
-from .errors import RankStopped, TokenFlowError
+from dataclasses import replace as dataclasses_replace
+from typing import Optional
 
 from . import runs
+from .config import DEFAULT_MODEL, DEMO_CLIP, EditConfig, RunSettings, result_settings
+from .errors import RankStopped, TokenFlowError
 
 logger = logging.getLogger("tokenflow.cli")
 
@@ -267,8 +267,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import default_cache_dir, list_entries, remove_entry
-    from .errors import human_bytes as _human_bytes
+    from .cache import default_cache_dir, list_entries
 
     root = args.cache_dir or default_cache_dir()
     if args.older_than is not None and (args.older_than != args.older_than or args.older_than < 0):
@@ -276,34 +275,48 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if os.path.exists(root) and not os.path.isdir(root):
         raise TokenFlowError(f"cache folder '{root}' is a file")
     entries = list_entries(root)
-    now = time.time()
     if args.action == "list":
-        if not entries:
-            print(f"the cache at {root} is empty")
-            return 0
-        # the video by its file name (the whole path is in the entry's manifest.json), the model as it was named
-        videos = [_cut(os.path.basename(e.input), 32) if e.input else "-" for e in entries]
-        models = [_cut(e.model, 48) or "-" for e in entries]
-        vw, mw = max(map(len, ["input", *videos])), max(map(len, ["model", *models]))
-        print(f"{'kind':<22} {'key':<12} {'size':>9} {'age':>7}  {'frames':>6}  {'WxH':>9}  {'input':<{vw}}  "
-              f"{'model':<{mw}}  inversion prompt")
-        for e, video, model in zip(entries, videos, models):
-            wh = f"{e.size[1]}x{e.size[0]}" if e.size else "-"
-            line = (f"{e.kind:<22} {e.key[:12]:<12} {_human_bytes(e.bytes):>9} {(now - e.modified) / 86400:>6.1f}d  "
-                    f"{e.frames or '-':>6}  {wh:>9}  {video:<{vw}}  {model:<{mw}}  {repr(e.prompt) if e.prompt else ''}")
-            print(line.rstrip())
-        print(f"{len(entries)} entries, {_human_bytes(sum(e.bytes for e in entries))} in {root}")
-        return 0
-    cutoff = None if args.older_than is None else now - args.older_than * 86400
+        _print_entries(entries, root, time.time())
+    else:
+        _clear_entries(entries, root, args.older_than)
+    return 0
+
+
+def _print_entries(entries: list, root: str, now: float) -> None:
+    """One line per cache entry: kind, key, size, age, frames, size, the video and the model it came from."""
+    from .errors import human_bytes
+
+    if not entries:
+        print(f"the cache at {root} is empty")
+        return
+    # the video by its file name (the whole path is in the entry's manifest.json), the model as it was named
+    videos = [_cut(os.path.basename(e.input), 32) if e.input else "-" for e in entries]
+    models = [_cut(e.model, 48) or "-" for e in entries]
+    vw, mw = max(map(len, ["input", *videos])), max(map(len, ["model", *models]))
+    print(f"{'kind':<22} {'key':<12} {'size':>9} {'age':>7}  {'frames':>6}  {'WxH':>9}  {'input':<{vw}}  "
+          f"{'model':<{mw}}  inversion prompt")
+    for e, video, model in zip(entries, videos, models):
+        wh = f"{e.size[1]}x{e.size[0]}" if e.size else "-"
+        line = (f"{e.kind:<22} {e.key[:12]:<12} {human_bytes(e.bytes):>9} {(now - e.modified) / 86400:>6.1f}d  "
+                f"{e.frames or '-':>6}  {wh:>9}  {video:<{vw}}  {model:<{mw}}  {repr(e.prompt) if e.prompt else ''}")
+        print(line.rstrip())
+    print(f"{len(entries)} entries, {human_bytes(sum(e.bytes for e in entries))} in {root}")
+
+
+def _clear_entries(entries: list, root: str, older_than: Optional[float]) -> None:
+    """Remove the entries (those not touched for ``older_than`` days), each atomically."""
+    from .cache import remove_entry
+    from .errors import human_bytes
+
+    cutoff = None if older_than is None else time.time() - older_than * 86400
     doomed = [e for e in entries if cutoff is None or e.modified < cutoff]
     for e in doomed:
         try:
             remove_entry(e)
         except OSError as err:
             raise TokenFlowError(f"cannot remove '{e.path}': {err.strerror or err}") from None
-    print(f"removed {len(doomed)} of {len(entries)} entries, {_human_bytes(sum(e.bytes for e in doomed))} "
+    print(f"removed {len(doomed)} of {len(entries)} entries, {human_bytes(sum(e.bytes for e in doomed))} "
           f"freed in {root}")
-    return 0
 
 
 def _cut(text: str, width: int) -> str:
