@@ -57,7 +57,7 @@ def test_extended_attention_attends_to_all_keyframes_of_the_branch(tiny_pipe):
         torch.testing.assert_close(out[i * k:(i + 1) * k], _reference_attention(attn, branch, joint),
                                    rtol=1e-5, atol=1e-6)
     # the layer keeps the source tokens and the outputs of the keyframes
-    cache = state.cache[LAYER]
+    cache = state.caches.layers[LAYER]
     assert torch.equal(cache.source_tokens, src)
     assert torch.equal(cache.outputs.reshape(3 * k, *out.shape[1:]), out)
 
@@ -156,3 +156,71 @@ def test_all_keyframe_edit_step_equals_extended_attention_over_all_frames(tiny_p
         _, unc, con = pipe._unet(x, source, t, text).chunk(3)
     ref = scheduler.step(unc + 7.5 * (con - unc), t, x).prev_sample
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_per_call_state_is_put_back_after_the_block_whatever_happens():
+    state = TokenFlowState()
+    with state.during(mode="keyframe", keyframe_branch=1, anchor_role="keep"):
+        assert (state.mode, state.keyframe_branch, state.anchor_role) == ("keyframe", 1, "keep")
+        with state.during(keyframe_branch=2):
+            assert state.keyframe_branch == 2
+        assert state.keyframe_branch == 1
+    assert (state.mode, state.keyframe_branch, state.anchor_role) == ("plain", None, None)
+    try:
+        with state.during(mode="propagate"):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert state.mode == "plain"
+    for bad in ({"slots": None}, {"mode": "nonsense"}):
+        try:
+            with state.during(**bad):
+                pass
+        except ValueError:
+            continue
+        raise AssertionError(f"during({bad}) was accepted")
+
+
+@torch.no_grad()
+def test_a_step_leaves_no_layer_caches_or_batch_plan_behind_even_when_it_fails(tiny_pipe):
+    """The step's one reset: after a finished step and after one whose propagation pass failed (the
+    keyframe pass had filled every layer's cache), nothing the layers kept survives into the next call."""
+    pipe = tiny_pipe
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    source = torch.randn(4, 4, 8, 8, generator=g)
+    text = torch.randn(3, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    config = EditConfig(prompt="x", batch_size=2, propagation="paper")
+    scheduler = pipe.new_scheduler()
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    state = TokenFlowState()
+
+    def at_rest():
+        assert state.caches.layers == {} and state.caches.anchors == {} and state.caches.features is None
+        assert state.mode == "plain" and state.slots is None and state.cache_rows is None
+        assert state.keyframe_branch is None and state.gather is None and state.anchor_role is None
+
+    seen = []
+    real = pipe._unet
+
+    def failing(*args, **kwargs):  # the keyframe call goes through, the first propagation batch fails
+        seen.append(len(state.caches.layers))
+        if len(seen) == 2:
+            raise RuntimeError("boom in the propagation pass")
+        return real(*args, **kwargs)
+
+    with tokenflow_hooks(pipe.unet, state, pipe.layers):
+        pipe.denoise_step(x, t, source, torch.tensor([0, 3]), state, scheduler, text, config, True, True)
+        at_rest()
+        pipe._unet = failing
+        try:
+            pipe.denoise_step(x, t, source, torch.tensor([1, 2]), state, scheduler, text, config, True, True)
+        except RuntimeError as e:
+            assert "boom" in str(e)
+        else:
+            raise AssertionError("the failing step did not fail")
+        finally:
+            del pipe._unet
+        assert seen[1] == len(pipe.layers.self_attention)  # the keyframe pass had filled every layer's cache
+        at_rest()

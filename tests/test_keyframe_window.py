@@ -76,16 +76,15 @@ def test_a_group_attends_to_its_own_and_the_anchors_keys_and_values(tiny_pipe, s
             return proc(attn, x)
         out = []
         for branch in range(3):
-            state.keyframe_branch = branch
-            out.append(proc(attn, x[branch * frames:(branch + 1) * frames]))
-        state.keyframe_branch = None
+            with state.during(keyframe_branch=branch):
+                out.append(proc(attn, x[branch * frames:(branch + 1) * frames]))
         return torch.cat(out)
 
-    state.anchor_role = "keep"
-    anchors_out = call(anchors_in, n_anchor)
-    assert sorted(state.anchors) == [(LAYER, 1), (LAYER, 2)]
-    state.anchor_role = "use"
-    out = call(group_in, n_group)
+    with state.during(anchor_role="keep"):
+        anchors_out = call(anchors_in, n_anchor)
+    assert sorted(state.caches.anchors) == [(LAYER, 1), (LAYER, 2)]
+    with state.during(anchor_role="use"):
+        out = call(group_in, n_group)
     for branch in range(3):
         g = group_in[branch * n_group:(branch + 1) * n_group]
         a = anchors_in[branch * n_anchor:(branch + 1) * n_anchor]
@@ -100,7 +99,7 @@ def test_a_group_attends_to_its_own_and_the_anchors_keys_and_values(tiny_pipe, s
         rows_a = slice(branch * n_anchor, (branch + 1) * n_anchor)
         kv_a = a if branch == 0 else a.reshape(1, -1, dim).expand(n_anchor, -1, -1)
         torch.testing.assert_close(anchors_out[rows_a], _reference_attention(attn, a, kv_a), rtol=1e-5, atol=1e-6)
-    cache = state.cache[LAYER]  # the group's own cache: its source tokens and outputs
+    cache = state.caches.layers[LAYER]  # the group's own cache: its source tokens and outputs
     assert torch.equal(cache.source_tokens, group_in[:n_group])
     torch.testing.assert_close(cache.outputs.reshape(-1, *out.shape[1:]), out)
 

@@ -1,7 +1,8 @@
 """The self-attention processor that implements TokenFlow inside a diffusers UNet.
 
 It is installed on every self-attention layer (``attn1``) through ``unet.set_attn_processor``
-and reads what to do from one shared :class:`TokenFlowState`. The UNet batch is laid out
+and reads what to do from one shared :class:`TokenFlowState` (the loop's plan); what the layers keep
+for later calls goes into its :class:`LayerCaches` (``state.caches``), which the loop resets every step. The UNet batch is laid out
 as branches of equal size, ``[source, uncond, cond]`` (the source branch denoises the
 inverted source latents with the inversion prompt; the others are the edit's classifier-free
 guidance pair). Modes:
@@ -19,7 +20,7 @@ guidance pair). Modes:
   so the UNet batch is K images instead of 3K and memory stays bounded.
   Bounded (``--keyframe-window``): the pass runs as several calls, the anchors' first
   (``anchor_role`` "keep": the edit branches' keys/values of the anchors are kept per layer and
-  branch in ``anchors``), then one per group (``anchor_role`` "use": the group's queries attend to
+  branch in ``caches.anchors``), then one per group (``anchor_role`` "use": the group's queries attend to
   the group's keys/values followed by the anchors').
 - ``extended``: like ``keyframe`` over whatever frames are in the batch, keeping nothing
   (the paper's joint-attention ablation).
@@ -29,8 +30,9 @@ guidance pair). Modes:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +90,35 @@ class LayerCache:
 
 
 @dataclass
+class LayerCaches:
+    """What the layers write during a step, and only the layers (the processors and the feature hook): the
+    editing loop reads it between the passes and :meth:`reset` s it, once at the end of every step (and of
+    every failed keyframe call, and when the hooks come off), as diffusers' hook states are reset."""
+
+    # layer name -> the keyframe pass's cache of that layer, read by the propagation pass
+    layers: dict[str, LayerCache] = field(default_factory=dict)
+    features: Optional[torch.Tensor] = None  # split keyframe pass: the source call's injected features
+    # bounded keyframe pass: (layer name, branch) -> the anchors' keys and values (A, L, D) in that edit branch
+    anchors: dict = field(default_factory=dict)
+
+    def take(self) -> dict[str, LayerCache]:
+        """The layers' caches of the call that just ran, handed to the loop; the next call starts empty."""
+        layers, self.layers = self.layers, {}
+        return layers
+
+    def reset(self) -> None:
+        self.layers, self.features, self.anchors = {}, None, {}
+
+
+# the fields the loop sets for one UNet call (or one set of calls) only; see TokenFlowState.during
+_PER_CALL = ("mode", "keyframe_branch", "gather", "anchor_role")
+
+
+@dataclass
 class TokenFlowState:
-    """Everything the processors and hooks read; set by the editing loop, never by a module."""
+    """The editing loop's plan for the processors and hooks: set only by the loops (``editing.denoise_step``
+    and its passes, the transformer loop of ``flow.py``), read by the layers. What the layers write lives in
+    ``caches`` (:class:`LayerCaches`). :meth:`end_step` puts both back to rest after every step."""
 
     n_branches: int = 3
     n_source_branches: int = 1  # the first branches describe the source: per-frame attention in the keyframe pass
@@ -101,24 +130,46 @@ class TokenFlowState:
     weights: Optional[torch.Tensor] = None  # (F,)
     slot_groups: Optional[list] = None  # correspondence.slot_groups of ``slots`` (made once per batch: no sync per layer)
     blend: Optional[bool] = None  # False when every weight is 1
-    cache: dict[str, LayerCache] = field(default_factory=dict)
     nn_max_elements: int = 1 << 26  # bound on similarities held at once per layer
     keyframe_branch: Optional[int] = None  # split keyframe pass: the one branch in this UNet call
     cache_device: Optional[torch.device] = None  # keep the caches here (the CPU, off the accelerator)
     cache_rows: Optional[torch.Tensor] = None  # offloaded caches: the keyframe rows this batch uses
-    features: Optional[torch.Tensor] = None  # split keyframe pass: the source's injected features
     # one edit across ranks: (S, K_r, L, D) of this rank's keyframes -> (S, K, L, D) of all of them
     # (see distributed.Group.gather_keyframes); None on a single process
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     # bounded keyframe pass: "keep" in the anchors' call, "use" in a group's call, None otherwise
     anchor_role: Optional[str] = None
-    # (layer name, branch) -> the anchors' keys and values (A, L, D) in that edit branch
-    anchors: dict = field(default_factory=dict)
+    caches: LayerCaches = field(default_factory=LayerCaches)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown attention mode '{mode}'; allowed: {', '.join(MODES)}")
         self.mode = mode
+
+    @contextlib.contextmanager
+    def during(self, **fields) -> Iterator["TokenFlowState"]:
+        """Set per-call fields (``mode``, ``keyframe_branch``, ``gather``, ``anchor_role``) for the block
+        and put the previous values back after it, whatever happens inside."""
+        unknown = set(fields) - set(_PER_CALL)
+        if unknown:
+            raise ValueError(f"not per-call state: {', '.join(sorted(unknown))}")
+        if "mode" in fields and fields["mode"] not in MODES:
+            raise ValueError(f"unknown attention mode '{fields['mode']}'; allowed: {', '.join(MODES)}")
+        before = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in before.items():
+                setattr(self, name, value)
+
+    def end_step(self) -> None:
+        """After a step (or when the hooks come off): no caches held, no batch plan left for a later call."""
+        self.caches.reset()
+        self.mode = "plain"
+        self.slots = self.weights = self.slot_groups = self.blend = self.cache_rows = None
+        self.keyframe_branch = self.gather = self.anchor_role = None
 
 
 class TokenFlowAttnProcessor:
@@ -140,7 +191,7 @@ class TokenFlowAttnProcessor:
         n_frames = batch // n_branches
 
         if state.mode == "propagate":
-            cache = state.cache[self.name]
+            cache = state.caches.layers[self.name]
             keyframe_tokens, keyframe_outputs = cache.source_tokens, cache.outputs
             if state.cache_rows is not None:  # offloaded: bring only this batch's keyframes over
                 rows, device = state.cache_rows, hidden_states.device
@@ -182,7 +233,7 @@ class TokenFlowAttnProcessor:
         out = attn.to_out[1](out)
         if state.mode == "keyframe":
             # kept before the residual: a propagated frame adds its own residual, not the keyframe's
-            state.cache[self.name] = LayerCache(
+            state.caches.layers[self.name] = LayerCache(
                 source_tokens=self._keep(hidden_states[:n_frames]),
                 outputs=self._keep(out.reshape(n_branches, n_frames, n_tokens, -1)))
         return self._finish(attn, out, residual)
@@ -210,10 +261,10 @@ class TokenFlowAttnProcessor:
             cache = LayerCache(source_tokens=self._keep(hidden_states), outputs=None)
             if inject:  # the edit branches' calls take these
                 cache.query, cache.key = query, key
-            state.cache[self.name] = cache
+            state.caches.layers[self.name] = cache
             out = self._attend(attn, query, key, value, n_tokens, 1)
         else:
-            cache = state.cache[self.name]
+            cache = state.caches.layers[self.name]
             if inject:
                 query, key = cache.query, cache.key
             kv_frames = n_frames
@@ -241,9 +292,9 @@ class TokenFlowAttnProcessor:
         value = value.reshape(n_branches, kv_frames, *value.shape[1:])
         if state.anchor_role == "keep":
             for i in range(n_branches):
-                state.anchors[(self.name, first_branch + i)] = (key[i], value[i])
+                state.caches.anchors[(self.name, first_branch + i)] = (key[i], value[i])
             return key.flatten(0, 1), value.flatten(0, 1), kv_frames
-        kept = [state.anchors[(self.name, first_branch + i)] for i in range(n_branches)]
+        kept = [state.caches.anchors[(self.name, first_branch + i)] for i in range(n_branches)]
         key = torch.cat([key, torch.stack([k for k, _ in kept])], dim=1)
         value = torch.cat([value, torch.stack([v for _, v in kept])], dim=1)
         return key.flatten(0, 1), value.flatten(0, 1), key.shape[1]

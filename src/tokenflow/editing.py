@@ -26,6 +26,7 @@ propagation pass in smaller chunks from the chunk that failed (no collective the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -49,6 +50,28 @@ class Update(Protocol):
     def __call__(self, noise: tuple[torch.Tensor, ...], x: torch.Tensor, frames: range) -> torch.Tensor:
         """The latents (P, F, ...) after the step, from the model's output per branch (F, ...) and the
         latents x (P, F, ...) of ``frames`` (global indices)."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What every pass of one step reads: the model call, this rank's latents, the step's keyframes, the
+    hooks' plan and the run's memory plan and sharding."""
+
+    unet: UNetCall
+    x: torch.Tensor  # (P, n_r, ...) this rank's latents
+    t: torch.Tensor
+    source: torch.Tensor  # (n_r, ...) the inverted source latents at t
+    keyframes: torch.Tensor  # (K,) global frame indices
+    state: TokenFlowState
+    batch_size: int
+    memory: MemoryPlan
+    plan: ShardPlan
+    group: Group
+
+    @property
+    def offload(self) -> bool:  # the keyframe caches on the host
+        offload = self.memory.offload_cache
+        return offload if offload is not None else self.memory.device.type != "cpu"
 
 
 @torch.no_grad()
@@ -75,46 +98,58 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     """
     one_prompt = update is None and x.ndim == 4  # with an update, x is always (P, n_r, ...)
     x = x[None] if one_prompt else x  # (P, n_r, C, h, w)
+    step = _Step(unet, x, t, source, keyframes, state, batch_size, memory,
+                 plan or ShardPlan(x.shape[1], batch_size), group or Group())
     state.n_branches = n_branches or 1 + 2 * len(x)
-    group = group or Group()
-    plan = plan or ShardPlan(x.shape[1], batch_size)
-    frames = plan.frames()
     state.qk_injection, state.feature_injection = qk_injection, feature_injection
-    offload = memory.offload_cache if memory.offload_cache is not None else memory.device.type != "cpu"
-    state.cache_device = torch.device("cpu") if offload else None
-    tokenflow = propagation in POLICIES
-    offset = 0  # global keyframe index of the first local cache row
-    kept = None  # frame -> its keyframe-pass noise (B, C, h, w), where the propagation would recompute it
-    if tokenflow:
-        noise = _keyframe_stage(unet, x, t, source, keyframes, state, batch_size, memory, plan, group,
-                                keyframe_window)
-        if offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
-            wait_for_host_copies(memory.device)
-        offset = group.exchange_boundaries(state.cache, plan, propagation)
-        if propagation == "paper" and memory.reuse_keyframe_outputs and noise is not None:
-            # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own
-            # tokens (its nearest neighbours in itself), so its propagation pass recomputes, layer by
-            # layer, the keyframe pass's prediction: take that instead of a second UNet call. (Only
-            # exactly identical source tokens could make a token pick another one: then the keyframe's
-            # own attention output, reused here, is the better value anyway.)
-            mine = keyframes[plan.batches().start:plan.batches().stop]
-            kept = {int(f): noise[:, i] for i, f in enumerate(mine)}
-    out = torch.empty(x.shape, dtype=torch.float32)
-    state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
+    state.cache_device = torch.device("cpu") if step.offload else None
+    try:
+        kept, offset = _keyframes(step, propagation, keyframe_window) if propagation in POLICIES else (None, 0)
+        state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
+        out = _propagation_stage(step, scheduler, guidance_scale, propagation, offset, kept, update)
+    finally:
+        state.end_step()  # the layers' caches and the batch plan go, whether the step finished or failed
+    return out[0] if one_prompt else out
+
+
+def _keyframes(step: _Step, propagation: str, window: Optional[int]):
+    """The keyframe pass and the caches the propagation pass reads (with the neighbouring ranks' boundary
+    keyframes). Returns (frame -> its keyframe-pass prediction, where propagation may reuse it; the global
+    keyframe index of the first local cache row)."""
+    noise = _keyframe_stage(step, window)
+    if step.offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
+        wait_for_host_copies(step.memory.device)
+    offset = step.group.exchange_boundaries(step.state.caches.layers, step.plan, propagation)
+    if propagation != "paper" or not step.memory.reuse_keyframe_outputs or noise is None:
+        return None, offset
+    # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own tokens (its
+    # nearest neighbours in itself), so its propagation pass recomputes, layer by layer, the keyframe pass's
+    # prediction: take that instead of a second UNet call. (Only exactly identical source tokens could make a
+    # token pick another one: then the keyframe's own attention output, reused here, is the better value.)
+    mine = step.keyframes[step.plan.batches().start:step.plan.batches().stop]
+    return {int(f): noise[:, i] for i, f in enumerate(mine)}, offset
+
+
+def _propagation_stage(step: _Step, scheduler, guidance_scale: float, propagation: str, offset: int,
+                       kept: Optional[dict], update: Optional[Update]) -> torch.Tensor:
+    """The propagation pass over this rank's frames, in chunks of at most the batch size, each retried
+    smaller out of memory from the chunk that failed (frames are independent here, except under extended
+    attention, which is not split)."""
+    memory, batch_size, frames = step.memory, step.batch_size, step.plan.frames()
+    out = torch.empty(step.x.shape, dtype=torch.float32)
     extended = propagation == "extended"
 
     def chunk_from(b: int):
         def run(size: int) -> int:  # frames b... in one UNet call of at most ``size`` frames
             end = min(b + size, frames.stop)
             out[:, b - frames.start:end - frames.start] = _propagation_batch(
-                unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
-                range(b, end), frames.start, offset, offload, memory.device, kept, update)
+                step, scheduler, guidance_scale, propagation, range(b, end), offset, kept, update)
             return end
         return run
 
     chunk = batch_size if extended else min(batch_size, memory.propagation_chunk or batch_size)
     b = frames.start
-    while b < frames.stop:  # frames are independent here except under extended attention
+    while b < frames.stop:
         b, size = retry_smaller(
             chunk_from(b), chunk, device=memory.device, smaller=(lambda s: None) if extended else halve,
             fail=lambda s: (f"out of memory attending across {batch_size} frames: lower --batch-size or "
@@ -124,13 +159,10 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
             retrying=lambda s, lower: f"in the propagation pass; retrying {lower} frames per UNet call")
         if size < chunk:  # the rest of this run keeps the smaller chunk (results equal up to rounding)
             chunk = memory.propagation_chunk = size
-    state.cache.clear()
-    state.cache_rows = None
-    return out[0] if one_prompt else out
+    return out
 
 
-def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, memory, plan,
-                    group, window: Optional[int] = None) -> Optional[torch.Tensor]:
+def _keyframe_stage(step: _Step, window: Optional[int] = None) -> Optional[torch.Tensor]:
     """Extended attention on this rank's keyframes: the layers keep their caches. Returns the UNet's
     prediction of every branch at this rank's keyframes (B, K_r, C, h, w), None if it has none.
 
@@ -141,11 +173,10 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
     to its own keyframes and the anchors; no collective past the anchors. The caches and predictions
     are put back in keyframe order, as the exact pass leaves them.
     """
-    mine = plan.batches()
-    if not windowed(len(keyframes), window):
-        return _keyframe_call(unet, x, t, source, keyframes, list(mine), plan.keyframe_counts(), state,
-                              batch_size, memory, plan, group)
-    anchors, groups = window_groups(len(keyframes), window, n_anchors(window))
+    mine, plan, state = step.plan.batches(), step.plan, step.state
+    if not windowed(len(step.keyframes), window):
+        return _keyframe_call(step, list(mine), plan.keyframe_counts())
+    anchors, groups = window_groups(len(step.keyframes), window, n_anchors(window))
     for g in groups:
         if (g[0] in mine) != (g[-1] in mine):
             raise ValueError(f"keyframe group {g[0]}..{g[-1]} spans ranks: make the plan with the keyframe "
@@ -153,28 +184,21 @@ def _keyframe_stage(unet: UNetCall, x, t, source, keyframes, state, batch_size, 
     own_anchors = [p for p in anchors if p in mine]
     anchor_counts = [sum(p in plan.batches(r) for p in anchors) for r in range(plan.world_size)]
     parts: list[tuple[list[int], dict, Optional[torch.Tensor]]] = []  # (positions, caches, prediction) per call
-    state.anchors = {}
-    try:
-        state.anchor_role = "keep"
-        noise = _keyframe_call(unet, x, t, source, keyframes, own_anchors, anchor_counts, state, batch_size,
-                               memory, plan, group)
-        parts.append((own_anchors, state.cache, noise))
-        state.cache = {}
-        state.anchor_role = "use"
+    with state.during(anchor_role="keep"):
+        noise = _keyframe_call(step, own_anchors, anchor_counts)
+        parts.append((own_anchors, state.caches.take(), noise))
+    with state.during(anchor_role="use"):
         for g in groups:
             if g[0] in mine:  # no collective: each rank runs its own groups, as many as it has
-                noise = _keyframe_call(unet, x, t, source, keyframes, g, [len(g)], state, batch_size, memory,
-                                       plan, group, gather=False)
-                parts.append((g, state.cache, noise))
-                state.cache = {}
-    finally:
-        state.anchor_role, state.anchors = None, {}
+                noise = _keyframe_call(step, g, [len(g)], gather=False)
+                parts.append((g, state.caches.take(), noise))
+    state.caches.anchors = {}
     parts = [p for p in parts if p[0]]
     if not parts:
         return None
     if state.cache_device is not None:  # the parts' copies to pinned host memory must be done before they move
-        wait_for_host_copies(memory.device)
-    state.cache = _in_keyframe_order(parts, mine)
+        wait_for_host_copies(step.memory.device)
+    state.caches.layers = _in_keyframe_order(parts, mine)
     noise = parts[0][2].new_empty((parts[0][2].shape[0], len(mine), *parts[0][2].shape[2:]))
     for positions, _, part in parts:
         noise[:, torch.tensor(positions) - mine.start] = part
@@ -205,8 +229,7 @@ def _in_keyframe_order(parts, mine: range) -> dict[str, LayerCache]:
     return out
 
 
-def _keyframe_call(unet: UNetCall, x, t, source, keyframes, positions: list[int], counts: list[int], state,
-                   batch_size, memory, plan, group, gather: bool = True) -> Optional[torch.Tensor]:
+def _keyframe_call(step: _Step, positions: list[int], counts: list[int], gather: bool = True) -> Optional[torch.Tensor]:
     """Extended attention on the keyframes at ``positions`` of this rank (among themselves and, with
     ``gather`` across ranks, those of every rank: ``counts`` per rank). Returns their prediction of every
     branch (B, len(positions), C, h, w), None for none (a rank without any still joins the collectives).
@@ -215,72 +238,65 @@ def _keyframe_call(unet: UNetCall, x, t, source, keyframes, positions: list[int]
     (3 x batch_size images); beyond that (a rank with more than ``batch_size`` keyframes: long
     videos) one call per branch, so peak memory does not grow with the video's length.
     """
-    local = keyframes[positions] if len(positions) else keyframes[:0]
-    rows = local - plan.frames().start
+    state, memory, group, x = step.state, step.memory, step.group, step.x
+    local = step.keyframes[positions] if len(positions) else step.keyframes[:0]
+    rows = local - step.plan.frames().start
     if not len(local):  # no keyframe here: a dummy row keeps this rank in the layers' collectives
         local, rows = torch.zeros(1, dtype=torch.long), None
     x_k = x[:, rows] if rows is not None else x.new_zeros((len(x), 1, *x.shape[2:]))  # (P, K_r, C, h, w)
-    s_k = source[rows] if rows is not None else x_k[0]
+    s_k = step.source[rows] if rows is not None else x_k[0]
     split = memory.split_keyframe_pass
     if split is None:
-        split = max(counts) > batch_size
+        split = max(counts) > step.batch_size
     n_branches = state.n_branches
+    collective = group.distributed and gather
+    gathering = (lambda v: group.gather_keyframes(v, counts)) if collective else None
 
     def run(per_call: int) -> Optional[torch.Tensor]:  # all branches in one call, or one branch per call
-        state.set_mode("keyframe")
-        state.gather = (lambda v: group.gather_keyframes(v, counts)) if group.distributed and gather else None
         try:
-            if per_call >= n_branches:
-                noise = unet(x_k, s_k, t, frames=local)
-            else:
-                noise = []
-                for branch in range(n_branches):
-                    state.keyframe_branch = branch
-                    noise.append(unet(x_k, s_k, t, branches=(branch,), frames=local))
-                noise = torch.cat(noise)
-            return None if rows is None else noise.reshape(n_branches, len(local), *noise.shape[1:])
+            with state.during(mode="keyframe", gather=gathering):
+                if per_call >= n_branches:
+                    noise = step.unet(x_k, s_k, step.t, frames=local)
+                else:
+                    noise = []
+                    for branch in range(n_branches):
+                        with state.during(keyframe_branch=branch):
+                            noise.append(step.unet(x_k, s_k, step.t, branches=(branch,), frames=local))
+                    noise = torch.cat(noise)
         except BaseException:
-            state.cache.clear()  # a retry starts the layers' caches afresh
+            state.caches.layers.clear()  # a retry starts the layers' caches afresh
             raise
         finally:
-            state.keyframe_branch, state.features, state.gather = None, None, None
+            state.caches.features = None
+        return None if rows is None else noise.reshape(n_branches, len(local), *noise.shape[1:])
 
-    # across ranks the layers' collectives cannot be replayed: no retry there
+    # a call with collectives cannot be replayed on one rank alone: no retry there
     noise, per_call = retry_smaller(
         run, 1 if split else n_branches, device=memory.device,
-        smaller=lambda s: None if group.distributed or s <= 1 else 1,
+        smaller=lambda s: None if collective or s <= 1 else 1,
         fail=lambda s: (f"out of memory in the keyframe pass ({len(local)} keyframes"
                         f"{' in one call' if s > 1 else ''}): lower --height/--width, raise --batch-size (fewer "
                         f"keyframes), use --offload, or more ranks"),
         retrying=lambda s, lower: "in the keyframe pass; retrying one branch at a time")
-    if per_call == 1 and not split:
-        memory.split_keyframe_pass = True  # for the rest of this run
+    if per_call == 1 and not split and not group.distributed:
+        # for the rest of this run; not across ranks, where every rank's anchors' calls must gather alike
+        memory.split_keyframe_pass = True
     return noise
 
 
-def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance_scale, batch_size, propagation,
-                       frames: range, first: int, offset: int, offload: bool, device,
+def _propagation_batch(step: _Step, scheduler, guidance_scale, propagation, frames: range, offset: int,
                        kept: Optional[dict[int, torch.Tensor]] = None, update: Optional[Update] = None) -> torch.Tensor:
-    """Frames ``frames`` (global indices; the rank's rows start at frame ``first``) through the UNet:
-    propagation (TokenFlow), or the baselines' per-frame attention (none) or joint attention
-    within the batch (extended); then guidance and the DDIM step. Returns (P, F, C, h, w).
-    Frames in ``kept`` take that prediction and leave the UNet batch."""
+    """Frames ``frames`` (global indices) through the UNet: propagation (TokenFlow), or the baselines'
+    per-frame attention (none) or joint attention within the batch (extended); then guidance and the
+    DDIM step. Returns (P, F, C, h, w). Frames in ``kept`` take that prediction and leave the UNet batch."""
+    state, device, x, first = step.state, step.memory.device, step.x, step.plan.frames().start
     kept = kept or {}
     all_frames = list(frames)
     index = torch.tensor([f for f in all_frames if f not in kept], dtype=torch.long)
     if propagation in POLICIES:
-        slots, weights = propagation_plan(index, keyframes, batch_size, propagation)
-        slots = slots - offset  # into this rank's caches
-        # per-batch facts computed once here, on the CPU, not in every attention layer
-        if offload:  # the layers bring over only these keyframes' caches, slots renumbered
-            rows = slots.unique()
-            state.cache_rows, slots = rows, torch.searchsorted(rows, slots)
-        state.slot_groups = slot_groups(slots, device)
-        state.blend = not bool((weights == 1).all())
-        state.slots, state.weights = slots.to(device), weights.to(device)
-    local = slice(frames.start - first, frames.stop - first)
+        _plan_batch(step, index, propagation, offset)
     if len(index):
-        computed = unet(x[:, index - first], source[index - first], t, frames=index)
+        computed = step.unet(x[:, index - first], step.source[index - first], step.t, frames=index)
         computed = computed.reshape(state.n_branches, len(index), *computed.shape[1:])  # (B, F', C, h, w)
     if len(index) == len(all_frames):
         noise = computed
@@ -289,12 +305,27 @@ def _propagation_batch(unet, x, t, source, keyframes, state, scheduler, guidance
         noise = torch.stack([kept[f].to(device) if f in kept else computed[:, next(rows)] for f in all_frames],
                             dim=1)
     noise = noise.unbind(0)  # per branch: (F, C, h, w)
-    x_b = x[:, local].to(device=device, dtype=torch.float32)
+    x_b = x[:, frames.start - first:frames.stop - first].to(device=device, dtype=torch.float32)
     if update is not None:
         return update(noise, x_b, frames).cpu()
     out = []
     for p in range(len(x)):  # each prompt: classifier-free guidance and the DDIM step
         uncond, cond = noise[1 + 2 * p], noise[2 + 2 * p]
         guided = uncond + guidance_scale * (cond - uncond)
-        out.append(scheduler.step(guided, t.to(device), x_b[p]).prev_sample.cpu())
+        out.append(scheduler.step(guided, step.t.to(device), x_b[p]).prev_sample.cpu())
     return torch.stack(out)
+
+
+def _plan_batch(step: _Step, index: torch.Tensor, propagation: str, offset: int) -> None:
+    """The propagation plan of the frames ``index`` for the layers: each frame's two keyframe slots
+    (rows of this rank's caches) and blend weights, and the per-batch facts computed once here, on the
+    CPU, not in every attention layer."""
+    state, device = step.state, step.memory.device
+    slots, weights = propagation_plan(index, step.keyframes, step.batch_size, propagation)
+    slots = slots - offset  # into this rank's caches
+    if step.offload:  # the layers bring over only these keyframes' caches, slots renumbered
+        rows = slots.unique()
+        state.cache_rows, slots = rows, torch.searchsorted(rows, slots)
+    state.slot_groups = slot_groups(slots, device)
+    state.blend = not bool((weights == 1).all())
+    state.slots, state.weights = slots.to(device), weights.to(device)

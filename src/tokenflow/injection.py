@@ -74,9 +74,9 @@ def _feature_hook(state: TokenFlowState):
         if state.mode == "keyframe" and state.keyframe_branch is not None:
             # split keyframe pass: the source call keeps its features, the edit calls take them
             if state.keyframe_branch == 0:
-                state.features = output
+                state.caches.features = output
                 return output
-            return state.features
+            return state.caches.features
         # (B*F, C, h, w): every branch takes the source branch's features, before the skip
         n = output.shape[0] // state.n_branches
         return output[:n].repeat(state.n_branches, 1, 1, 1)
@@ -101,7 +101,6 @@ def tokenflow_hooks(unet: torch.nn.Module, state: TokenFlowState,
     finally:
         handle.remove()
         unet.set_attn_processor(original)
-        state.cache.clear()
-        state.features = None
+        state.end_step()
         if state.cache_device is not None:
             release_host_cache()

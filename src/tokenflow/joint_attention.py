@@ -97,9 +97,9 @@ class JointTokenFlowProcessor:
             both = self.state.gather(torch.stack([ik, iv]))  # (2, K_r, L, H, d) -> (2, K, L, H, d)
             ik, iv = both[0], both[1]
         if gather and self.state.anchor_role == "keep":
-            self.state.anchors[(self.name, branch)] = (ik, iv)
+            self.state.caches.anchors[(self.name, branch)] = (ik, iv)
         elif gather and self.state.anchor_role == "use":
-            anchor_k, anchor_v = self.state.anchors[(self.name, branch)]
+            anchor_k, anchor_v = self.state.caches.anchors[(self.name, branch)]
             ik, iv = torch.cat([ik, anchor_k]), torch.cat([iv, anchor_v])
         n = len(q)
         shared_k = ik.reshape(1, -1, *ik.shape[2:]).expand(n, -1, -1, -1)  # (K, K*L, H, d)
@@ -121,7 +121,7 @@ class JointTokenFlowProcessor:
     def _propagated(self, image_in: torch.Tensor, batch: int) -> torch.Tensor:
         """Image outputs (B*F, L, D) gathered from the keyframes at the nearest source tokens."""
         state = self.state
-        cache = state.cache[self.name]
+        cache = state.caches.layers[self.name]
         tokens, outputs = cache.source_tokens, cache.outputs
         if state.cache_rows is not None:  # offloaded: only this batch's keyframes come over
             tokens = rows_to(tokens, 0, state.cache_rows, image_in.device)
@@ -187,15 +187,15 @@ class JointTokenFlowProcessor:
             return x.detach().to(device, copy=True)
 
         if branch is None:
-            state.cache[self.name] = LayerCache(
+            state.caches.layers[self.name] = LayerCache(
                 source_tokens=keep(image_in[:n_frames]),
                 outputs=keep(image_out.reshape(state.n_branches, n_frames, *image_out.shape[1:])))
             return
         if branch == 0:
             outputs = torch.empty((state.n_branches, n_frames, *image_out.shape[1:]), dtype=image_out.dtype,
                                   device=device)
-            state.cache[self.name] = LayerCache(source_tokens=keep(image_in), outputs=outputs)
-        state.cache[self.name].outputs[branch].copy_(image_out)
+            state.caches.layers[self.name] = LayerCache(source_tokens=keep(image_in), outputs=outputs)
+        state.caches.layers[self.name].outputs[branch].copy_(image_out)
 
 
 @contextlib.contextmanager
@@ -212,6 +212,6 @@ def joint_tokenflow_hooks(transformer: torch.nn.Module, state: TokenFlowState, l
         yield
     finally:
         transformer.set_attn_processor(original)
-        state.cache.clear()
+        state.end_step()
         if state.cache_device is not None:
             release_host_cache()
