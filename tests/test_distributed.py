@@ -43,9 +43,13 @@ def _video(n: int) -> torch.Tensor:
 
 def _edit(pipe: TokenFlowPipeline, name: str, cache_dir=None):
     settings, n = CASES[name]
+    before = pipe.split_keyframe_pass
     pipe.split_keyframe_pass = True if name.endswith("split-keyframe-pass") or name.endswith("-split") else None
-    return pipe.edit(_video(n), config=EditConfig(**BASE, **settings), use_cache=cache_dir is not None,
-                     cache_dir=cache_dir, progress=False, return_latents=True)
+    try:
+        return pipe.edit(_video(n), config=EditConfig(**BASE, **settings), use_cache=cache_dir is not None,
+                         cache_dir=cache_dir, progress=False, return_latents=True)
+    finally:  # the session's shared pipeline goes back as it was, for the tests that follow
+        pipe.split_keyframe_pass = before
 
 
 def _free_port() -> int:
