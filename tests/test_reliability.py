@@ -608,9 +608,9 @@ def wait_for(pattern: str, proc, timeout: float = 1200) -> None:
 
 
 def test_killed_and_interrupted_runs_resume_to_the_same_output(tmp_path, tiny_model_dir, capsys):
-    clip = write_clip(tmp_path / "clip.mp4", moving_frames(16, 64, 96), audio=True)
-    args = ["edit", clip, "-p", "a dog", "--model", tiny_model_dir, "--steps", "24", "--inversion-steps", "24",
-            "--height", "64", "--width", "96", "--batch-size", "4", "-q"]
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(16, 32, 48), audio=True)
+    args = ["edit", clip, "-p", "a dog", "--model", tiny_model_dir, "--steps", "12", "--inversion-steps", "12",
+            "--height", "32", "--width", "48", "--batch-size", "4", "-q"]
     # the uninterrupted run
     proc = start([*args, "-o", tmp_path / "ref.mp4", "--frames-dir", tmp_path / "ref", "--cache-dir",
                   tmp_path / "refcache"], tmp_path)

@@ -151,8 +151,21 @@ def test_page_speaks_in_its_labels_and_offers_what_the_model_can_run(session, tm
     # Steps alone: the inversion steps are chosen (0 on the page means automatic)
     os.makedirs(session.output_dir)
     clip = write_clip(tmp_path / "in.mp4", moving_frames(4, 32, 48))
-    settings = session.run(clip, "a robot", **{**SMALL, "steps": 3, "inversion_steps": 0}).settings[0]
-    assert "inversion_steps: 102" in open(settings).read()
+    from tokenflow.ui import Stopped
+
+    seen = []
+
+    def edit(*args, config=None, **kwargs):  # what the run hands the pipeline; the edit itself is not needed
+        seen.append(config)
+        raise Stopped("seen")
+
+    session.pipe.edit = edit
+    try:
+        with pytest.raises(Stopped):
+            session.run(clip, "a robot", **{**SMALL, "steps": 3, "inversion_steps": 0})
+    finally:
+        del session.pipe.edit
+    assert seen[0].inversion_steps == 102  # the smallest that passes every timestep of 3 steps, from 50
 
 
 def test_several_prompts_one_per_line_are_edited_in_one_run(session, tmp_path):
