@@ -159,3 +159,21 @@ def test_keyframe_window_setting_is_checked(capsys, tmp_path):
     code, _, err = run_cli(capsys, "edit", "x.mp4", "-p", "a", "--keyframe-window", "0")
     assert code == 2 and "--keyframe-window" in err and "positive integer or 'all'" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_window_that_does_not_bound_the_edit_keeps_the_resume_key():
+    """W at least the keyframe count is the exact pass bit for bit (tested above), so a run interrupted with
+    the default W and resumed with `--keyframe-window all` (or another such W) finds its checkpoint; a W that
+    bounds the pass is another edit."""
+    from tokenflow.checkpoints import edit_key
+
+    def key(n_frames, **settings):
+        config = EditConfig(prompt="x", batch_size=4, **settings)
+        return edit_key("edit", config, "tiny", torch.float32, torch.device("cpu"), None, n_frames)
+
+    exact = key(16, keyframe_window=None)  # 4 keyframes
+    assert key(16, keyframe_window=64) == key(16, keyframe_window=4) == exact
+    assert key(16, keyframe_window=3) != exact  # bounded: 4 keyframes > 3
+    assert key(17, keyframe_window=4) != key(17, keyframe_window=None)  # 5 keyframes
+    # no TokenFlow propagation: no keyframe pass for a window to bound
+    assert key(64, propagation="none", keyframe_window=2) == key(64, propagation="none", keyframe_window=None)

@@ -671,7 +671,11 @@ def test_no_cache_puts_nothing_in_the_cache_folder_and_still_resumes(tmp_path, t
     args = ["edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "out" / "o.mp4", "--no-cache",
             "--steps", "4", "--inversion-steps", "4", "--height", "32", "--width", "48", "-q"]
     from tokenflow import pipeline
+    from tokenflow.checkpoints import EditCheckpoints
 
+    # a checkpoint after every step, whatever it costs (the interval adapts to the save's cost against the
+    # step's, which on these tiny steps depends on the machine's load)
+    monkeypatch.setattr(EditCheckpoints, "OVERHEAD", 1e9)
     real = _interrupt_at_step(monkeypatch, 3)
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and "resume" in err
@@ -709,7 +713,11 @@ def test_no_resume_starts_over(tmp_path, tiny_model_dir, capsys, monkeypatch):
     args = ["edit", clip, "-p", "x", "--model", tiny_model_dir, "-o", tmp_path / "o.mp4", "--cache-dir",
             tmp_path / "c", "--steps", "4", "--inversion-steps", "4", "--height", "32", "--width", "48", "-q"]
     from tokenflow import pipeline
+    from tokenflow.checkpoints import EditCheckpoints
 
+    # a checkpoint after every step, whatever it costs (the interval adapts to the save's cost against the
+    # step's, which on these tiny steps depends on the machine's load)
+    monkeypatch.setattr(EditCheckpoints, "OVERHEAD", 1e9)
     real = _interrupt_at_step(monkeypatch, 3)
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and "resume" in err

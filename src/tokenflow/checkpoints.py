@@ -27,7 +27,9 @@ import torch
 
 from .atomic import atomic_path
 from .cache import bytes_digest, content_key, default_cache_dir
+from .correspondence import POLICIES
 from .distributed import Group
+from .keyframes import windowed
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -42,16 +44,22 @@ def key_of(**fields: Any) -> str:
 
 
 def edit_key(kind: str, config, model_id: str, dtype: torch.dtype, device: torch.device,
-             generator_state: Optional[torch.Tensor] = None, **fields: Any) -> str:
+             generator_state: Optional[torch.Tensor] = None, n_frames: Optional[int] = None, **fields: Any) -> str:
     """The identity of an edit's result, its resume checkpoint's key: every setting (and a keyframe
     schedule file's content), the model and its numerics, a given generator's state, and ``fields``
-    (the inversion or the frames, the prompts, the ranks)."""
+    (the inversion or the frames, the prompts, the ranks). With ``n_frames``, a keyframe window that does
+    not bound this edit (no more keyframes than the window, or no TokenFlow propagation) is keyed as none:
+    those runs are the exact pass bit for bit, so a run resumed with another such window finds its checkpoint."""
+    settings = config.to_dict()
+    if n_frames is not None and not (config.propagation in POLICIES and
+                                     windowed(-(-n_frames // config.batch_size), config.keyframe_window)):
+        settings["keyframe_window"] = None
     schedule = None
     if config.keyframe_schedule:
         with open(config.keyframe_schedule, "rb") as f:
             schedule = bytes_digest(f.read())
     generator = None if generator_state is None else bytes_digest(generator_state.numpy().tobytes())
-    return key_of(kind=kind, config=config.to_dict(), schedule=schedule, model=model_id, dtype=str(dtype),
+    return key_of(kind=kind, config=settings, schedule=schedule, model=model_id, dtype=str(dtype),
                   device=device.type, generator=generator, **fields)
 
 

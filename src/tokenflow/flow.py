@@ -311,7 +311,7 @@ class FlowPipeline(PipelineCommon):
         if not checkpoint:
             return loop, None
         key = edit_key("flow-edit", config, self.model_id, self.dtype, self.device,
-                       None if key_generator is None else key_generator.get_state(), frames=frames_key,
+                       None if key_generator is None else key_generator.get_state(), plan.n_frames, frames=frames_key,
                        prompts=prompts, world=self.group.world_size, rank=self.group.rank)
         saver = EditCheckpoints(Checkpointer(CheckpointStore(checkpoints), key, label),
                                 _Generators(sampler, noise), self.group, extra=loop.extra_state)

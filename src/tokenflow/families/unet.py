@@ -228,7 +228,7 @@ class UNetEditLoop:
         """The edit's resume checkpoint; picks up where an interrupted run of the same edit stopped."""
         pipe, group = self.pipe, self.pipe.group
         key = edit_key("edit", self.config, pipe.model_id, pipe.dtype, pipe.device, generator_state,
-                       inversion=self.inversion.key,
+                       self.plan.n_frames, inversion=self.inversion.key,
                        **({"prompts": self.prompts} if len(self.prompts) > 1 else {}))
         if group.distributed:  # each rank checkpoints its own frames
             key = f"{key}-{group.world_size}-{group.rank}"
