@@ -65,7 +65,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             group = pipe.distribute().group
         results = pipe.edit(run.input, config=config, cache_dir=run.cache_dir,
                             use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
-                            checkpoint=True, restart=bool(run.no_resume), prompts=prompts,
+                            checkpoint=True, restart=bool(run.no_resume), prompts=prompts, output_type="stream",
                             checkpoint_dir=runs.checkpoint_dir_beside(outputs[0]) if args.no_cache else None)
         results = results if prompts else [results]
         if group.is_main:  # rank 0 holds the whole video and writes it
@@ -344,7 +344,7 @@ def _run_job(job, pipes: dict, rank: int, quiet: bool) -> str:
     make_output_folder(output)
     started = time.perf_counter()
     result = pipes[key].edit(run.input, config=config, cache_dir=run.cache_dir, progress=not quiet,
-                             checkpoint=True, restart=bool(run.no_resume))
+                             checkpoint=True, restart=bool(run.no_resume), output_type="stream")
     runs.write_results(pipes[key], result, output, run, started, label=f"{job.name} [rank {rank}]: edited")
     return output
 
@@ -428,6 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "video out with audio), not the pictures.", file=sys.stderr)
     pipe = TokenFlowPipeline.from_tiny(seed=0, device="cpu")
     config = EditConfig(**DEMO_SETTINGS).validate()
-    result = pipe.edit(DEMO_CLIP, config=config, use_cache=False, progress=not args.quiet)
+    result = pipe.edit(DEMO_CLIP, config=config, use_cache=False, progress=not args.quiet,
+                       output_type="stream")
     runs.write_results(pipe, result, output, RunSettings(input=DEMO_CLIP, model=runs.TINY), started, label="demo: edited")
     return 0

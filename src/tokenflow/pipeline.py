@@ -42,7 +42,7 @@ from .memory import MemoryPlan, vae_in_pieces
 from .progress import StageClock
 from .models import (Components, decode_latents, encode_frames, load_components, module_identity, path_identity,
                      resolve_device, resolve_dtype, upcast_vae)
-from .results import EditResult, ProgressCallback, Timer, results_of  # noqa: F401 (EditResult: public here)
+from .results import EditResult, ProgressCallback, StreamedFrames, Timer, results_of  # noqa: F401 (EditResult: public here)
 
 logger = logging.getLogger(__name__)
 
@@ -442,16 +442,31 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             if checkpoint and inversion.key and not return_latents else None
         with timer("editing"), self._on_device(*self._denoisers()):
             x = loop.run(progress, callback, saver)
-        # 5. decode; rank 0 gathers the video
-        with timer("decode"), self._on_device(self.vae):
-            edited = [vae_in_pieces(lambda bs: decode_latents(self.vae, x_p, bs), memory, "decoding") if x.shape[1]
-                      else torch.zeros((0, 3, x.shape[-2] * 8, x.shape[-1] * 8)) for x_p in x]  # per prompt
-        edited, trail = self._gather(edited, loop.trail, plan)
+        # 5. decode (or, streamed, keep the latents to decode as they are written); rank 0 gathers the video
+        with timer("decode"):
+            edited, trail = self._decoded(x, loop.trail, plan, memory, output_type == "stream")
         # 6. one result per prompt
         results = results_of(edited, trail, output_type, fitted, config, prompt_list,
                              [int(t) for t in loop.timesteps], loop.keyframe_log, inversion, timer.seconds,
                              loop.first, saver, memory.lowered())
         return results if prompts is not None else results[0]
+
+    def _decoded(self, x: torch.Tensor, trail: Optional[list[torch.Tensor]], plan: ShardPlan, memory: MemoryPlan,
+                 stream: bool) -> tuple[list, Optional[list[torch.Tensor]]]:
+        """Each prompt's frames (N, 3, H, W) from its latents ``x`` (P, n_r, C, h, w), whole on rank 0.
+        ``stream``: the latents are gathered instead and each prompt gets a :class:`StreamedFrames` that
+        decodes them a batch at a time when the writer reads it (the same frames, never whole in pixels)."""
+        if stream:
+            latents, trail = self._gather(list(x), trail, plan)
+            batch = memory.vae_batch_size * max(1, 32 // memory.vae_batch_size)  # whole VAE batches per read
+            return [None if z is None else StreamedFrames(
+                z, lambda part: decode_latents(self.vae, part, memory.vae_batch_size),
+                2 ** (len(self.vae.config.block_out_channels) - 1), batch,
+                lambda: self._on_device(self.vae)) for z in latents], trail
+        with self._on_device(self.vae):
+            edited = [vae_in_pieces(lambda bs: decode_latents(self.vae, x_p, bs), memory, "decoding") if x.shape[1]
+                      else torch.zeros((0, 3, x.shape[-2] * 8, x.shape[-1] * 8)) for x_p in x]  # per prompt
+        return self._gather(edited, trail, plan)
 
     def _source_inversion(self, frames: torch.Tensor, config: EditConfig, given: Optional[Inversion], plan: ShardPlan,
                           cache_dir: Optional[str], use_cache: bool, progress: bool,

@@ -189,8 +189,7 @@ def write_results(pipe, result, output: str, run: RunSettings, started: float, l
     """:func:`save_result`, then the summary line of the command."""
     from .video import aspect_note
 
-    frames = save_result(pipe, result, output, run, discard)
-    n, h, w = frames.shape[:3]
+    n, h, w = save_result(pipe, result, output, run, discard)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "read")
     resumed = f", resumed after step {result.resumed_from}" if result.resumed_from else ""
     resumed_frames = getattr(result.inversion, "resumed_frames", 0)
@@ -209,7 +208,9 @@ def save_result(pipe, result, output: str, run: RunSettings, discard: bool = Tru
     reads back (what ran: the working size, the fps, the model, the numerics). Each lands whole: all three
     are written under temporary names first and renamed only once every one of them is complete, so a
     full disk while writing leaves none of them behind; the settings file is renamed last. ``discard``:
-    the edit's resume checkpoint goes once the output is safe. Returns the frames written (N, H, W, 3)."""
+    the edit's resume checkpoint goes once the output is safe. The frames go to the video encoder (and the
+    frames folder) a batch at a time: an edit returned as ``output_type="stream"`` is decoded batch by batch
+    as it is written and is never whole in pixels. Returns (N, H, W) of the frames written."""
     import contextlib
 
     import yaml
@@ -218,11 +219,11 @@ def save_result(pipe, result, output: str, run: RunSettings, discard: bool = Tru
     from .config import resolved_settings
     from .models import dropped_text
     from .outputs import make_output_folder
-    from .video import encode_video, frames_replaceable, save_frames
+    from .video import VideoEncoder, frames_replaceable, save_frames
 
     make_output_folder(output)  # made before the work (see cmd_edit); here in case it went meanwhile
-    frames = result.uint8()
-    depends = resolved_settings(result_settings(run, result.config), frames.shape[1], frames.shape[2], result.fps,
+    n, h, w = result.frame_shape()
+    depends = resolved_settings(result_settings(run, result.config), h, w, result.fps,
                                 result.config.frame_stride)
     settings = {"tokenflow": __import__("tokenflow").__version__, "input": depends.pop("input"),
                 "model": depends.pop("model"), "device": str(pipe.device),
@@ -235,14 +236,19 @@ def save_result(pipe, result, output: str, run: RunSettings, discard: bool = Tru
         # so a settings file never stands beside an older video (batch skips by it)
         with open(commit.enter_context(atomic_path(settings_path(output))), "w") as f:
             yaml.safe_dump(settings, f, sort_keys=False)
-        encode_video(commit.enter_context(atomic_path(output)), frames, result.fps, result.audio_source,
-                     audio_start=result.audio_start)
+        video, folder = commit.enter_context(atomic_path(output)), None
         if run.frames_dir:  # several prompts: DIR/1, ... go into DIR, made now (see prompt_runs)
             os.makedirs(os.path.dirname(os.path.abspath(run.frames_dir)), exist_ok=True)
-            save_frames(commit.enter_context(atomic_dir(run.frames_dir, frames_replaceable)), frames)
+            folder = commit.enter_context(atomic_dir(run.frames_dir, frames_replaceable))
+        written = 0
+        with VideoEncoder(video, result.fps, result.audio_source, audio_start=result.audio_start) as encoder:
+            for batch in result.uint8_batches():  # one pass: each batch to the video and to the frames folder
+                encoder.write(batch)
+                if folder:
+                    written = save_frames(folder, batch, written)
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
-    return frames
+    return n, h, w
 
 
 def settings_and_input(args: argparse.Namespace, usage: str):

@@ -519,25 +519,65 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float,
     return path
 
 
-def encode_video(path: str, frames: np.ndarray, fps: float, audio_source: Optional[str] = None, crf: int = 18,
-                 audio_start: float = 0.0) -> None:
-    """The encoding of :func:`write_video`, into ``path`` as it is (the caller makes it atomic)."""
-    import av
+def encode_video(path: str, frames, fps: float, audio_source: Optional[str] = None, crf: int = 18,
+                 audio_start: float = 0.0) -> int:
+    """The encoding of :func:`write_video`, into ``path`` as it is (the caller makes it atomic).
 
-    rate = Fraction(fps).limit_denominator(1001)
-    if rate <= 0:
-        raise TokenFlowError(f"frame rate {fps} is too low to write; at least 1/1001")
-    with av.open(path, "w", format=_container_format(path)) as out:
-        stream = out.add_stream("libx264", rate=rate)
-        stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
-        audio = _open_audio(audio_source, out)
+    ``frames``: uint8 (N, H, W, 3), or an iterable of such batches (a long edit decoded a batch at a
+    time: the video is never whole in memory). Returns the frames written."""
+    with VideoEncoder(path, fps, audio_source, crf, audio_start) as encoder:
+        for batch in ([frames] if isinstance(frames, np.ndarray) else frames):
+            encoder.write(batch)
+    return encoder.count
+
+
+class VideoEncoder:
+    """H.264 yuv420p frames fed a batch at a time (``write``); the size is the first batch's, and the
+    source's audio is copied on a clean exit for as long as the frames written last. Nothing is held
+    but the batch being encoded."""
+
+    def __init__(self, path: str, fps: float, audio_source: Optional[str] = None, crf: int = 18,
+                 audio_start: float = 0.0):
+        self.rate = Fraction(fps).limit_denominator(1001)
+        if self.rate <= 0:
+            raise TokenFlowError(f"frame rate {fps} is too low to write; at least 1/1001")
+        self.path, self.audio_source, self.crf, self.audio_start = path, audio_source, crf, audio_start
+        self.out = self.stream = self.audio = None
+        self.count = 0
+
+    def __enter__(self) -> "VideoEncoder":
+        import av
+
+        self.out = av.open(self.path, "w", format=_container_format(self.path))
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 frames (B, H, W, 3) after those written before."""
+        import av
+
+        if self.stream is None:  # the first batch gives the size; the audio stream follows the video's
+            self.stream = self.out.add_stream("libx264", rate=self.rate)
+            self.stream.height, self.stream.width = int(frames.shape[1]), int(frames.shape[2])
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": str(self.crf), "preset": "medium"}
+            self.audio = _open_audio(self.audio_source, self.out)
         for frame in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        out.mux(stream.encode())
-        if audio is not None:
-            _copy_audio(audio, out, audio_start, len(frames) / float(rate))
+            self.out.mux(self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
+                                                                       format="rgb24")))
+        self.count += len(frames)
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                if self.stream is None:
+                    raise TokenFlowError("no frames to write")
+                self.out.mux(self.stream.encode())
+                if self.audio is not None:
+                    _copy_audio(self.audio, self.out, self.audio_start, self.count / float(self.rate))
+        finally:
+            if self.audio is not None and kind is not None:
+                self.audio.container.close()
+            self.out.close()
 
 
 def _container_format(path: str) -> Optional[str]:
@@ -637,7 +677,11 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> str:
     return folder
 
 
-def save_frames(folder: str, frames: np.ndarray) -> None:
-    """``00000.png, ...`` into an existing (temporary) folder."""
-    for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(os.path.join(folder, f"{i:05d}.png"), format="PNG")
+def save_frames(folder: str, frames, first: int = 0) -> int:
+    """``00000.png, ...`` into an existing (temporary) folder, numbered from ``first``. ``frames``: uint8
+    (N, H, W, 3) or an iterable of such batches. Returns the number after the last frame written."""
+    for batch in ([frames] if isinstance(frames, np.ndarray) else frames):
+        for frame in batch:
+            Image.fromarray(frame).save(os.path.join(folder, f"{first:05d}.png"), format="PNG")
+            first += 1
+    return first
