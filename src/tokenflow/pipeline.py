@@ -460,7 +460,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             latents, trail = self._gather(list(x), trail, plan)
             batch = memory.vae_batch_size * max(1, 32 // memory.vae_batch_size)  # whole VAE batches per read
             return [None if z is None else StreamedFrames(
-                z, lambda part: decode_latents(self.vae, part, memory.vae_batch_size),
+                z, lambda part: vae_in_pieces(lambda bs: decode_latents(self.vae, part, bs), memory, "decoding"),
                 2 ** (len(self.vae.config.block_out_channels) - 1), batch,
                 lambda: self._on_device(self.vae)) for z in latents], trail
         with self._on_device(self.vae):
