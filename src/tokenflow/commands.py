@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from dataclasses import replace as dataclasses_replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from . import runs
 from .config import DEFAULT_MODEL, DEMO_CLIP, EditConfig, RunSettings, result_settings
@@ -27,6 +27,44 @@ DEMO_SETTINGS = dict(prompt="a shiny silver robotic wolf", inversion_prompt="a w
 
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    plan = _edit_plan(args)
+    rank, world, run = _edit_launch(plan.run)
+    plan = plan._replace(run=run)
+    pipe = runs.load_pipeline(run)
+    from .outputs import make_output_folder
+
+    for output in plan.outputs:  # the model loaded: a missing output folder is made now (a refused run leaves none)
+        make_output_folder(output)
+    config = plan.config
+    pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(plan.prompts or [config.prompt])])
+    from .distributed import Group, shutdown
+
+    group = Group()
+    try:
+        if world > 1:
+            group = pipe.distribute().group
+        _edit_and_write(pipe, plan, args, group, started)
+    except RuntimeError as e:
+        stopped = _edit_failure(e, rank, world)
+        if stopped is None:
+            raise
+        raise stopped from None
+    shutdown(group)  # after an error the process exits instead: a collective with a dead peer may not return
+    return 0
+
+
+class _EditPlan(NamedTuple):
+    """An edit's checked settings: one run (and one output) per prompt; ``prompts`` None for one prompt."""
+
+    config: EditConfig
+    run: RunSettings
+    prompts: Optional[list[str]]
+    prompt_runs: list[RunSettings]
+    outputs: list[str]
+
+
+def _edit_plan(args: argparse.Namespace) -> _EditPlan:
+    """The settings, the prompts and every output checked, before the model loads."""
     config, run, info = runs.settings_and_input(args, "tokenflow edit INPUT -p PROMPT")
     prompts = args.prompt if args.prompt and len(args.prompt) > 1 else None
     from .config import check_prompts
@@ -36,9 +74,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
     outputs = [runs.check_outputs(r, config.replace(prompt=p).validate(), info, getattr(args, "config", None),
                               frames_parent_later=bool(prompts), no_cache=args.no_cache)
                for r, p in zip(prompt_runs, prompts or [config.prompt])]
-    from .distributed import check_launch, local_device, shutdown
+    return _EditPlan(config, run, prompts, prompt_runs, outputs)
 
-    rank, world, local_rank = check_launch()  # ranks in range, and what the process group needs
+
+def _edit_launch(run: RunSettings) -> tuple[int, int, RunSettings]:
+    """(rank, world size, the run on this rank's device): ranks in range, and what the process group needs."""
+    from .distributed import check_launch, local_device
+
+    rank, world, local_rank = check_launch()
     if world > 1:  # under torchrun: this rank's own GPU, and the edit split across the ranks
         if str(run.device or "").startswith("cuda:"):
             raise TokenFlowError(f"--device {run.device} under torchrun would put every rank on one GPU; "
@@ -48,42 +91,38 @@ def cmd_edit(args: argparse.Namespace) -> int:
             run = run.replace(device=device)
         if rank:
             logging.getLogger("tokenflow").setLevel(logging.WARNING)  # rank 0 reports
-    pipe = runs.load_pipeline(run)
-    from .outputs import make_output_folder
+    return rank, world, run
 
-    for output in outputs:  # the model loaded: a missing output folder is made now (a refused run leaves none)
-        make_output_folder(output)
-    pipe.release_text_encoders([config.inversion_prompt, config.negative_prompt, *(prompts or [config.prompt])])
-    from .distributed import Group
+
+def _edit_and_write(pipe, plan: _EditPlan, args: argparse.Namespace, group, started: float) -> None:
+    """The edit (every prompt in one run), then rank 0 writes each output and the checkpoint goes."""
+    run, prompts, outputs = plan.run, plan.prompts, plan.outputs
+    results = pipe.edit(run.input, config=plan.config, cache_dir=run.cache_dir,
+                        use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
+                        checkpoint=True, restart=bool(run.no_resume), prompts=prompts, output_type="stream",
+                        checkpoint_dir=runs.checkpoint_dir_beside(outputs[0]) if args.no_cache else None)
+    results = results if prompts else [results]
+    if group.is_main:  # rank 0 holds the whole video and writes it
+        for r, result, output in zip(plan.prompt_runs, results, outputs):
+            runs.write_results(pipe, result, output, r, started, discard=False)
+        results[0].discard_checkpoint()  # every output is written: the checkpoint has done its job
+    if group.distributed and group.agree(True) and not group.is_main:
+        results[0].discard_checkpoint()  # only once rank 0 has written the outputs
+
+
+def _edit_failure(e: RuntimeError, rank: int, world: int) -> Optional[TokenFlowError]:
+    """The one-line error an edit's RuntimeError becomes; None: re-raise it as it is."""
     from .errors import OutOfMemory
     from .memory import is_out_of_memory
     from .models import short_error
 
-    group = Group()
-    try:
-        if world > 1:
-            group = pipe.distribute().group
-        results = pipe.edit(run.input, config=config, cache_dir=run.cache_dir,
-                            use_cache=not args.no_cache, progress=not args.quiet and group.is_main,
-                            checkpoint=True, restart=bool(run.no_resume), prompts=prompts, output_type="stream",
-                            checkpoint_dir=runs.checkpoint_dir_beside(outputs[0]) if args.no_cache else None)
-        results = results if prompts else [results]
-        if group.is_main:  # rank 0 holds the whole video and writes it
-            for r, result, output in zip(prompt_runs, results, outputs):
-                runs.write_results(pipe, result, output, r, started, discard=False)
-            results[0].discard_checkpoint()  # every output is written: the checkpoint has done its job
-        if group.distributed and group.agree(True) and not group.is_main:
-            results[0].discard_checkpoint()  # only once rank 0 has written the outputs
-    except RuntimeError as e:
-        if is_out_of_memory(e):  # what the retries inside could not lower (e.g. gathering the output)
-            raise OutOfMemory(f"out of memory: {short_error(e)}; lower --height/--width or --max-frames, "
-                              f"or use --offload") from None
-        if world <= 1:
-            raise
-        raise RankStopped(f"rank {rank} of {world} stopped: {short_error(e)}; the other ranks' messages say "
-                          f"why, and the same command resumes from the checkpoints") from None
-    shutdown(group)  # after an error the process exits instead: a collective with a dead peer may not return
-    return 0
+    if is_out_of_memory(e):  # what the retries inside could not lower (e.g. gathering the output)
+        return OutOfMemory(f"out of memory: {short_error(e)}; lower --height/--width or --max-frames, "
+                           f"or use --offload")
+    if world <= 1:
+        return None
+    return RankStopped(f"rank {rank} of {world} stopped: {short_error(e)}; the other ranks' messages say "
+                       f"why, and the same command resumes from the checkpoints")
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
@@ -126,15 +165,20 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .atomic import atomic_path
-    from .metrics import DEFAULT_CLIP, ClipScorer, evaluate, plot_warp_errors
-    from .models import resolve_device
-    from .video import check_output_path, read_video
+    _check_eval_args(args)
+    results = _evaluate(args)
+    _print_eval_table(results)
+    _write_eval_files(args, results)
+    return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Every setting and output path checked before a video is read."""
+    from .preflight import check_no_overwrite
+    from .video import check_output_path
 
     if args.max_frames is not None and args.max_frames < 2:
         raise TokenFlowError(f"max-frames must be at least 2 for a warp error, got {args.max_frames}")
-    from .preflight import check_no_overwrite
-
     outputs = [(args.json, (".json",)), (args.csv, (".csv",)), (args.plot, (".png",))]
     for path, ext in outputs:
         if path:
@@ -145,21 +189,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TokenFlowError(f"fps must be a number in [0.01, 1000), got {args.fps}")
     if not args.no_clip and not args.prompt:
         raise TokenFlowError("CLIP-T needs --prompt (or give --no-clip)")
+
+
+def _evaluate(args: argparse.Namespace) -> list:
+    """The metrics of every edited video against the source (a warning where their frames do not match)."""
+    from .metrics import DEFAULT_CLIP, ClipScorer, evaluate, mismatch
+    from .models import resolve_device
+    from .video import read_video
+
     source = read_video(args.source, args.max_frames, args.fps).frames
     edited = {path: read_video(path, args.max_frames, args.fps).frames for path in args.edited}
-    from .metrics import mismatch
-
     for note in filter(None, (mismatch(path, source, frames) for path, frames in edited.items())):
         logger.warning("%s", note)
     clip = None if args.no_clip else ClipScorer.from_pretrained(args.clip_model or DEFAULT_CLIP,
                                                                  str(resolve_device(args.device or "auto")))
-    results = evaluate(source, edited, args.prompt, clip)
+    return evaluate(source, edited, args.prompt, clip)
+
+
+def _print_eval_table(results: list) -> None:
     fmt = lambda v, p=5: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     width = max(len("edited"), *(len(r.name) for r in results))
     print(f"{'edited':<{width}}  frames  warp_error  floor     clip_t  clip_f")
     for r in results:
         print(f"{r.name:<{width}}  {r.n_frames:>6}  {fmt(r.warp_error):>10}  {fmt(r.warp_error_floor):<8}  "
               f"{fmt(r.clip_t, 4):>6}  {fmt(r.clip_f, 4):>6}")
+
+
+def _write_eval_files(args: argparse.Namespace, results: list) -> None:
+    """The JSON, CSV and plot asked for, each written atomically."""
+    from .atomic import atomic_path
+    from .metrics import plot_warp_errors
+
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump({"source": args.source, "prompt": args.prompt, "results": [r.to_dict() for r in results]},
@@ -172,7 +232,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 writer.writerow([r.name, r.n_frames, r.warp_error, r.warp_error_floor, r.clip_t, r.clip_f])
     if args.plot:
         plot_warp_errors(args.plot, results)
-    return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -370,10 +429,8 @@ def _join_batch_ranks(jobs, local_rank: int):
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .atomic import atomic_path
-    from .batch import JobResult, deal, finished_settings, format_table, gather_results, load_jobs
+    from .batch import deal, format_table, gather_results, load_jobs
     from .distributed import check_launch
-    from .models import short_error
     from .video import check_output_path
 
     if args.json:
@@ -384,24 +441,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     rank, world, local_rank = check_launch()
     summary_group = _join_batch_ranks(jobs, local_rank) if world > 1 else None
     pipes: dict = {}
-    results = []
-    for job in deal(jobs, rank, world):
-        started = time.perf_counter()
-        r = JobResult(job.index, job.run.input, job.output, rank)
-        try:
-            if not args.force and finished_settings(job, result_settings(job.run, job.config)):
-                r.status = "skipped"
-            else:
-                _run_job(job, pipes, rank, args.quiet or world > 1)
-                r.status = "done"
-        except TokenFlowError as e:  # this job's input or output: it fails alone
-            r.status, r.error = "failed", str(e)
-        except (OSError, RuntimeError, ValueError) as e:
-            r.status, r.error = "failed", f"{type(e).__name__}: {short_error(e)}"
-        r.seconds = time.perf_counter() - started
-        if r.status == "failed":
-            print(f"tokenflow: {job.name} failed: {r.error}", file=sys.stderr)
-        results.append(r)
+    results = [_batch_job(job, args, pipes, rank, world) for job in deal(jobs, rank, world)]
     everything = gather_results(results, world, summary_group)
     if world > 1:
         import torch.distributed as dist
@@ -411,10 +451,40 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return 0 if all(r.status != "failed" for r in results) else 1
     print(format_table(everything))
     if args.json:
-        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            json.dump({"jobs_file": args.jobs, "world_size": world,
-                       "results": [r.to_dict() for r in sorted(everything, key=lambda r: r.job)]}, f, indent=1)
+        _write_batch_summary(args.json, args.jobs, world, everything)
     return 0 if all(r.status != "failed" for r in everything) else 1
+
+
+def _batch_job(job, args: argparse.Namespace, pipes: dict, rank: int, world: int):
+    """One job's :class:`~tokenflow.batch.JobResult`: skipped when its outputs are already there with the
+    same settings (unless --force), else edited; a failure is this job's alone and is said on stderr."""
+    from .batch import JobResult, finished_settings
+    from .models import short_error
+
+    started = time.perf_counter()
+    r = JobResult(job.index, job.run.input, job.output, rank)
+    try:
+        if not args.force and finished_settings(job, result_settings(job.run, job.config)):
+            r.status = "skipped"
+        else:
+            _run_job(job, pipes, rank, args.quiet or world > 1)
+            r.status = "done"
+    except TokenFlowError as e:  # this job's input or output: it fails alone
+        r.status, r.error = "failed", str(e)
+    except (OSError, RuntimeError, ValueError) as e:
+        r.status, r.error = "failed", f"{type(e).__name__}: {short_error(e)}"
+    r.seconds = time.perf_counter() - started
+    if r.status == "failed":
+        print(f"tokenflow: {job.name} failed: {r.error}", file=sys.stderr)
+    return r
+
+
+def _write_batch_summary(path: str, jobs_file: str, world: int, everything: list) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump({"jobs_file": jobs_file, "world_size": world,
+                   "results": [r.to_dict() for r in sorted(everything, key=lambda r: r.job)]}, f, indent=1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

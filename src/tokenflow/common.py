@@ -44,7 +44,6 @@ class PipelineCommon(VideoInputs):
     def to(self, device: Any = None, dtype: Any = None):
         """diffusers' ``pipe.to(device)``: the compute (and the models, unless offloaded) on ``device``.
         The dtype is chosen when loading (``from_pretrained(..., torch_dtype=...)``)."""
-        from .errors import TokenFlowError
         from .models import resolve_device
 
         if isinstance(device, torch.dtype) or dtype is not None:

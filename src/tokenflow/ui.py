@@ -172,14 +172,23 @@ class EditorSession:
         return path
 
     def _config(self, path: str, prompt: str, random_seed: bool, settings: dict[str, Any]) -> EditConfig:
-        from .inversion import choose_inversion_steps
-        from .video import default_size, probe_video
-
         if not prompt or not prompt.strip():
             raise TokenFlowError("write a prompt: what should the edited video show?")
         settings = {k: (int(v) if k in _INT_FIELDS and v is not None else v) for k, v in settings.items()}
         preset = presets_for(self.pipe.device.type).get(settings.pop("preset", None) or "", {})
-        area = preset.get("area")  # the preset's working area, used when Height and Width are automatic
+        self._control_settings(settings)
+        if random_seed:
+            settings["seed"] = random.randrange(2 ** 31)
+        self._frame_settings(settings)
+        self._size_settings(path, settings, preset.get("area"))
+        if not settings.get("inversion_steps") and isinstance(settings.get("steps"), int) and settings["steps"] > 0:
+            from .inversion import choose_inversion_steps
+
+            settings["inversion_steps"] = choose_inversion_steps(settings["steps"], preset.get("inversion", 50))
+        return defaults_of(self.pipe).replace(prompt=prompt.strip(), **settings).validate()
+
+    def _control_settings(self, settings: dict[str, Any]) -> None:
+        """The page's control choice (canny, depth or an uploaded condition video) as the edit's ``control``."""
         control, control_video = settings.pop("control", None), settings.pop("control_video", None)
         if settings.get("editor") == "controlnet" or control:
             if control == "condition video":
@@ -187,20 +196,23 @@ class EditorSession:
                     raise TokenFlowError("upload a condition video for the ControlNet, or pick canny or depth")
                 control = self.check_upload(control_video)
             settings["control"] = control or "canny"
-        if random_seed:
-            settings["seed"] = random.randrange(2 ** 31)
+
+    def _frame_settings(self, settings: dict[str, Any]) -> None:
         max_frames = settings.get("max_frames") or self.limits.max_frames
         if max_frames > self.limits.max_frames:
             raise TokenFlowError(f"frames: at most {self.limits.max_frames} on this page, got {max_frames}")
         settings["max_frames"] = max_frames
+
+    @staticmethod
+    def _size_settings(path: str, settings: dict[str, Any], area: Optional[int]) -> None:
+        """Automatic Height/Width as None; with both automatic, the preset's working ``area`` (if it has one)."""
+        from .video import default_size, probe_video
+
         for side in ("height", "width"):
             if not settings.get(side):
                 settings[side] = None
         if area and settings["height"] is None and settings["width"] is None:
             settings["height"], settings["width"] = default_size(*probe_video(path).size, area=int(area))
-        if not settings.get("inversion_steps") and isinstance(settings.get("steps"), int) and settings["steps"] > 0:
-            settings["inversion_steps"] = choose_inversion_steps(settings["steps"], preset.get("inversion", 50))
-        return defaults_of(self.pipe).replace(prompt=prompt.strip(), **settings).validate()
 
     def describe_upload(self, path: Optional[str]) -> str:
         """The status line once a video is in: what it is, and what to do next (an error for a file that
