@@ -199,8 +199,24 @@ class Group:
         import torch.distributed as dist
 
         layers = list(cache.values())
-        ops, received = [], {}
-        # what this rank sends: its keyframes that lie in another rank's window
+        ops = self._boundary_sends(layers, plan, policy)
+        sizes = [c.source_tokens[0].numel() + c.outputs[:, 0].numel() for c in layers]  # per keyframe and layer
+        received = {b: torch.empty(sum(sizes), dtype=layers[0].outputs.dtype, device=self.device)
+                    for b in window if b not in mine}  # the keyframes of its window that other ranks own
+        ops += [dist.P2POp(dist.irecv, buf, plan.owner(b)) for b, buf in received.items()]
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        _join_boundaries(layers, sizes, [received[b] for b in window if b < mine.start],
+                         [received[b] for b in window if b >= mine.stop])
+        return window.start
+
+    def _boundary_sends(self, layers: list, plan: ShardPlan, policy: str) -> list:
+        """The sends of :meth:`exchange_boundaries`: this rank's keyframes that lie in another rank's window,
+        every layer's source tokens and outputs of a keyframe in one flat buffer."""
+        import torch.distributed as dist
+
+        mine, ops = plan.batches(), []
         for r in range(self.world_size):
             if r == self.rank:
                 continue
@@ -211,31 +227,24 @@ class Group:
                                                 for c in layers]))
                     ops.append(dist.P2POp(dist.isend, buf, r))
                     self.bytes_sent += buf.numel() * buf.element_size()
-        # what it receives: the keyframes of its window that other ranks own
-        sizes = [c.source_tokens[0].numel() + c.outputs[:, 0].numel() for c in layers]
-        for b in window:
-            if b not in mine:
-                received[b] = torch.empty(sum(sizes), dtype=layers[0].outputs.dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, received[b], plan.owner(b)))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        before = [received[b] for b in window if b < mine.start]
-        after = [received[b] for b in window if b >= mine.stop]
-        for i, c in enumerate(layers):
-            start = sum(sizes[:i])
-            tokens_shape, outputs_shape = c.source_tokens.shape[1:], c.outputs[:, 0].shape
-            n_tok = c.source_tokens[0].numel()
+        return ops
 
-            def unpack(buf):
-                part = buf[start:start + sizes[i]].to(c.outputs.device)
-                return part[:n_tok].view(tokens_shape), part[n_tok:].view(outputs_shape)
 
-            pre, post = [unpack(b) for b in before], [unpack(b) for b in after]
-            c.source_tokens = torch.cat([*(t[None] for t, _ in pre), c.source_tokens, *(t[None] for t, _ in post)])
-            c.outputs = torch.cat([*(o[:, None] for _, o in pre), c.outputs, *(o[:, None] for _, o in post)], dim=1)
-        return window.start
+def _join_boundaries(layers: list, sizes: list[int], before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    """Each layer's cache with the received keyframes (flat buffers, ``sizes[i]`` values of layer i each)
+    before and after its own rows, in keyframe order."""
+    for i, c in enumerate(layers):
+        start = sum(sizes[:i])
+        tokens_shape, outputs_shape = c.source_tokens.shape[1:], c.outputs[:, 0].shape
+        n_tok = c.source_tokens[0].numel()
 
+        def unpack(buf):
+            part = buf[start:start + sizes[i]].to(c.outputs.device)
+            return part[:n_tok].view(tokens_shape), part[n_tok:].view(outputs_shape)
+
+        pre, post = [unpack(b) for b in before], [unpack(b) for b in after]
+        c.source_tokens = torch.cat([*(t[None] for t, _ in pre), c.source_tokens, *(t[None] for t, _ in post)])
+        c.outputs = torch.cat([*(o[:, None] for _, o in pre), c.outputs, *(o[:, None] for _, o in post)], dim=1)
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
