@@ -75,3 +75,17 @@ def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def step_inputs(pipe, n: int, seed: int = 7, step: int = 2):
+    """One denoising step's inputs for ``n`` frames of 8x8 latents on the tiny UNet:
+    (x, source, text rows of [source, uncond, cond], scheduler, t), seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    source = torch.randn(n, 4, 8, 8, generator=g)
+    text = torch.randn(3, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    scheduler = pipe.new_scheduler()
+    scheduler.set_timesteps(10)
+    return x, source, text, scheduler, scheduler.timesteps[step]

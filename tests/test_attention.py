@@ -8,6 +8,8 @@ from tokenflow.config import EditConfig
 from tokenflow.correspondence import propagation_plan
 from tokenflow.injection import resolve_layers, tokenflow_hooks
 
+from conftest import step_inputs
+
 LAYER = "up_blocks.3.attentions.0.transformer_blocks.0.attn1"
 
 
@@ -30,6 +32,7 @@ def _reference_attention(attn, q_in, kv_in):
     v = v.view(v.shape[0], -1, h, d).transpose(1, 2)
     out = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1) @ v
     return attn.to_out[0](out.transpose(1, 2).reshape(q_in.shape[0], -1, h * d))
+
 
 
 @torch.no_grad()
@@ -140,14 +143,8 @@ def test_all_keyframe_edit_step_equals_extended_attention_over_all_frames(tiny_p
     equal one UNet pass with extended attention across all frames."""
     pipe = tiny_pipe
     n = 4
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(n, 4, 8, 8, generator=g)
-    source = torch.randn(n, 4, 8, 8, generator=g)
-    text = torch.randn(3, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    x, source, text, scheduler, t = step_inputs(pipe, n, seed=5, step=3)
     config = EditConfig(prompt="x", batch_size=1, propagation="paper")
-    scheduler = pipe.new_scheduler()
-    scheduler.set_timesteps(10)
-    t = scheduler.timesteps[3]
     state = TokenFlowState()
     with tokenflow_hooks(pipe.unet, state, pipe.layers):
         ours = pipe.denoise_step(x, t, source, torch.arange(n), state, scheduler, text, config, True, True)
@@ -186,14 +183,8 @@ def test_a_step_leaves_no_layer_caches_or_batch_plan_behind_even_when_it_fails(t
     """The step's one reset: after a finished step and after one whose propagation pass failed (the
     keyframe pass had filled every layer's cache), nothing the layers kept survives into the next call."""
     pipe = tiny_pipe
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(4, 4, 8, 8, generator=g)
-    source = torch.randn(4, 4, 8, 8, generator=g)
-    text = torch.randn(3, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    x, source, text, scheduler, t = step_inputs(pipe, 4, seed=7, step=3)
     config = EditConfig(prompt="x", batch_size=2, propagation="paper")
-    scheduler = pipe.new_scheduler()
-    scheduler.set_timesteps(10)
-    t = scheduler.timesteps[3]
     state = TokenFlowState()
 
     def at_rest():

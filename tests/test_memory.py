@@ -8,17 +8,7 @@ from tokenflow import EditConfig, TokenFlowPipeline
 from tokenflow.attention import TokenFlowState
 from tokenflow.injection import tokenflow_hooks
 
-from conftest import moving_frames
-
-
-def _step_inputs(pipe, n, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, 8, 8, generator=g)
-    source = torch.randn(n, 4, 8, 8, generator=g)
-    text = torch.randn(3, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    scheduler = pipe.new_scheduler()
-    scheduler.set_timesteps(10)
-    return x, source, text, scheduler, scheduler.timesteps[2]
+from conftest import moving_frames, step_inputs
 
 
 @torch.no_grad()
@@ -33,7 +23,7 @@ def _step(pipe, x, source, text, scheduler, t, keyframes, config, qk=True, feat=
 def test_split_keyframe_pass_equals_the_joint_one(tiny_pipe, policy, qk, feat):
     """One UNet call per branch (source first, its Q/K and features kept for the edit branches)
     computes what one call on all three branches computes."""
-    x, source, text, scheduler, t = _step_inputs(tiny_pipe, 12)
+    x, source, text, scheduler, t = step_inputs(tiny_pipe, 12)
     config = EditConfig(prompt="x", batch_size=4, propagation=policy)
     keyframes = torch.tensor([1, 6, 11])
     try:
@@ -52,7 +42,7 @@ def test_split_keyframe_pass_equals_the_joint_one(tiny_pipe, policy, qk, feat):
 
 def test_offloaded_caches_give_the_same_step(tiny_pipe):
     """Caches on the cache device with only each batch's keyframe rows brought back (slots renumbered)."""
-    x, source, text, scheduler, t = _step_inputs(tiny_pipe, 12, seed=8)
+    x, source, text, scheduler, t = step_inputs(tiny_pipe, 12, seed=8)
     config = EditConfig(prompt="x", batch_size=4, propagation="paper")
     keyframes = torch.tensor([0, 5, 10])
     try:
@@ -177,7 +167,7 @@ def test_no_host_sync_inside_the_attention_layers(tiny_pipe, monkeypatch, policy
         return counted
 
     monkeypatch.setattr(injection, "_feature_hook", feature_hook)
-    x, source, text, scheduler, t = _step_inputs(tiny_pipe, 12)
+    x, source, text, scheduler, t = step_inputs(tiny_pipe, 12)
     config = EditConfig(prompt="x", batch_size=4, propagation=policy)
     try:
         tiny_pipe.offload_cache = offload
