@@ -84,6 +84,7 @@ def measure(n_frames: int, batch_size: int, window, layers, pipe) -> dict:
     from tokenflow.distributed import Group, ShardPlan
     from tokenflow.injection import tokenflow_hooks
     from tokenflow.keyframes import FixedKeyframes
+    from tokenflow.memory import MemoryPlan
 
     counted = {"pairs": 0, "calls": 0, "max_images": 0}
     first = {}
@@ -113,11 +114,12 @@ def measure(n_frames: int, batch_size: int, window, layers, pipe) -> dict:
     started = time.perf_counter()
     try:
         with torch.no_grad(), tokenflow_hooks(pipe.unet, state, pipe.layers):
-            editing._keyframe_stage(unet, x, torch.tensor(500), source, keyframes, state, batch_size, pipe,
-                                    ShardPlan(n_frames, batch_size), Group(), window)
+            step = editing._Step(unet, x, torch.tensor(500), source, keyframes, state, batch_size,
+                                 MemoryPlan.from_settings(pipe, pipe.device), ShardPlan(n_frames, batch_size), Group())
+            editing._keyframe_stage(step, window)
     finally:
         TokenFlowAttnProcessor._attend = real_attend
-        state.cache.clear()
+        state.end_step()
     return {"keyframes": len(keyframes), "images_per_call": counted["max_images"], "calls": counted["calls"],
             "frame_pairs": counted["pairs"], "attention_flops": counted["pairs"] * per_pair_flops(layers),
             "seconds": round(time.perf_counter() - started, 1)}
