@@ -40,10 +40,12 @@ def test_the_writer_batch_by_batch_equals_the_whole_video_write(tiny_pipe, tmp_p
     frames = torch.from_numpy(moving_frames(13, 32, 48)).permute(0, 3, 1, 2).float() / 255
     result = tiny_pipe.edit(frames, use_cache=False, progress=False, output_type="stream", **SETTINGS)
     result.frames.batch_size = 4  # several batches for 13 frames
+    decoded_in_the_edit = result.seconds["decode"]  # the latents were only gathered: the decode is the writer's
     out = tmp_path / "streamed.mp4"
     shape = save_result(tiny_pipe, result, str(out), RunSettings(input="clip.mp4", model="tiny",
                                                                frames_dir=str(tmp_path / "frames")))
     assert shape == (13, 32, 48)
+    assert result.seconds["decode"] > decoded_in_the_edit  # the summary line counts the decode done while writing
     whole = result.uint8()
     encode_video(str(tmp_path / "whole.mp4"), whole, result.fps)
     assert np.array_equal(_decoded(out), _decoded(tmp_path / "whole.mp4"))
