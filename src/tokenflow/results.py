@@ -99,6 +99,7 @@ class StreamedFrames:
     def __init__(self, latents: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], scale: int,
                  batch_size: int, device: Callable[[], ContextManager]):
         self.latents, self.decode, self.batch_size, self.device = latents, decode, batch_size, device
+        self.seconds = 0.0  # spent decoding so far (the edit's decode stage, done while the frames are read)
         n, _, h, w = latents.shape
         self.shape = (int(n), int(h) * scale, int(w) * scale, 3)  # (N, H, W, 3), as the uint8 frames
 
@@ -111,7 +112,10 @@ class StreamedFrames:
 
         with self.device():
             for i in range(0, len(self), self.batch_size):
-                yield to_uint8(self.decode(self.latents[i:i + self.batch_size]))
+                started = time.perf_counter()
+                frames = to_uint8(self.decode(self.latents[i:i + self.batch_size]))
+                self.seconds += time.perf_counter() - started
+                yield frames
 
 
 def convert_frames(frames: torch.Tensor, output_type: str):

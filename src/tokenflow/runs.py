@@ -241,20 +241,14 @@ def save_result(pipe, result, output: str, run: RunSettings, discard: bool = Tru
         if run.frames_dir:  # several prompts: DIR/1, ... go into DIR, made now (see prompt_runs)
             os.makedirs(os.path.dirname(os.path.abspath(run.frames_dir)), exist_ok=True)
             folder = commit.enter_context(atomic_dir(run.frames_dir, frames_replaceable))
-        written, decoding = 0, 0.0
+        written = 0
         with VideoEncoder(video, result.fps, result.audio_source, audio_start=result.audio_start) as encoder:
-            batches = result.uint8_batches()
-            while True:  # one pass: each batch to the video and to the frames folder
-                started = time.perf_counter()
-                batch = next(batches, None)
-                decoding += time.perf_counter() - started
-                if batch is None:
-                    break
+            for batch in result.uint8_batches():  # one pass: each batch to the video and to the frames folder
                 encoder.write(batch)
                 if folder:
                     written = save_frames(folder, batch, written)
-        if isinstance(result.frames, StreamedFrames):  # decoded while written: the stage's time is here
-            result.seconds["decode"] = result.seconds.get("decode", 0.0) + decoding
+        if isinstance(result.frames, StreamedFrames):  # decoded while written: the stage's time is counted here
+            result.seconds["decode"] = result.seconds.get("decode", 0.0) + result.frames.seconds
     if discard:
         result.discard_checkpoint()  # the output is safe: the resume checkpoint has done its job
     return n, h, w
