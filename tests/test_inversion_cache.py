@@ -92,9 +92,14 @@ def test_cache_hit_miss_and_corruption(tiny_pipe, frames, tmp_path):
     tiny_pipe.invert(frames, "a wolf", **{**kwargs, "inversion_steps": 8})
     assert len(os.listdir(tmp_path)) == 4
 
-    # a corrupt entry is recomputed, never used
-    tensors = tmp_path / entries[0] / "latents.safetensors"
-    tensors.write_bytes(b"garbage" * 10)
+    # a corrupt entry is recomputed, never used: one flipped byte in the rows of one timestep's file
+    entry = tmp_path / entries[0]
+    assert sorted(os.listdir(entry)) == ["manifest.json", "t0001.safetensors", "t0251.safetensors",
+                                         "t0501.safetensors", "t0751.safetensors", "x0.safetensors"]
+    tensors = entry / "t0501.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0x10
+    tensors.write_bytes(bytes(data))
     with _CountingUnet(tiny_pipe) as count:
         again = tiny_pipe.invert(frames, "a wolf", **kwargs)
     assert count.calls > 0
@@ -127,13 +132,20 @@ def test_malformed_cache_entries_are_listed_as_unusable_and_never_used(tiny_pipe
     manifest = json.loads((tmp_path / good / "manifest.json").read_text())
     broken = {"fields-a-list": {**manifest, "fields": list(manifest["fields"].items())},
               "manifest-a-list": [manifest], "shape-of-three": {**manifest, "shape": manifest["shape"][:3]},
-              "timesteps-text": {**manifest, "timesteps": ["t0981"]}, "sha-a-number": {**manifest, "sha256": 7}}
+              "timesteps-text": {**manifest, "timesteps": ["t0981"]},
+              "sha-a-number": {**manifest, "files": {**manifest["files"], "x0": 7}},
+              "files-a-list": {**manifest, "files": list(manifest["files"])}}
     for name, content in broken.items():
         shutil.copytree(tmp_path / good, tmp_path / name)
         (tmp_path / name / "manifest.json").write_text(json.dumps(content))
+    # an entry of the first format (one tensor file, one checksum) is listed as such; its key is never asked for
+    old = {k: v for k, v in manifest.items() if k != "files"}
+    shutil.copytree(tmp_path / good, tmp_path / "format-1")
+    (tmp_path / "format-1" / "manifest.json").write_text(json.dumps({**old, "sha256": "0" * 64}))
     code, out, err = run_cli(capsys, "cache", "list", "--cache-dir", tmp_path)
     assert code == 0 and not err, err
-    assert out.count("inversion (unusable)") == len(broken) and "6 entries" in out and "'a wolf'" in out
+    assert out.count("inversion (unusable)") == len(broken) and "8 entries" in out and "'a wolf'" in out
+    assert out.count("inversion (old format)") == 1
     # the readers that load an entry treat it as a miss
     (tmp_path / good / "manifest.json").write_text(json.dumps(broken["fields-a-list"]))
     with _CountingUnet(tiny_pipe) as count:
@@ -141,7 +153,7 @@ def test_malformed_cache_entries_are_listed_as_unusable_and_never_used(tiny_pipe
     assert count.calls > 0
     assert json.loads((tmp_path / good / "manifest.json").read_text()) == manifest  # rewritten whole
     code, out, err = run_cli(capsys, "cache", "clear", "--cache-dir", tmp_path)
-    assert code == 0 and "removed 6 of 6" in out and os.listdir(tmp_path) == [], err
+    assert code == 0 and "removed 8 of 8" in out and os.listdir(tmp_path) == [], err
 
 
 def test_no_cache_writes_nothing(tiny_pipe, frames, tmp_path):

@@ -10,10 +10,13 @@ last; an entry whose manifest does not match or whose tensors fail to load is re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:  # torch is imported by the readers and writers, not by `token
     from .inversion import Inversion
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the frames' hash takes their shape last; one file per timestep
 
 
 def default_cache_dir() -> str:
@@ -34,14 +37,39 @@ def default_cache_dir() -> str:
     return os.path.join(root, "tokenflow", "inversions")
 
 
-def frames_digest(frames: "torch.Tensor") -> str:
-    """sha256 of the fitted frames (N, 3, H, W), quantised to 8 bits so it is exact."""
-    import torch
+class FramesHash:
+    """The cache key's hash of fitted frames, fed a batch at a time (float (B, 3, H, W) in [0, 1], quantised
+    to 8 bits so it is exact): the frames in order, then their shape, so a stream can be hashed as it is
+    read and gives the hash of the whole tensor."""
 
-    q = (frames.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
-    h = hashlib.sha256(str(tuple(q.shape)).encode())
-    h.update(q.numpy().tobytes())
-    return h.hexdigest()
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._rows, self._frame = 0, None
+
+    def update(self, frames: "torch.Tensor") -> None:
+        import torch
+
+        q = (frames.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+        self._hash.update(q.numpy().tobytes())
+        self._rows, self._frame = self._rows + len(q), tuple(q.shape[1:])
+
+    def hexdigest(self) -> str:
+        h = self._hash.copy()
+        h.update(str((self._rows, *(self._frame or ()))).encode())
+        return h.hexdigest()
+
+
+def frames_digest(frames) -> str:
+    """sha256 of the fitted frames (N, 3, H, W): a tensor's, or the one a
+    :class:`~tokenflow.video.FrameStream` computed as it was first read (the same for the same frames)."""
+    if hasattr(frames, "digest"):
+        return frames.digest
+    digest = FramesHash()
+    for i in range(0, len(frames), 64):
+        digest.update(frames[i:i + 64])
+    if not len(frames):
+        digest.update(frames)
+    return digest.hexdigest()
 
 
 def content_key(fields: dict[str, Any]) -> str:
@@ -69,7 +97,7 @@ def _sha256_file(path: str) -> str:
 
 
 # what a manifest holds, and of which JSON type: anything else makes the entry unusable
-MANIFEST_TYPES = {"fields": dict, "sha256": str, "timesteps": list, "final_timestep": int, "shape": list}
+MANIFEST_TYPES = {"fields": dict, "files": dict, "timesteps": list, "final_timestep": int, "shape": list}
 
 
 def read_manifest(folder: str) -> dict[str, Any]:
@@ -80,16 +108,273 @@ def read_manifest(folder: str) -> dict[str, Any]:
         manifest = json.load(f)
     if not isinstance(manifest, dict):
         raise ValueError(f"the manifest is a {type(manifest).__name__}, not a mapping")
+    if "files" not in manifest and isinstance(manifest.get("sha256"), str):
+        raise OldFormat("an entry of an earlier format (one file of every timestep), never read again")
     for key, kind in MANIFEST_TYPES.items():
         value = manifest.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ValueError(f"manifest field '{key}' is {type(value).__name__}, not {kind.__name__}")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in manifest["timesteps"]):
         raise ValueError("manifest field 'timesteps' holds something other than whole numbers")
+    if not all(isinstance(d, str) for d in manifest["files"].values()):
+        raise ValueError("manifest field 'files' holds something other than checksums")
     shape = manifest["shape"]
     if len(shape) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ValueError(f"manifest field 'shape' is {shown(shape)}, not four sizes (N, C, h, w)")
     return manifest
+
+
+class OldFormat(ValueError):
+    """An entry an earlier version wrote: its key can no longer be asked for."""
+
+
+TENSOR = "latents"  # the one tensor of each file of an entry
+
+
+def tensor_name(t: Optional[int]) -> str:
+    """The file of the clean latents (None) or of timestep ``t``'s, in an entry's folder."""
+    return "x0" if t is None else f"t{int(t):04d}"
+
+
+def _header(shape: list[int]) -> bytes:
+    """A safetensors header for one float32 tensor ``latents`` of ``shape``, padded to 8 bytes."""
+    nbytes = 4 * math.prod(shape)
+    text = json.dumps({TENSOR: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+class _RowFile:
+    """One tensor's file being written: a safetensors header, then rows appended in order, hashed as they go
+    (unbuffered: a row counted as written is in the file)."""
+
+    def __init__(self, path: str, shape: list[int]):
+        from .atomic import _tmp_name, clean_stale
+
+        clean_stale(path, ".safetensors")
+        self.path, self.shape, self.rows = path, list(shape), 0
+        self.tmp = _tmp_name(path, ".safetensors")
+        self.file = open(self.tmp, "xb", buffering=0)
+        self.hash = hashlib.sha256()
+        self.start = self._write(_header(self.shape))
+
+    def _write(self, data) -> int:
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            done += self.file.write(view[done:])
+        self.hash.update(view)
+        return done
+
+    def append(self, first: int, rows: "torch.Tensor") -> None:
+        if first != self.rows or list(rows.shape[1:]) != self.shape[1:] or first + len(rows) > self.shape[0]:
+            raise ValueError(f"rows {first}..{first + len(rows)} of {self.path} out of order ({self.rows} written)")
+        self._write(rows.detach().float().cpu().contiguous().numpy())
+        self.rows += len(rows)
+
+    def written(self) -> "torch.Tensor":
+        """The rows written so far, read back."""
+        import torch
+
+        out = torch.empty(self.rows, *self.shape[1:])
+        with open(self.tmp, "rb") as f:
+            f.seek(self.start)
+            f.readinto(memoryview(out.numpy()).cast("B"))
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.tmp)
+
+
+class EntryWriter:
+    """An inversion written into its cache entry while it is computed, the sink of
+    :func:`tokenflow.inversion.ddim_invert`: one safetensors file per timestep (and ``x0``), each batch's
+    rows appended in frame order and hashed as written. :meth:`finish` renames the files into place and
+    writes the manifest last, and returns a :class:`StoredInversion` that reads them back by rows. A write
+    that fails (a full disk) is a warning, not a failed edit: the rows written so far are read back and the
+    inversion goes on in memory, with no entry."""
+
+    def __init__(self, cache: "InversionCache", key: str, fields: dict[str, Any], shape: list[int],
+                 timesteps: list[int], final_timestep: int, label: Optional[dict] = None):
+        self.cache, self.key, self.fields, self.label = cache, key, fields, label
+        self.shape, self.timesteps, self.final_timestep = list(shape), sorted(timesteps), final_timestep
+        self.folder = cache.entry(key)
+        self.files: dict[str, _RowFile] = {}
+        self.memory: Optional[dict[int, "torch.Tensor"]] = None  # the rows, once a write failed
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            _remove_quietly(os.path.join(self.folder, "manifest.json"))  # never describes half-written files
+            for t in self.timesteps:
+                self.files[tensor_name(t)] = _RowFile(os.path.join(self.folder, tensor_name(t) + ".safetensors"),
+                                                      self.shape)
+        except OSError as e:
+            self._in_memory(e)
+
+    def _in_memory(self, error: BaseException) -> None:
+        import torch
+
+        logger.warning("could not write the inversion cache at %s (%s); the inversion is kept in memory and "
+                       "not cached", self.folder, getattr(error, "strerror", None) or error)
+        self.memory = {}
+        for t in self.timesteps:
+            part = self.files.get(tensor_name(t))
+            whole = torch.empty(self.shape)
+            if part is not None and part.rows:
+                whole[:part.rows] = part.written()
+            self.memory[t] = whole
+        self.discard()
+
+    def rows(self, first: int, end: int, rows: dict[int, "torch.Tensor"]) -> None:
+        """Frames ``first..end`` at the timesteps of ``rows`` (each timestep's rows come in frame order)."""
+        if self.memory is None:
+            try:
+                for t, part in rows.items():
+                    self.files[tensor_name(t)].append(first, part)
+                return
+            except OSError as e:
+                self._in_memory(e)
+        for t, part in rows.items():
+            self.memory[t][first:end] = part
+
+    def finish(self, x0: "torch.Tensor") -> "Inversion":
+        """The whole inversion: in its entry (renamed into place, manifest last), or in memory."""
+        from .inversion import Inversion
+
+        if self.memory is None:
+            try:
+                return self._commit(x0)
+            except OSError as e:
+                self._in_memory(e)
+        return Inversion(x0.detach().float().cpu(), self.memory, self.final_timestep, self.key)
+
+    def _commit(self, x0: "torch.Tensor") -> "StoredInversion":
+        x0_file = _RowFile(os.path.join(self.folder, "x0.safetensors"), self.shape)
+        self.files["x0"] = x0_file
+        x0_file.append(0, x0)
+        for name, part in self.files.items():
+            if part.rows != self.shape[0]:
+                raise ValueError(f"{name} has {part.rows} of {self.shape[0]} rows")
+        from .atomic import _mode_from_umask
+
+        for part in self.files.values():
+            part.close()
+            os.chmod(part.tmp, _mode_from_umask(0o666))
+            os.replace(part.tmp, part.path)
+        manifest = {"fields": json.loads(json.dumps(self.fields, default=str)),
+                    "files": {name: part.hash.hexdigest() for name, part in sorted(self.files.items())},
+                    "timesteps": self.timesteps, "final_timestep": self.final_timestep, "shape": self.shape}
+        manifest.update({k: str(v) for k, v in (self.label or {}).items() if k in ("input", "model_name") and v})
+        with atomic_path(os.path.join(self.folder, "manifest.json")) as tmp, open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        self.files = {}
+        return StoredInversion(self.folder, manifest, self.key)
+
+    def discard(self) -> None:
+        """Remove what was written (an interrupted or failed inversion): no half entry is left."""
+        for part in self.files.values():
+            part.discard()
+        self.files = {}
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+class _RowReader:
+    """Rows of one tensor file of an entry, read with one seek and one read per range."""
+
+    def __init__(self, path: str, counter: list):
+        self.path, self.counter = path, counter
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(size))[TENSOR]
+        if info["dtype"] != "F32":
+            raise ValueError(f"{path} holds {info['dtype']}, not float32")
+        self.shape, self.offset = info["shape"], 8 + size + info["data_offsets"][0]
+        self.row_bytes = 4 * math.prod(self.shape[1:])
+
+    def read(self, frames: range) -> "torch.Tensor":
+        import torch
+
+        out = torch.empty(len(frames), *self.shape[1:])
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + frames.start * self.row_bytes)
+            got = f.readinto(memoryview(out.numpy()).cast("B"))
+        if got != len(frames) * self.row_bytes:
+            raise ValueError(f"{self.path} ends early")
+        self.counter[0] += got
+        return out
+
+
+class _StoredLatents(Mapping):
+    """t -> the latents of a :class:`StoredInversion`'s frames at t, read from disk at every access."""
+
+    def __init__(self, inversion: "StoredInversion"):
+        self.inversion = inversion
+
+    def __getitem__(self, t: int) -> "torch.Tensor":
+        if int(t) not in self.inversion.readers:
+            raise KeyError(t)
+        return self.inversion.readers[int(t)].read(self.inversion.frames)
+
+    def __contains__(self, t) -> bool:
+        return isinstance(t, int) and t in self.inversion.readers
+
+    def __iter__(self):
+        return iter(sorted(t for t in self.inversion.readers if t is not None))
+
+    def __len__(self) -> int:
+        return len(self.inversion.readers) - 1
+
+
+class StoredInversion:
+    """An inversion in its cache entry, read when used, never held: ``latents[t]`` reads timestep t's rows
+    of these frames (one seek, one read), ``x0`` the clean latents' rows; :meth:`rows` is a view of part of
+    the frames (a rank's share) that reads only those rows. ``bytes_read`` counts what every view of the
+    entry has read."""
+
+    def __init__(self, folder: str, manifest: dict[str, Any], key: Optional[str] = None,
+                 frames: Optional[range] = None, counter: Optional[list] = None):
+        self.folder, self.manifest, self.key = folder, manifest, key
+        self.final_timestep = int(manifest["final_timestep"])
+        self.frames = range(manifest["shape"][0]) if frames is None else frames
+        self.counter = counter if counter is not None else [0]
+        self.readers = {t: _RowReader(os.path.join(folder, tensor_name(t) + ".safetensors"), self.counter)
+                        for t in [None, *manifest["timesteps"]]}
+        self.latents = _StoredLatents(self)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.counter[0]
+
+    @property
+    def x0(self) -> "torch.Tensor":
+        return self.readers[None].read(self.frames)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def final(self) -> "torch.Tensor":
+        return self.latents[self.final_timestep]
+
+    def rows(self, frames: range) -> "StoredInversion":
+        if frames == range(self.n_frames):
+            return self
+        part = StoredInversion.__new__(StoredInversion)
+        part.__dict__.update(self.__dict__)
+        part.frames = self.frames[frames.start:frames.stop]
+        part.latents = _StoredLatents(part)
+        return part
+
+    def __repr__(self) -> str:
+        return f"StoredInversion({self.folder!r}, frames {self.frames.start}..{self.frames.stop})"
 
 
 class InversionCache:
@@ -99,61 +384,66 @@ class InversionCache:
     def entry(self, key: str) -> str:
         return os.path.join(self.root, key)
 
-    def load(self, key: str, fields: dict[str, Any]) -> Optional[Inversion]:
-        """The cached inversion, or None when missing, mismatched or unreadable."""
-        from safetensors.torch import load_file
-
-        from .inversion import Inversion
-
+    def load(self, key: str, fields: dict[str, Any]) -> Optional["StoredInversion"]:
+        """The cached inversion, read by rows when used; None when missing, mismatched or unreadable.
+        Every file is checked against its checksum first, a megabyte at a time (nothing is held)."""
         folder = self.entry(key)
-        manifest_path = os.path.join(folder, "manifest.json")
-        tensors_path = os.path.join(folder, "latents.safetensors")
-        if not os.path.exists(manifest_path):
+        if not os.path.exists(os.path.join(folder, "manifest.json")):
             return None
         try:
             manifest = read_manifest(folder)
             if json.loads(json.dumps(fields, default=str)) != manifest.get("fields"):
                 raise ValueError("manifest fields differ from the key")
-            if _sha256_file(tensors_path) != manifest.get("sha256"):
-                raise ValueError("tensor file does not match its manifest")
-            tensors = load_file(tensors_path)
-            final_t = int(manifest["final_timestep"])
-            latents = {int(t): tensors[f"t{int(t):04d}"] for t in manifest["timesteps"]}
-            x0 = tensors["x0"]
-            if final_t not in latents or any(v.shape != x0.shape for v in latents.values()):
-                raise ValueError("tensor shapes or timesteps do not match the manifest")
+            names = [tensor_name(t) for t in [None, *manifest["timesteps"]]]
+            if int(manifest["final_timestep"]) not in manifest["timesteps"] or sorted(names) != sorted(manifest["files"]):
+                raise ValueError("the files or timesteps do not match the manifest")
+            for name in names:
+                if _sha256_file(os.path.join(folder, name + ".safetensors")) != manifest["files"][name]:
+                    raise ValueError(f"{name}.safetensors does not match its manifest")
+            stored = StoredInversion(folder, manifest, key)
+            if any(r.shape != manifest["shape"] for r in stored.readers.values()):
+                raise ValueError("tensor shapes do not match the manifest")
         except Exception as e:
             logger.warning("inversion cache entry %s is unusable (%s); recomputing", key, e)
             return None
-        return Inversion(x0, latents, final_t)
+        return stored
+
+    def writer(self, key: str, fields: dict[str, Any], shape, timesteps: list[int], final_timestep: int,
+               label: Optional[dict[str, str]] = None) -> EntryWriter:
+        """A new entry, written while the inversion runs (see :class:`EntryWriter`). ``label`` (``input``:
+        the video's path, ``model_name``: the model as the user named it; see
+        :meth:`tokenflow.common.PipelineCommon.cache_label`) is for ``tokenflow cache list`` only, not part of
+        the key: the same frames from another file, or the same weights by another name, are the same
+        inversion."""
+        return EntryWriter(self, key, fields, list(shape), timesteps, final_timestep, label)
 
     def save(self, key: str, fields: dict[str, Any], inversion: "Inversion",
              label: Optional[dict[str, str]] = None) -> str:
-        """Write an entry. ``label`` (``input``: the video's path, ``model_name``: the model as the user named
-        it; see :meth:`tokenflow.common.PipelineCommon.cache_label`) is for ``tokenflow cache list`` only, not
-        part of the key: the same frames from another file, or the same weights by another name, are the same
-        inversion."""
-        from safetensors.torch import save_file
+        """Write a whole inversion as an entry (see :meth:`writer`); its folder."""
+        writer = self.writer(key, fields, inversion.x0.shape, sorted(inversion.latents), inversion.final_timestep,
+                             label)
+        writer.rows(0, inversion.n_frames, {t: inversion.latents[t] for t in inversion.latents})
+        if not isinstance(writer.finish(inversion.x0), StoredInversion):
+            raise TokenFlowError(f"could not write the inversion cache at {writer.folder}")
+        return writer.folder
 
-        folder = self.entry(key)
-        os.makedirs(folder, exist_ok=True)
-        tensors = {"x0": inversion.x0.contiguous()}
-        tensors.update({f"t{t:04d}": v.contiguous() for t, v in inversion.latents.items()})
-        tensors_path = os.path.join(folder, "latents.safetensors")
-        manifest_path = os.path.join(folder, "manifest.json")
-        # an old manifest must never describe a half-written tensor file
-        if os.path.exists(manifest_path):
-            os.remove(manifest_path)
-        with atomic_path(tensors_path) as tmp:
-            save_file(tensors, tmp)
-            digest = _sha256_file(tmp)
-        manifest = {"fields": json.loads(json.dumps(fields, default=str)), "sha256": digest,
-                    "timesteps": sorted(inversion.latents), "final_timestep": inversion.final_timestep,
-                    "shape": list(inversion.x0.shape)}
-        manifest.update({k: str(v) for k, v in (label or {}).items() if k in ("input", "model_name") and v})
-        with atomic_path(manifest_path) as tmp, open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        return folder
+    def save_gathered(self, key: str, fields: dict[str, Any], part: "Inversion", group,
+                      label: Optional[dict] = None) -> None:
+        """Every rank's share of an inversion (``part``: this rank's, in rank order) written as one entry by
+        rank 0 of ``group`` (a :class:`~tokenflow.distributed.Group`): a timestep at a time, so rank 0 holds
+        one timestep of the whole video, not the inversion. Every rank calls it (the gathers are collective)."""
+        counts = [c[0] for c in group.all_ints([part.n_frames])]
+        writer = None
+        if group.is_main:
+            writer = self.writer(key, fields, [sum(counts), *part.x0.shape[1:]], sorted(part.latents),
+                                 part.final_timestep, label)
+        for t in sorted(part.latents):
+            rows = group.gather_rows(part.latents[t], counts)
+            if writer is not None:
+                writer.rows(0, len(rows), {t: rows})
+        x0 = group.gather_rows(part.x0, counts)
+        if writer is not None:
+            writer.finish(x0)
 
     def load_agreed(self, key: str, fields: dict[str, Any], group) -> Optional[Inversion]:
         """The entry when every rank of ``group`` finds it (one rank's miss makes every rank recompute,
@@ -164,18 +454,6 @@ class InversionCache:
         logger.info("inversion cache hit: %s", self.entry(key))
         cached.key = key
         return cached
-
-    def save_or_warn(self, key: str, fields: dict[str, Any], inversion: Optional[Inversion],
-                     label: Optional[dict] = None) -> None:
-        """Write the entry (None: another rank writes it); a cache that cannot be written is a warning,
-        not a failed edit."""
-        if inversion is None:
-            return
-        try:
-            self.save(key, fields, inversion, label)
-        except (OSError, TokenFlowError) as e:
-            logger.warning("could not write the inversion cache at %s: %s", self.entry(key), e)
-
 
 @dataclass
 class CacheEntry:
@@ -252,12 +530,16 @@ def _checkpoint_label(path: str) -> dict[str, str]:
 
 
 def _inversion_entry(key: str, path: str) -> CacheEntry:
-    """An inversion's folder as listed: 'incomplete' without a manifest, 'unusable' with a malformed one."""
+    """An inversion's folder as listed: 'incomplete' without a manifest, 'unusable' with a malformed one,
+    'old format' when an earlier version wrote it (``cache clear`` removes those)."""
     entry = CacheEntry("inversion", key, path, _bytes(path), _modified(path))
     try:
         manifest = read_manifest(path)
     except OSError:
         entry.kind = "inversion (incomplete)"
+        return entry
+    except OldFormat:
+        entry.kind = "inversion (old format)"
         return entry
     except ValueError:  # JSON that does not parse, or fields of the wrong shape
         entry.kind = "inversion (unusable)"

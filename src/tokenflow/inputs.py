@@ -10,13 +10,14 @@ import torch
 
 from .config import EditConfig
 from .errors import TokenFlowError
-from .video import Selection, Video, fit_frames, float_frames, read_images, read_video, to_tensor, working_size
+from .video import (Selection, Video, fit_frames, float_frames, read_images, read_video, stream_video, to_tensor,
+                    working_size)
 
 VideoInput = Union[str, os.PathLike, Video, Sequence[Any], np.ndarray, torch.Tensor]  # Sequence: PIL images or uint8 arrays
 
 
 class FittedVideo(NamedTuple):
-    frames: torch.Tensor  # (N, 3, H, W) float32 in [0, 1]
+    frames: torch.Tensor  # (N, 3, H, W) float32 in [0, 1], or a FrameStream of them
     fps: float
     audio_source: Optional[str]
     audio_start: float = 0.0
@@ -34,14 +35,15 @@ class VideoInputs:
         """The size a source of ``source_hw`` (H, W) is edited at under ``config``."""
         return working_size(source_hw, config.height, config.width, self.native_side ** 2)
 
-    def load_video(self, video: VideoInput, config: EditConfig) -> FittedVideo:
+    def load_video(self, video: VideoInput, config: EditConfig, stream: bool = False) -> FittedVideo:
         """Frames fitted to the working size (N, 3, H, W) in [0, 1], the fps and the audio.
 
         ``video``: a path (file or folder of frames), a :class:`Video`, a list of PIL images or uint8
         (H, W, 3) arrays (read as a folder of frames is), a uint8 (N, H, W, 3) array, or (N, 3, H, W)
         float frames in [0, 1] (a tensor, or an (N, H, W, 3) float array as ``output_type="np"`` gives).
         A path is decoded and fitted frame by frame: reading never holds the source's resolution.
-        The frames kept follow ``config``'s start, stride and frame limit.
+        The frames kept follow ``config``'s start, stride and frame limit. ``stream``: a path's frames come
+        as a :class:`~tokenflow.video.FrameStream`, decoded again a batch at a time when read (long videos).
         """
         select = Selection(config.max_frames, config.start_frame, config.start_time, config.frame_stride)
         if isinstance(video, np.ndarray) and video.dtype != np.uint8:
@@ -64,6 +66,12 @@ class VideoInputs:
             if not isinstance(video, (str, os.PathLike)):
                 raise TokenFlowError(f"video must be a path, a Video, a list of frames, an array or a tensor, "
                                      f"got {type(video).__name__}")
+            if stream:
+                frames = stream_video(video, config.max_frames, config.fps,
+                                      size=lambda hw: self.working_size(hw, config), start_frame=config.start_frame,
+                                      start_time=config.start_time, stride=config.frame_stride, fit=config.fit)
+                return FittedVideo(frames, frames.fps, frames.read.audio_source, frames.read.start,
+                                   frames.read.fit.first)
             video = read_video(video, config.max_frames, config.fps, size=lambda hw: self.working_size(hw, config),
                                start_frame=config.start_frame, start_time=config.start_time,
                                stride=config.frame_stride, fit=config.fit)

@@ -13,7 +13,7 @@ timestep in ``keep`` is kept, plus the final (noisiest) one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 
@@ -26,6 +26,30 @@ RestoreFn = Callable[[int], Optional[tuple[int, dict[int, torch.Tensor]]]]
 BatchFn = Callable[[int, int, dict[int, torch.Tensor]], None]
 # predict(x (B, C, h, w) on the device, t, frame indices (B,)) -> eps float32
 PredictFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RowSink(Protocol):
+    """Where :func:`ddim_invert` puts each batch's kept states: in memory (:class:`InMemoryRows`) or
+    straight into a cache entry (:class:`tokenflow.cache.EntryWriter`)."""
+
+    def rows(self, first: int, end: int, rows: dict[int, torch.Tensor]) -> None: ...
+
+    def finish(self, x0: torch.Tensor) -> "Inversion": ...
+
+
+class InMemoryRows:
+    """The kept states of every frame, in RAM (float32 on the CPU)."""
+
+    def __init__(self, shape, timesteps, final_timestep: int):
+        self.final_timestep = final_timestep
+        self.latents = {int(t): torch.empty(tuple(shape), dtype=torch.float32) for t in timesteps}
+
+    def rows(self, first: int, end: int, rows: dict[int, torch.Tensor]) -> None:
+        for t, part in rows.items():
+            self.latents[t][first:end] = part
+
+    def finish(self, x0: torch.Tensor) -> "Inversion":
+        return Inversion(x0.detach().float().cpu(), self.latents, self.final_timestep)
 
 
 def unet_predictor(unet, text_embedding: torch.Tensor) -> PredictFn:
@@ -115,7 +139,8 @@ def choose_inversion_steps(steps: int, default: int = 50, scheduler=None, limit:
 def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torch.Tensor], steps: int,
                 keep: Iterable[int], batch_size: int = 8, progress: Optional[ProgressFn] = None,
                 predict: Optional[PredictFn] = None, restore: Optional[RestoreFn] = None,
-                on_batch: Optional[BatchFn] = None, first_frame: int = 0) -> Inversion:
+                on_batch: Optional[BatchFn] = None, first_frame: int = 0,
+                sink: Optional[Callable[[list[int], int], RowSink]] = None) -> Inversion:
     """Invert clean latents x0 (N, C, h, w); returns the states at ``keep`` and the final one.
 
     Batches of ``batch_size`` frames are independent: each walks the whole schedule before the next
@@ -123,7 +148,8 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
     call (depth, ControlNet, SDXL). ``restore`` gives batches an interrupted run finished, ``on_batch``
     sees every new one; ``progress(done, total)`` counts frame-steps. ``first_frame``: the video frame of
     row 0 (a rank's share): batches keep to the video's grid, so every frame is inverted in the same
-    UNet batch as in one process (the same float rounding).
+    UNet batch as in one process (the same float rounding). ``sink(timesteps, final)`` makes where the
+    kept states go, a batch at a time (default: memory; the cache's writer puts them straight on disk).
     """
     device = unet.device
     predict = predict or unet_predictor(unet, text_embedding)
@@ -131,7 +157,8 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
     alphas = scheduler.alphas_cumprod
     keep = {int(t) for t in keep}
     final_t = int(timesteps[-1])
-    out = {t: torch.empty(x0.shape, dtype=torch.float32) for t in keep | {final_t}}
+    kept = sorted(keep | {final_t})
+    out = (sink or (lambda ts, final: InMemoryRows(x0.shape, ts, final)))(kept, final_t)
     n = len(x0)
     total = len(timesteps) * n
 
@@ -141,37 +168,48 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
         end = min(b + size - (first_frame + b) % size, n)
         x = x0[b:end].to(device=device, dtype=torch.float32)
         frames = torch.arange(b, end)
+        states = {}
         for i, t in enumerate(timesteps):
             a_t = alphas[t]
             a_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
             eps = predict(x, t, frames)
             x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
             x = a_t ** 0.5 * x0_pred + (1 - a_t) ** 0.5 * eps
-            if int(t) in out:
-                out[int(t)][b:end] = x.cpu()
+            if int(t) in kept:
+                states[int(t)] = x.cpu()
             if progress:
                 progress(b * len(timesteps) + (i + 1) * (end - b), total)
+        batch_states[b] = states
         return end
 
-    b = 0
-    while b < n:
-        restored = restore(b) if restore else None
-        if restored is not None:
-            end, rows = restored
-            for t in out:
-                out[t][b:end] = rows[t]
-        else:
-            end, batch_size = retry_smaller(
-                lambda size: invert_batch(b, size), batch_size, device=device,
-                fail=lambda size: "out of memory inverting even one frame at a time: lower --height/--width, "
-                                  "or use --offload",
-                retrying=lambda size, lower: f"inverting {size} frames at once; retrying with {lower}")
-            if on_batch:
-                on_batch(b, end, {t: v[b:end] for t, v in out.items()})
-        if restored is not None and progress:
-            progress(end * len(timesteps), total)
-        b = end
-    return Inversion(x0.detach().float().cpu(), out, final_t)
+    b, batch_states = 0, {}
+    try:
+        while b < n:
+            restored = restore(b) if restore else None
+            if restored is not None:
+                end, rows = restored
+                out.rows(b, end, {t: rows[t] for t in kept})
+                if progress:
+                    progress(end * len(timesteps), total)
+            else:
+                end, batch_size = _retrying(lambda size: invert_batch(b, size), batch_size, device)
+                rows = batch_states.pop(b)
+                if on_batch:
+                    on_batch(b, end, rows)
+                out.rows(b, end, rows)
+            b = end
+    except BaseException:  # interrupted or failed: a writer removes what it wrote
+        getattr(out, "discard", lambda: None)()
+        raise
+    return out.finish(x0)
+
+
+def _retrying(invert_batch: Callable[[int], int], batch_size: int, device) -> tuple[int, int]:
+    """One batch of the inversion, halved and retried out of device memory: (its end, the size that ran)."""
+    return retry_smaller(invert_batch, batch_size, device=device,
+                         fail=lambda size: "out of memory inverting even one frame at a time: lower --height/--width, "
+                                           "or use --offload",
+                         retrying=lambda size, lower: f"inverting {size} frames at once; retrying with {lower}")
 
 
 @torch.no_grad()
@@ -200,20 +238,6 @@ def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: Opti
                 progress(done, total)
         result[b:b + batch_size] = x.cpu()
     return result
-
-
-def gather_inversion(part: Inversion, shard: range, n: int, group) -> Optional[Inversion]:
-    """Every rank's share (``shard`` of ``n`` frames) of an inversion, whole on rank 0 of ``group``
-    (a :class:`~tokenflow.distributed.Group`); None on the other ranks. One process: ``part``."""
-    if not group.distributed:
-        return part
-    counts = [c[0] for c in group.all_ints([len(shard)])]
-    x0 = group.gather_rows(part.x0, counts)
-    latents = {t: group.gather_rows(part.latents[t], counts) for t in sorted(part.latents)}
-    if x0 is None:
-        return None
-    assert len(x0) == n, (len(x0), n)
-    return Inversion(x0, latents, part.final_timestep, part.key)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -35,7 +35,7 @@ from .errors import TokenFlowError
 from .families.unet import UNetEditLoop, UNetModel
 from .injection import resolve_layers
 from .inputs import FittedVideo, VideoInput  # noqa: F401 (FittedVideo: public here before)
-from .inversion import (Inversion, ddim_invert, ddim_reconstruct, gather_inversion, missing_timesteps, psnr,
+from .inversion import (Inversion, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
 from .memory import MemoryPlan, vae_in_pieces
@@ -43,6 +43,7 @@ from .progress import StageClock
 from .models import (Components, decode_latents, encode_frames, load_components, module_identity, path_identity,
                      resolve_device, resolve_dtype, upcast_vae)
 from .results import EditResult, ProgressCallback, StreamedFrames, Timer, results_of  # noqa: F401 (EditResult: public here)
+from .video import FrameStream
 
 logger = logging.getLogger(__name__)
 
@@ -292,11 +293,14 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                 saver.remove("inversion")
             return cached.rows(shard)
         x0 = self._clean_latents(frames, shard, saver, restart, memory)
+        # one process writes the entry while it inverts; ranks gather their shares into it, a timestep at a time
+        sink = None if cache is None or group.distributed else (
+            lambda timesteps, final: cache.writer(key, fields, x0.shape, timesteps, final, label))
         inversion = self._ddim_invert(x0, shard, n, prompt, inversion_steps, keep, batch_size, conditioning,
-                                      saver, restart, progress, callback, group)
+                                      saver, restart, progress, callback, group, sink)
         inversion.key = key
-        if cache is not None:  # rank 0 (or the only process) writes the one entry
-            cache.save_or_warn(key, fields, gather_inversion(inversion, shard, n, group), label)
+        if cache is not None and group.distributed:
+            cache.save_gathered(key, fields, inversion, group, label)
         if saver:
             saver.remove("inversion")
         return inversion
@@ -307,7 +311,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None
         if x0 is not None:
             return x0
-        mine = frames[shard.start:shard.stop]
+        mine = frames.rows(shard) if isinstance(frames, FrameStream) else frames[shard.start:shard.stop]
         if not len(mine):  # a rank with no frames (more ranks than batches)
             return torch.zeros((0, self.vae.config.latent_channels, frames.shape[-2] // 8, frames.shape[-1] // 8))
         with self._on_device(self.vae):
@@ -320,8 +324,9 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
     def _ddim_invert(self, x0: torch.Tensor, shard: range, n: int, prompt: str, inversion_steps: int,
                      keep: torch.Tensor, batch_size: int, conditioning: Optional[Conditioning],
                      saver: Optional[Checkpointer], restart: bool, progress: bool,
-                     callback: Optional[ProgressCallback], group: Group) -> Inversion:
-        """DDIM inversion of this rank's clean latents with a progress bar, batches checkpointed."""
+                     callback: Optional[ProgressCallback], group: Group, sink=None) -> Inversion:
+        """DDIM inversion of this rank's clean latents with a progress bar, batches checkpointed; ``sink``: see
+        :func:`ddim_invert`."""
         predict = self._predictor(self.prompt_embeds(prompt), conditioning, shard.start)
 
         h, w = 8 * x0.shape[-2], 8 * x0.shape[-1]
@@ -361,7 +366,8 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             with self._on_device(*self._denoisers()):
                 inversion = ddim_invert(self.unet, self.new_scheduler(), x0, None, inversion_steps, keep.tolist(),
                                         batch_size, report, predict, restore=restore,
-                                        on_batch=saver.save_rows if saver else None, first_frame=shard.start)
+                                        on_batch=saver.save_rows if saver else None, first_frame=shard.start,
+                                        sink=sink)
         say_resumed()
         inversion.resumed_frames = resumed["frames"]  # for the summary line
         return inversion
@@ -416,8 +422,8 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         timer, memory = Timer(), MemoryPlan.from_settings(self, self.device)
         checkpoints = checkpoint_dir or checkpoint_root(cache_dir)
         # 2. frames, this rank's share of them, the keyframe sampler, the per-frame conditions
-        with timer("read"):
-            fitted = self.load_video(video, config)
+        with timer("read"):  # a path is streamed unless depth maps or control images need every frame's pixels
+            fitted = self.load_video(video, config, stream=not (self.is_depth or config.control))
         n = len(fitted.frames)
         # this rank's frames and batches (all of them on one process; whole keyframe windows past the window)
         plan = self.group.plan(n, config.batch_size, config.keyframe_window

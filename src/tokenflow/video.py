@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,87 @@ def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
     return _read_file(path, select, size, fit)
 
 
+def stream_video(path: str | os.PathLike, max_frames: Optional[int] = None, fps: Optional[float] = None,
+                 size: SizeSpec = None, *, start_frame: int = 0, start_time: Optional[float] = None, stride: int = 1,
+                 fit: str = "stretch") -> "FrameStream":
+    """The frames :func:`read_video` gives, as a :class:`FrameStream`: decoded again a batch at a time
+    whenever they are read, never whole. One pass now counts them, hashes them for the inversion cache's
+    key and says what :func:`read_video` says about the input (damage, a variable rate, a cut file)."""
+    path = os.fspath(path)
+    _check_input(path, max_frames)
+    select = Selection(max_frames, start_frame, start_time, stride)
+    read = _FolderRead(path, select, fps, size, fit) if os.path.isdir(path) else _FileRead(path, select, size, fit)
+    return FrameStream.scan(read)
+
+
+class FrameStream:
+    """Fitted frames (N, 3, H, W) float32 in [0, 1] that are decoded from their file when read, so host
+    memory never holds the video in pixels. ``stream[a:b]`` gives those frames as a tensor (reading on
+    from the last read is one decoding pass; going back starts a new one), :meth:`rows` a stream of part
+    of the frames, :meth:`batches` every frame a batch at a time. ``digest`` is the cache key's hash of
+    the frames (:func:`tokenflow.cache.frames_digest`), computed in the first pass."""
+
+    def __init__(self, read, n: int, hw: tuple[int, int], digest: str, first: int = 0):
+        self.read, self.n, self.hw, self.digest, self.first = read, n, hw, digest, first
+        self._frames: Optional[Iterator[np.ndarray]] = None
+        self._next = 0  # the video frame the open pass gives next
+
+    @classmethod
+    def scan(cls, read) -> "FrameStream":
+        from .cache import FramesHash
+
+        digest, n, batch = FramesHash(), 0, []
+        for frame in read.frames():
+            batch.append(frame)
+            if len(batch) == 16:
+                digest.update(to_tensor(np.stack(batch)))
+                n, batch = n + len(batch), []
+        if batch:
+            digest.update(to_tensor(np.stack(batch)))
+            n += len(batch)
+        read.check(n)
+        return cls(read, n, read.fit.target, digest.hexdigest())
+
+    @property
+    def fps(self) -> float:
+        return self.read.fps
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, 3, *self.hw))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, frames: range) -> "FrameStream":
+        """The frames ``frames`` (a range of this stream's rows), as a stream of their own."""
+        return FrameStream(self.read, len(frames), self.hw, self.digest, self.first + frames.start)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("a FrameStream is read by slices of consecutive frames")
+        start, stop, _ = rows.indices(self.n)
+        start, stop = self.first + start, self.first + max(start, stop)
+        if self._frames is None or start < self._next:  # a new pass from the first frame
+            self.close()
+            self._frames, self._next = self.read.frames(), 0
+        for _ in range(start - self._next):  # frames before the slice: decoded, not kept
+            next(self._frames)
+        taken = [next(self._frames) for _ in range(stop - start)]
+        self._next = stop
+        h, w = self.hw
+        return to_tensor(np.stack(taken)) if taken else torch.empty(0, 3, h, w)
+
+    def batches(self, size: int = 16) -> Iterator[torch.Tensor]:
+        for i in range(0, self.n, size):
+            yield self[i:i + size]
+
+    def close(self) -> None:
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
+
+
 def probe_video(path: str | os.PathLike) -> VideoInfo:
     """Size (as shown), frame count, fps and audio of an input, from its first frame and its packets'
     timestamps (read, not decoded): cheap, so bad input fails before any model loads. The count and
@@ -177,14 +258,29 @@ def _frame_names(path: str) -> list[str]:
     return names
 
 
+class _FolderRead:
+    """The frames of a folder, fitted, in order: one pass per call of :meth:`frames` (a folder's files
+    are read again, so a pass holds one frame at a time)."""
+
+    def __init__(self, path: str, select: Selection, fps: Optional[float], size: SizeSpec, fit_mode: str):
+        self.path, self.rate = path, float(fps or DEFAULT_FOLDER_FPS)
+        self.names = select.apply(_frame_names(path), self.rate)
+        if not self.names:
+            raise TokenFlowError(f"folder '{path}' has no frames from the start asked for")
+        self.fit = _Fitter(size, f"'{path}'", fit_mode)
+        self.fps, self.audio_source, self.start = self.rate / select.stride, None, 0.0
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for name in self.names:
+            yield self.fit(_read_image(os.path.join(self.path, name)))
+
+    def check(self, n_read: int) -> None:
+        pass
+
+
 def _read_folder(path: str, select: Selection, fps: Optional[float], size: SizeSpec, fit_mode: str) -> Video:
-    rate = float(fps or DEFAULT_FOLDER_FPS)
-    names = select.apply(_frame_names(path), rate)
-    if not names:
-        raise TokenFlowError(f"folder '{path}' has no frames from the start asked for")
-    fit = _Fitter(size, f"'{path}'", fit_mode)
-    frames = [fit(_read_image(os.path.join(path, name))) for name in names]
-    return Video(np.stack(frames), rate / select.stride, None, path, 0.0, fit.first)
+    read = _FolderRead(path, select, fps, size, fit_mode)
+    return Video(np.stack(list(read.frames())), read.fps, None, path, 0.0, read.fit.first)
 
 
 def read_images(images, fps: Optional[float] = None, size: SizeSpec = None, *, max_frames: Optional[int] = None,
@@ -277,32 +373,59 @@ def image_to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+class _FileRead:
+    """The selected frames of a video file, fitted, in order: one decoding pass per call of :meth:`frames`
+    (the same frames every time), and what a whole pass learnt (the rate, the first frame's time, the
+    audio) for :meth:`check` and the :class:`Video`."""
+
+    def __init__(self, path: str, select: Selection, size: SizeSpec, fit_mode: str):
+        self.path, self.select = path, select
+        self.timeline = scan_timeline(path)
+        self.fit = _Fitter(size, f"'{path}'", fit_mode)  # one for every pass: it says what it notices once
+        self.start, self.seen, self.complete, self.audio_source = 0.0, 0, True, None
+        self.rate: Fraction = Fraction(1)
+        self.declared: Optional[int] = None
+        self.damage = Damage()
+
+    @property
+    def fps(self) -> float:
+        return float(self.rate) / self.select.stride
+
+    def frames(self) -> Iterator[np.ndarray]:
+        self.damage = Damage()
+        with open_video(self.path) as (container, stream):
+            self.rate = self.timeline.rate if self.timeline else header_rate(stream)
+            slots = _slots(decode_frames(container, stream, self.damage), self.timeline)
+
+            def convert(frame) -> np.ndarray:
+                return self.fit(upright(frame), frame_pixel_aspect(frame, stream))
+
+            yield from _take(slots, self.select, self.rate, convert, self)
+            self.audio_source = self.path if container.streams.audio else None
+            self.declared = declared_frames(stream, self.timeline, self.rate)
+
+    def check(self, n_read: int) -> None:
+        """What a whole pass of ``n_read`` frames tells the user: none read is an error; a variable rate,
+        damaged data or a truncated file are said."""
+        path, timeline = self.path, self.timeline
+        if not n_read:
+            if self.seen:
+                raise TokenFlowError(f"input '{path}' has {self.seen} frames: none from the start asked for")
+            raise no_frames(path, self.damage)
+        if timeline is not None and not timeline.even:
+            logger.info("'%s' has a variable frame rate (%d frames over %.2f s): read at %.3f fps, each frame at "
+                        "its own time, so the length and the audio sync are kept", path, timeline.count,
+                        timeline.duration, float(self.rate))
+        _report_damage(path, self.damage, timeline, self.complete)
+        if self.complete:
+            _check_complete(path, n_read, self.declared, self.select, float(self.rate), self.damage.ended)
+
+
 def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
-    timeline = scan_timeline(path)
-    fit = _Fitter(size, f"'{path}'", fit_mode)
-    damage = Damage()
-    with open_video(path) as (container, stream):
-        rate = timeline.rate if timeline else header_rate(stream)
-        slots = _slots(decode_frames(container, stream, damage), timeline)
-
-        def convert(frame) -> np.ndarray:
-            return fit(upright(frame), frame_pixel_aspect(frame, stream))
-
-        frames, start, seen, complete = _take(slots, select, rate, convert)
-        has_audio = bool(container.streams.audio)
-        declared = declared_frames(stream, timeline, rate)
-    if not frames:
-        if seen:
-            raise TokenFlowError(f"input '{path}' has {seen} frames: none from the start asked for")
-        raise no_frames(path, damage)
-    if timeline is not None and not timeline.even:
-        logger.info("'%s' has a variable frame rate (%d frames over %.2f s): read at %.3f fps, each frame at its "
-                    "own time, so the length and the audio sync are kept", path, timeline.count, timeline.duration,
-                    float(rate))
-    _report_damage(path, damage, timeline, complete)
-    if complete:
-        _check_complete(path, len(frames), declared, select, float(rate), damage.ended)
-    return Video(np.stack(frames), float(rate) / select.stride, path if has_audio else None, path, start, fit.first)
+    read = _FileRead(path, select, size, fit_mode)
+    frames = list(read.frames())
+    read.check(len(frames))
+    return Video(np.stack(frames), read.fps, read.audio_source, path, read.start, read.fit.first)
 
 
 def _slots(frames, timeline: Optional[Timeline]):
@@ -312,23 +435,26 @@ def _slots(frames, timeline: Optional[Timeline]):
     return timeline.fill((frame.time, frame) for frame in frames)
 
 
-def _take(slots, select: Selection, rate: Fraction, convert: Callable) -> tuple[list, float, int, bool]:
-    """The selected slots' frames, each decoded frame converted once: (frames, the first one's time,
-    slots seen, whether the video ran out before the frame limit did)."""
-    frames, start, seen, begin = [], 0.0, 0, select.first(float(rate))
+def _take(slots, select: Selection, rate: Fraction, convert: Callable, read) -> Iterator[np.ndarray]:
+    """The selected slots' frames, each decoded frame converted once. Sets on ``read``: the first frame's
+    time (``start``), the slots seen, and whether the video ran out before the frame limit did
+    (``complete``)."""
+    kept, begin = 0, select.first(float(rate))
+    read.start, read.seen, read.complete = 0.0, 0, True
     held, array = None, None
     for slot, time, frame in slots:
-        seen = slot + 1
+        read.seen = slot + 1
         if slot < begin or (slot - begin) % select.stride:
             continue
-        if not frames:
-            start = float(time) if time is not None else 0.0
+        if not kept:
+            read.start = float(time) if time is not None else 0.0
         if frame is not held:  # a frame may fill several slots
             held, array = frame, convert(frame)
-        frames.append(array)
-        if select.max_frames and len(frames) >= select.max_frames:
-            return frames, start, seen, False
-    return frames, start, seen, True
+        kept += 1
+        yield array
+        if select.max_frames and kept >= select.max_frames:
+            read.complete = False
+            return
 
 
 def _report_damage(path: str, damage: Damage, timeline: Optional[Timeline], complete: bool) -> None:
