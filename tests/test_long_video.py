@@ -3,8 +3,11 @@ into the video encoder (``output_type="stream"``), never whole in pixels; the sa
 
 from __future__ import annotations
 
+import os
+
 import av
 import numpy as np
+import pytest
 import torch
 
 from tokenflow.config import RunSettings
@@ -12,7 +15,7 @@ from tokenflow.results import StreamedFrames
 from tokenflow.runs import save_result
 from tokenflow.video import encode_video, read_video
 
-from conftest import moving_frames
+from conftest import moving_frames, write_clip
 
 SETTINGS = dict(prompt="a red car", steps=2, inversion_steps=2, batch_size=4, seed=3)
 
@@ -51,3 +54,117 @@ def test_the_writer_batch_by_batch_equals_the_whole_video_write(tiny_pipe, tmp_p
     assert np.array_equal(_decoded(out), _decoded(tmp_path / "whole.mp4"))
     folder = read_video(tmp_path / "frames").frames
     assert np.array_equal(folder, whole)
+
+
+# ---------------------------------------------------------------- the input streamed
+def test_a_streamed_input_gives_the_frames_and_the_cache_key_of_a_whole_read(tmp_path):
+    from tokenflow.cache import frames_digest
+    from tokenflow.video import stream_video, to_tensor
+
+    path = write_clip(tmp_path / "clip.mp4", moving_frames(21, 48, 64))
+    whole = to_tensor(read_video(path, size=(32, 48)).frames)
+    stream = stream_video(path, size=(32, 48))
+    assert len(stream) == 21 and stream.shape == whole.shape and stream.fps == 12
+    assert stream.digest == frames_digest(whole) == frames_digest(stream)
+    assert torch.equal(torch.cat(list(stream.batches(8))), whole)  # three passes' worth of reads in one pass
+    part = stream.rows(range(5, 17))
+    assert len(part) == 12 and torch.equal(part[0:4], whole[5:9]) and torch.equal(part[4:12], whole[9:17])
+    assert torch.equal(part[2:3], whole[7:8])  # going back starts a new pass
+    # a selection (start, stride, limit) reads the frames read_video keeps
+    kept = read_video(path, 6, size=(32, 48), start_frame=2, stride=3).frames
+    assert torch.equal(stream_video(path, 6, size=(32, 48), start_frame=2, stride=3)[0:6], to_tensor(kept))
+
+
+def test_an_edit_of_a_path_is_streamed_and_equals_the_edit_of_its_frames(tiny_pipe, tmp_path, monkeypatch):
+    """The frames of a path are decoded a batch at a time (never all of them converted at once) and give
+    the same edit, bit for bit, as the same frames given whole; the inversion it writes is the same too."""
+    import tokenflow.video as video
+
+    path = write_clip(tmp_path / "clip.mp4", moving_frames(40, 32, 48))
+    whole = tiny_pipe.edit(video.to_tensor(read_video(path).frames), cache_dir=str(tmp_path / "a"),
+                           progress=False, height=32, width=48, **SETTINGS)
+    largest, to_tensor = [0], video.to_tensor
+
+    def counting(frames):
+        largest[0] = max(largest[0], len(frames))
+        return to_tensor(frames)
+
+    monkeypatch.setattr(video, "to_tensor", counting)
+    streamed = tiny_pipe.edit(path, cache_dir=str(tmp_path / "b"), progress=False, height=32, width=48, **SETTINGS)
+    assert 0 < largest[0] <= 16  # batches of the scan and of the VAE, never the 40 frames
+    assert torch.equal(streamed.frames, whole.frames)
+    assert streamed.inversion.key == whole.inversion.key  # the same cache key, hashed as the frames streamed
+
+
+# ---------------------------------------------------------------- the inversion on disk
+def test_a_cached_inversion_is_read_by_rows_and_steps_never_whole(tiny_pipe, tmp_path):
+    from tokenflow.cache import InversionCache, StoredInversion
+
+    frames = torch.from_numpy(moving_frames(24, 32, 48)).permute(0, 3, 1, 2).float() / 255
+    kwargs = dict(inversion_steps=4, steps=4, progress=False)
+    memory = tiny_pipe.invert(frames, "", use_cache=False, **kwargs)
+    stored = tiny_pipe.invert(frames, "", cache_dir=str(tmp_path), **kwargs)  # written while inverting
+    assert isinstance(stored, StoredInversion) and stored.bytes_read == 0
+    row = 4 * 4 * 4 * 6  # float32 (C, h, w)
+    assert sorted(stored.latents) == sorted(memory.latents) and stored.final_timestep == memory.final_timestep
+    for t in memory.latents:
+        assert torch.equal(stored.latents[t], memory.latents[t])
+    assert stored.bytes_read == len(memory.latents) * 24 * row  # one read of each timestep, nothing else
+    part = stored.rows(range(8, 12))  # a rank's share reads only its rows
+    before = part.bytes_read
+    assert torch.equal(part.latents[memory.final_timestep], memory.latents[memory.final_timestep][8:12])
+    assert torch.equal(part.x0, memory.x0[8:12])
+    assert part.bytes_read - before == 2 * 4 * row
+    # an edit from the cache reads the start latents once and one timestep per step, each read one timestep
+    hit = InversionCache(str(tmp_path))
+    again = tiny_pipe.invert(frames, "", cache_dir=hit.root, **kwargs)
+    result = tiny_pipe.edit(frames, inversion=again, progress=False, **{**SETTINGS, "steps": 4, "inversion_steps": 4})
+    assert again.largest_read == 24 * row
+    assert again.bytes_read == (2 + 4) * 24 * row  # x0 and the final state, then 4 steps
+    whole = tiny_pipe.edit(frames, inversion=memory, progress=False, **{**SETTINGS, "steps": 4, "inversion_steps": 4})
+    assert torch.equal(result.frames, whole.frames)
+
+
+def test_a_cache_that_cannot_be_written_midway_keeps_the_inversion_in_memory(tiny_pipe, tmp_path, monkeypatch,
+                                                                             caplog):
+    """A full disk after the first batch: the rows written so far are read back, the inversion is the same,
+    and the cache folder is left with no entry and no temporaries."""
+    import errno
+
+    from tokenflow import cache
+
+    frames = torch.from_numpy(moving_frames(12, 32, 48)).permute(0, 3, 1, 2).float() / 255
+    kwargs = dict(inversion_steps=2, steps=2, progress=False, batch_size=4)
+    memory = tiny_pipe.invert(frames, "", use_cache=False, **kwargs)
+    append, calls = cache._RowFile.append, [0]
+
+    def full_disk(self, first, rows):
+        calls[0] += 1
+        if first >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        append(self, first, rows)
+
+    monkeypatch.setattr(cache._RowFile, "append", full_disk)
+    with caplog.at_level("WARNING"):
+        kept = tiny_pipe.invert(frames, "", cache_dir=str(tmp_path), **kwargs)
+    assert not isinstance(kept, cache.StoredInversion) and "kept in memory and not cached" in caplog.text
+    assert all(torch.equal(kept.latents[t], memory.latents[t]) for t in memory.latents)
+    assert torch.equal(kept.x0, memory.x0)
+    assert [os.listdir(tmp_path / d) for d in os.listdir(tmp_path)] == [[]]  # an empty folder: no entry
+
+
+def test_an_interrupted_inversion_leaves_no_half_entry(tiny_pipe, tmp_path, monkeypatch):
+    from tokenflow import cache
+
+    frames = torch.from_numpy(moving_frames(12, 32, 48)).permute(0, 3, 1, 2).float() / 255
+    append = cache._RowFile.append
+
+    def interrupted(self, first, rows):
+        if first >= 4:
+            raise KeyboardInterrupt
+        append(self, first, rows)
+
+    monkeypatch.setattr(cache._RowFile, "append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_pipe.invert(frames, "", 2, 2, batch_size=4, cache_dir=str(tmp_path), progress=False)
+    assert [os.listdir(tmp_path / d) for d in os.listdir(tmp_path)] == [[]]

@@ -308,6 +308,7 @@ class _RowReader:
         if got != len(frames) * self.row_bytes:
             raise ValueError(f"{self.path} ends early")
         self.counter[0] += got
+        self.counter[1] = max(self.counter[1], got)
         return out
 
 
@@ -336,14 +337,14 @@ class StoredInversion:
     """An inversion in its cache entry, read when used, never held: ``latents[t]`` reads timestep t's rows
     of these frames (one seek, one read), ``x0`` the clean latents' rows; :meth:`rows` is a view of part of
     the frames (a rank's share) that reads only those rows. ``bytes_read`` counts what every view of the
-    entry has read."""
+    entry has read, ``largest_read`` the most one read took."""
 
     def __init__(self, folder: str, manifest: dict[str, Any], key: Optional[str] = None,
                  frames: Optional[range] = None, counter: Optional[list] = None):
         self.folder, self.manifest, self.key = folder, manifest, key
         self.final_timestep = int(manifest["final_timestep"])
         self.frames = range(manifest["shape"][0]) if frames is None else frames
-        self.counter = counter if counter is not None else [0]
+        self.counter = counter if counter is not None else [0, 0]  # bytes read in all, in the largest read
         self.readers = {t: _RowReader(os.path.join(folder, tensor_name(t) + ".safetensors"), self.counter)
                         for t in [None, *manifest["timesteps"]]}
         self.latents = _StoredLatents(self)
@@ -353,12 +354,22 @@ class StoredInversion:
         return self.counter[0]
 
     @property
+    def largest_read(self) -> int:
+        return self.counter[1]
+
+    @property
     def x0(self) -> "torch.Tensor":
         return self.readers[None].read(self.frames)
 
     @property
     def n_frames(self) -> int:
         return len(self.frames)
+
+    @property
+    def shape(self) -> "torch.Size":
+        import torch
+
+        return torch.Size((self.n_frames, *self.manifest["shape"][1:]))
 
     @property
     def final(self) -> "torch.Tensor":

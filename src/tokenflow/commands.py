@@ -282,7 +282,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         conditioning = pipe.prepare_conditioning(frames, config)
         inversion = runs.cached_inversion(pipe, frames, config, run, args, conditioning, output=args.output)
         timestep = min(inversion.latents, key=lambda t: abs(t - args.timestep))
-        analysis = analyze_features(pipe, inversion, tuple(inversion.x0.shape[-2:]), timestep,
+        analysis = analyze_features(pipe, inversion, tuple(inversion.shape[-2:]), timestep,
                                     config.inversion_prompt, args.layer, conditioning)
     frames_u8 = to_uint8(frames)
     rebuild = nearest_neighbour_rebuild(frames_u8, analysis.features, args.source_frame, target)

@@ -81,6 +81,11 @@ class Inversion:
         return int(self.x0.shape[0])
 
     @property
+    def shape(self) -> torch.Size:
+        """(N, C, h, w) of the latents."""
+        return self.x0.shape
+
+    @property
     def final(self) -> torch.Tensor:
         return self.latents[self.final_timestep]
 

@@ -486,7 +486,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             return self._invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                 config.inversion_batch(), InversionCache(cache_dir) if use_cache else None, progress,
                                 callback, conditioning, checkpoints, restart, mine, memory, label)
-        if given.n_frames != len(frames) or given.x0.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
+        if given.n_frames != len(frames) or given.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
             raise TokenFlowError("the given inversion does not match the frames (count or size)")
         missing = [int(t) for t in self.editing_timesteps(config.steps) if int(t) not in given.latents]
         if missing:

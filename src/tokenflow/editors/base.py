@@ -36,8 +36,9 @@ class BaseEditor:
         latents at the first editing timestep.
         """
         a_T = scheduler.alphas_cumprod[inversion.final_timestep]
-        eps = (inversion.final - a_T ** 0.5 * inversion.x0) / (1 - a_T) ** 0.5
-        return scheduler.add_noise(inversion.x0, eps, first_timestep)
+        x0 = inversion.x0  # read once (a stored inversion reads it from disk)
+        eps = (inversion.final - a_T ** 0.5 * x0) / (1 - a_T) ** 0.5
+        return scheduler.add_noise(x0, eps, first_timestep)
 
     def injection(self, step_index: int, n_steps: int) -> tuple[bool, bool]:
         """(self-attention Q/K injection, residual-feature injection) at this step."""

@@ -26,5 +26,6 @@ class SDEditEditor(BaseEditor):
         if self.config.sdedit_noise == "ddim":
             return super().start_latents(inversion, scheduler, first_timestep, generator)
         # one noise image shared by every frame (what the official use_ddim_noise: False meant)
-        noise = torch.randn((1, *inversion.x0.shape[1:]), generator=generator)
-        return scheduler.add_noise(inversion.x0, noise.expand_as(inversion.x0), first_timestep)
+        x0 = inversion.x0  # read once (a stored inversion reads it from disk)
+        noise = torch.randn((1, *x0.shape[1:]), generator=generator)
+        return scheduler.add_noise(x0, noise.expand_as(x0), first_timestep)
