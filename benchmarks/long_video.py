@@ -6,7 +6,9 @@
 
 Per length it writes a clip (a random texture scrolling one pixel per frame, ``--size`` square, 12 fps,
 encoded a batch at a time), then runs ``tokenflow edit`` on the tiny model (``--steps`` editing and
-inversion steps, ``--batch-size``, no cache) in a fresh process, and reports that process's peak RSS
+inversion steps, ``--batch-size``, a fresh inversion cache per length, so the inversion is written to disk
+while it runs and the edit reads it back by rows; ``--no-cache``: held in memory) in a fresh process, and
+reports that process's peak RSS
 (``os.wait4``), its wall time, seconds per frame, and the output's frame count and fps (which must be the
 input's). The last columns are the ratios to the first length: the targets are peak RSS at 10,000 frames
 at most 1.25x the peak at 1,000, and seconds per frame at most 1.1x.
@@ -40,10 +42,11 @@ def write_texture_clip(path: str, n: int, size: int, fps: int = 12, batch: int =
             encoder.write(np.stack([np.roll(texture, i, axis=1) for i in range(start, min(start + batch, n))]))
 
 
-def run_edit(clip: str, out: str, args) -> dict:
+def run_edit(clip: str, out: str, cache: str, args) -> dict:
     command = [sys.executable, "-m", "tokenflow", "edit", clip, "-p", "a marble texture", "--model", "tiny",
                "--steps", str(args.steps), "--inversion-steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--height", str(args.size), "--width", str(args.size), "--no-cache", "-q", "-o", out]
+               "--height", str(args.size), "--width", str(args.size), "-q", "-o", out,
+               *(["--no-cache"] if args.no_cache else ["--cache-dir", cache])]
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-cache", action="store_true", help="edit with --no-cache (the inversion in memory)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     rows = []
@@ -68,7 +72,7 @@ def main() -> None:
         for n in args.frames:
             clip, out = os.path.join(tmp, f"clip{n}.mp4"), os.path.join(tmp, f"out{n}.mp4")
             write_texture_clip(clip, n, args.size)
-            row = {"frames": n, **run_edit(clip, out, args)}
+            row = {"frames": n, **run_edit(clip, out, os.path.join(tmp, f"cache{n}"), args)}
             info = probe_video(out)
             row.update(out_frames=info.n_frames, out_fps=float(info.fps), s_per_frame=row["seconds"] / n)
             rows.append(row)

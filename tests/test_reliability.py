@@ -427,13 +427,6 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def safetensors_enospc(*args, **kwargs):  # what safetensors raises on a full disk: not an OSError
-    from safetensors import SafetensorError
-
-    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                          '"No space left on device" })')
-
-
 def test_full_disk_while_writing_the_output_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch,
                                                                             tiny_model_dir):
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
@@ -477,17 +470,15 @@ def test_full_disk_in_the_frames_folder_leaves_no_half_folder(tmp_path, capsys, 
 
 
 def test_cache_that_cannot_be_written_only_warns(tmp_path, capsys, monkeypatch, tiny_model_dir, caplog):
-    from safetensors import torch as st
-
     import errno
 
-    from tokenflow import cache
+    from tokenflow import cache, checkpoints
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
-    monkeypatch.setattr(st, "save_file", safetensors_enospc)  # the checkpoints
+    monkeypatch.setattr(checkpoints, "write_safetensors", disk_full)  # the checkpoints
     monkeypatch.setattr(cache._RowFile, "append", disk_full)  # the inversion's rows, written while it runs
     with caplog.at_level("WARNING", logger="tokenflow"):
         code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "-o",

@@ -136,12 +136,49 @@ def tensor_name(t: Optional[int]) -> str:
     return "x0" if t is None else f"t{int(t):04d}"
 
 
-def _header(shape: list[int]) -> bytes:
-    """A safetensors header for one float32 tensor ``latents`` of ``shape``, padded to 8 bytes."""
-    nbytes = 4 * math.prod(shape)
-    text = json.dumps({TENSOR: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
+          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_header(tensors: dict[str, tuple[str, list[int], int]], metadata: Optional[dict[str, str]] = None
+                       ) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file whose tensors (name -> (dtype code,
+    shape, bytes)) follow in name order; padded to 8 bytes as the format asks."""
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        code, shape, nbytes = tensors[name]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
+
+
+def _bytes_of(tensor: "torch.Tensor") -> memoryview:
+    """A CPU tensor's bytes without a copy (a contiguous one's own memory)."""
+    import torch
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"").cast("B")
+
+
+def write_safetensors(path: str, tensors: dict[str, "torch.Tensor"], metadata: Optional[dict[str, str]] = None
+                      ) -> None:
+    """A safetensors file (read by ``safetensors.safe_open`` as any other) written a tensor at a time from the
+    tensors' own memory: no serialised copy of them all, which for a long video's latents is as big again."""
+    entries = {name: (_CODES[str(t.dtype).replace("torch.", "")], list(t.shape), t.numel() * t.element_size())
+               for name, t in tensors.items()}
+    with open(path, "wb") as f:
+        f.write(safetensors_header(entries, metadata))
+        for name in sorted(tensors):
+            f.write(_bytes_of(tensors[name]))
+
+
+def _header(shape: list[int]) -> bytes:
+    """The header of an entry's file: one float32 tensor ``latents`` of ``shape``."""
+    return safetensors_header({TENSOR: ("F32", shape, 4 * math.prod(shape))})
 
 
 class _RowFile:
@@ -159,7 +196,7 @@ class _RowFile:
         self.start = self._write(_header(self.shape))
 
     def _write(self, data) -> int:
-        view, done = memoryview(data).cast("B"), 0
+        view, done = memoryview(data), 0
         while done < len(view):
             done += self.file.write(view[done:])
         self.hash.update(view)
@@ -168,7 +205,7 @@ class _RowFile:
     def append(self, first: int, rows: "torch.Tensor") -> None:
         if first != self.rows or list(rows.shape[1:]) != self.shape[1:] or first + len(rows) > self.shape[0]:
             raise ValueError(f"rows {first}..{first + len(rows)} of {self.path} out of order ({self.rows} written)")
-        self._write(rows.detach().float().cpu().contiguous().numpy())
+        self._write(_bytes_of(rows.float()))
         self.rows += len(rows)
 
     def written(self) -> "torch.Tensor":

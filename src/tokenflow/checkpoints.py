@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .atomic import atomic_path
-from .cache import bytes_digest, content_key, default_cache_dir
+from .cache import _bytes_of, bytes_digest, content_key, default_cache_dir, write_safetensors
 from .correspondence import POLICIES
 from .distributed import Group
 from .keyframes import windowed
@@ -68,7 +68,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_bytes_of(t))  # the tensor's own memory: no copy of a long video's latents
     return h.hexdigest()
 
 
@@ -85,8 +85,6 @@ class CheckpointStore:
              label: Optional[dict] = None) -> str:
         """``label``: what ``tokenflow cache list`` shows of the checkpoint (the video, the model); not verified,
         never read back by a run."""
-        from safetensors.torch import save_file
-
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -94,7 +92,7 @@ class CheckpointStore:
         if label:
             metadata["label"] = json.dumps(label)
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+            write_safetensors(tmp, tensors, metadata)
         return path
 
     def load(self, name: str, key: str) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
