@@ -13,7 +13,7 @@ attends to every keyframe) and the bounded one (window W, A anchors):
   q query frames attending to k key frames (QK^T and AV, a multiply-add = 2 FLOPs), summed over SD 2.1's
   16 self-attention layers: the two edit branches attend across keyframes, the source branch per frame.
 
-**formula**: from K, W and A alone. **measured**: the real keyframe stage (``editing._keyframe_stage``)
+**formula**: from K, W and A alone. **measured**: the real keyframe calls (``editing._windowed_step`` with its propagation left out)
 runs on the tiny model (at 32x32 pixels) with a counting hook in place of the self-attention
 product (it records the query and key frames of every attention call of one layer and returns zeros,
 so 100,000 frames fit in seconds); the UNet calls are counted at the model call. The FLOPs column
@@ -111,14 +111,20 @@ def measure(n_frames: int, batch_size: int, window, layers, pipe) -> dict:
     keyframes = FixedKeyframes()(0, n_frames, batch_size)
     state = TokenFlowState(n_branches=3)
     TokenFlowAttnProcessor._attend = staticmethod(counting)
+    propagate_ready = editing._propagate_ready
     started = time.perf_counter()
     try:
         with torch.no_grad(), tokenflow_hooks(pipe.unet, state, pipe.layers):
             step = editing._Step(unet, x, torch.tensor(500), source, keyframes, state, batch_size,
                                  MemoryPlan.from_settings(pipe, pipe.device), ShardPlan(n_frames, batch_size), Group())
-            editing._keyframe_stage(step, window)
+            if editing.windowed(len(keyframes), window):  # the keyframe calls of the bounded pass, no propagation
+                editing._propagate_ready = lambda step, rows, pending, *rest: (rows.keep(set()), [])[1]
+                editing._windowed_step(step, None, 0.0, "original", window, None)
+            else:
+                editing._keyframe_call(step, list(range(len(keyframes))), [len(keyframes)])
     finally:
         TokenFlowAttnProcessor._attend = real_attend
+        editing._propagate_ready = propagate_ready
         state.end_step()
     return {"keyframes": len(keyframes), "images_per_call": counted["max_images"], "calls": counted["calls"],
             "frame_pairs": counted["pairs"], "attention_flops": counted["pairs"] * per_pair_flops(layers),

@@ -177,3 +177,40 @@ def test_a_window_that_does_not_bound_the_edit_keeps_the_resume_key():
     assert key(17, keyframe_window=4) != key(17, keyframe_window=None)  # 5 keyframes
     # no TokenFlow propagation: no keyframe pass for a window to bound
     assert key(64, propagation="none", keyframe_window=2) == key(64, propagation="none", keyframe_window=None)
+
+
+# recorded with the bounded pass as it was before it was interleaved with the propagation pass (every
+# keyframe's caches held until the propagation pass): tiny model, 37 frames at 32x48, batch 2 (19 keyframes)
+BOUNDED_CASES = {"original-w4": dict(propagation="original", keyframe_window=4),
+                 "paper-w3": dict(propagation="paper", keyframe_window=3),
+                 "paper-w1": dict(propagation="paper", keyframe_window=1),
+                 "original-w3-4steps": dict(propagation="original", keyframe_window=3, steps=4, inversion_steps=4)}
+
+
+def test_the_bounded_pass_holds_a_few_groups_and_gives_the_numbers_of_holding_every_keyframe(tiny_pipe,
+                                                                                              monkeypatch):
+    """The bounded pass propagates batch by batch as the groups are computed and drops the keyframes no
+    batch left reads: at most two groups, the anchors and a neighbour are held, not the 19 keyframes; the
+    final latents are the recorded ones bit for bit (both policies, keyframe reuse, several steps)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from tokenflow import editing
+
+    recorded = load_file(os.path.join(os.path.dirname(__file__), "data", "bounded_reference.safetensors"))
+    held, add = [], editing._KeyframeRows.add
+
+    def counting(self, positions, noise):
+        add(self, positions, noise)
+        held.append(len(self.rows))
+
+    monkeypatch.setattr(editing._KeyframeRows, "add", counting)
+    video = _video(37)
+    for name, settings in BOUNDED_CASES.items():
+        held.clear()
+        config = EditConfig(**{**BASE, "editor": "pnp", **settings})
+        result = tiny_pipe.edit(video, config=config, use_cache=False, progress=False, return_latents=True)
+        assert torch.equal(result.latents[-1], recorded[name]), name
+        window = settings["keyframe_window"]
+        assert held and max(held) <= 2 * window + n_anchors(window) + 1 < 19, (name, max(held))

@@ -196,55 +196,65 @@ class Group:
         mine, window = plan.batches(), plan.window(policy)
         if not self.distributed or not len(mine):
             return mine.start
-        import torch.distributed as dist
-
         layers = list(cache.values())
-        ops = self._boundary_sends(layers, plan, policy)
-        sizes = [c.source_tokens[0].numel() + c.outputs[:, 0].numel() for c in layers]  # per keyframe and layer
-        received = {b: torch.empty(sum(sizes), dtype=layers[0].outputs.dtype, device=self.device)
-                    for b in window if b not in mine}  # the keyframes of its window that other ranks own
-        ops += [dist.P2POp(dist.irecv, buf, plan.owner(b)) for b, buf in received.items()]
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        _join_boundaries(layers, sizes, [received[b] for b in window if b < mine.start],
+        received = self.exchange_keyframes(
+            lambda b: [(c.source_tokens[b - mine.start], c.outputs[:, b - mine.start]) for c in layers], plan, policy)
+        _join_boundaries(layers, [received[b] for b in window if b < mine.start],
                          [received[b] for b in window if b >= mine.stop])
         return window.start
 
-    def _boundary_sends(self, layers: list, plan: ShardPlan, policy: str) -> list:
-        """The sends of :meth:`exchange_boundaries`: this rank's keyframes that lie in another rank's window,
-        every layer's source tokens and outputs of a keyframe in one flat buffer."""
+    def exchange_keyframes(self, row, plan: ShardPlan, policy: str) -> dict[int, list]:
+        """The keyframes of this rank's window (``plan.window(policy)``) that other ranks own, from them:
+        keyframe -> per layer (source tokens (L, D), outputs (B, L, D)). ``row(b)`` gives the same of this
+        rank's keyframe ``b`` (asked for those other ranks' windows read, at least the first). Every rank calls
+        it (point-to-point, each keyframe once: every layer's rows in one flat buffer); {} in one process."""
+        mine, window = plan.batches(), plan.window(policy)
+        if not self.distributed or not len(mine):
+            return {}
         import torch.distributed as dist
 
-        mine, ops = plan.batches(), []
+        ops, shapes = [], [(t.shape, o.shape) for t, o in row(mine.start)]
         for r in range(self.world_size):
             if r == self.rank:
                 continue
             for b in plan.window(policy, r):
                 if b in mine:
-                    buf = self._comm(torch.cat([torch.cat([c.source_tokens[b - mine.start].flatten(),
-                                                           c.outputs[:, b - mine.start].flatten()])
-                                                for c in layers]))
+                    buf = self._comm(torch.cat([torch.cat([t.flatten(), o.flatten()]) for t, o in row(b)]))
                     ops.append(dist.P2POp(dist.isend, buf, r))
                     self.bytes_sent += buf.numel() * buf.element_size()
-        return ops
+        dtype = row(mine.start)[0][1].dtype
+        size = sum(tokens.numel() + outputs.numel() for tokens, outputs in shapes)
+        received = {b: torch.empty(size, dtype=dtype, device=self.device) for b in window if b not in mine}
+        ops += [dist.P2POp(dist.irecv, buf, plan.owner(b)) for b, buf in received.items()]
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return {b: _unpack(buf, shapes) for b, buf in received.items()}
 
 
-def _join_boundaries(layers: list, sizes: list[int], before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
-    """Each layer's cache with the received keyframes (flat buffers, ``sizes[i]`` values of layer i each)
-    before and after its own rows, in keyframe order."""
+def _unpack(buf: torch.Tensor, shapes: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A received keyframe's flat buffer as per-layer (source tokens, outputs) of ``shapes``."""
+    out, start = [], 0
+    for tokens, outputs in shapes:
+        t = buf[start:start + tokens.numel()].view(tokens)
+        start += tokens.numel()
+        o = buf[start:start + outputs.numel()].view(outputs)
+        start += outputs.numel()
+        out.append((t, o))
+    return out
+
+
+def _join_boundaries(layers: list, before: list[list], after: list[list]) -> None:
+    """Each layer's cache with the received keyframes (per layer (tokens, outputs) each) before and after its
+    own rows, in keyframe order."""
     for i, c in enumerate(layers):
-        start = sum(sizes[:i])
-        tokens_shape, outputs_shape = c.source_tokens.shape[1:], c.outputs[:, 0].shape
-        n_tok = c.source_tokens[0].numel()
+        pre = [k[i] for k in before]
+        post = [k[i] for k in after]
+        c.source_tokens = torch.cat([*(t[None].to(c.source_tokens.device) for t, _ in pre), c.source_tokens,
+                                     *(t[None].to(c.source_tokens.device) for t, _ in post)])
+        c.outputs = torch.cat([*(o[:, None].to(c.outputs.device) for _, o in pre), c.outputs,
+                               *(o[:, None].to(c.outputs.device) for _, o in post)], dim=1)
 
-        def unpack(buf):
-            part = buf[start:start + sizes[i]].to(c.outputs.device)
-            return part[:n_tok].view(tokens_shape), part[n_tok:].view(outputs_shape)
-
-        pre, post = [unpack(b) for b in before], [unpack(b) for b in after]
-        c.source_tokens = torch.cat([*(t[None] for t, _ in pre), c.source_tokens, *(t[None] for t, _ in post)])
-        c.outputs = torch.cat([*(o[:, None] for _, o in pre), c.outputs, *(o[:, None] for _, o in post)], dim=1)
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)

@@ -104,23 +104,27 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     state.qk_injection, state.feature_injection = qk_injection, feature_injection
     state.cache_device = torch.device("cpu") if step.offload else None
     try:
-        kept, offset = _keyframes(step, propagation, keyframe_window) if propagation in POLICIES else (None, 0)
-        state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
-        out = _propagation_stage(step, scheduler, guidance_scale, propagation, offset, kept, update)
+        if propagation in POLICIES and windowed(len(keyframes), keyframe_window):
+            state.set_mode("propagate")
+            out = _windowed_step(step, scheduler, guidance_scale, propagation, keyframe_window, update)
+        else:
+            kept, offset = _keyframes(step, propagation) if propagation in POLICIES else (None, 0)
+            state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
+            out = _propagation_stage(step, scheduler, guidance_scale, propagation, offset, kept, update)
     finally:
         state.end_step()  # the layers' caches and the batch plan go, whether the step finished or failed
     return out[0] if one_prompt else out
 
 
-def _keyframes(step: _Step, propagation: str, window: Optional[int]):
-    """The keyframe pass and the caches the propagation pass reads (with the neighbouring ranks' boundary
+def _keyframes(step: _Step, propagation: str):
+    """The exact keyframe pass and the caches the propagation pass reads (with the neighbouring ranks' boundary
     keyframes). Returns (frame -> its keyframe-pass prediction, where propagation may reuse it; the global
     keyframe index of the first local cache row)."""
-    noise = _keyframe_stage(step, window)
+    noise = _keyframe_call(step, list(step.plan.batches()), step.plan.keyframe_counts())
     if step.offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
         wait_for_host_copies(step.memory.device)
     offset = step.group.exchange_boundaries(step.state.caches.layers, step.plan, propagation)
-    if propagation != "paper" or not step.memory.reuse_keyframe_outputs or noise is None:
+    if not _reuses(step, propagation) or noise is None:
         return None, offset
     # Under the paper's policy a keyframe blends its own cached outputs with weight 1 at its own tokens (its
     # nearest neighbours in itself), so its propagation pass recomputes, layer by layer, the keyframe pass's
@@ -130,19 +134,27 @@ def _keyframes(step: _Step, propagation: str, window: Optional[int]):
     return {int(f): noise[:, i] for i, f in enumerate(mine)}, offset
 
 
+def _reuses(step: _Step, propagation: str) -> bool:
+    """Whether a keyframe takes its keyframe-pass prediction instead of a propagation call (see _keyframes)."""
+    return propagation == "paper" and step.memory.reuse_keyframe_outputs
+
+
 def _propagation_stage(step: _Step, scheduler, guidance_scale: float, propagation: str, offset: int,
-                       kept: Optional[dict], update: Optional[Update]) -> torch.Tensor:
-    """The propagation pass over this rank's frames, in chunks of at most the batch size, each retried
-    smaller out of memory from the chunk that failed (frames are independent here, except under extended
-    attention, which is not split)."""
-    memory, batch_size, frames = step.memory, step.batch_size, step.plan.frames()
-    out = torch.empty(step.x.shape, dtype=torch.float32)
+                       kept: Optional[dict], update: Optional[Update], frames: Optional[range] = None,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The propagation pass over this rank's frames (or ``frames`` of them, written into ``out``), in chunks
+    of at most the batch size, each retried smaller out of memory from the chunk that failed (frames are
+    independent here, except under extended attention, which is not split)."""
+    memory, batch_size = step.memory, step.batch_size
+    frames = frames if frames is not None else step.plan.frames()
+    out = out if out is not None else torch.empty(step.x.shape, dtype=torch.float32)
+    first = step.plan.frames().start
     extended = propagation == "extended"
 
     def chunk_from(b: int):
         def run(size: int) -> int:  # frames b... in one UNet call of at most ``size`` frames
             end = min(b + size, frames.stop)
-            out[:, b - frames.start:end - frames.start] = _propagation_batch(
+            out[:, b - first:end - first] = _propagation_batch(
                 step, scheduler, guidance_scale, propagation, range(b, end), offset, kept, update)
             return end
         return run
@@ -162,71 +174,124 @@ def _propagation_stage(step: _Step, scheduler, guidance_scale: float, propagatio
     return out
 
 
-def _keyframe_stage(step: _Step, window: Optional[int] = None) -> Optional[torch.Tensor]:
-    """Extended attention on this rank's keyframes: the layers keep their caches. Returns the UNet's
-    prediction of every branch at this rank's keyframes (B, K_r, C, h, w), None if it has none.
+def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: str, window: int,
+                   update: Optional[Update]) -> torch.Tensor:
+    """The bounded keyframe pass, interleaved with the propagation pass so that the layers' caches hold a
+    few groups' keyframes, never every keyframe of the video.
 
-    With at most ``window`` keyframes (or no window) it is one pass over all keyframes
-    (:func:`_keyframe_call`). With more, the bounded pass: the anchors first (extended attention among
-    themselves, across ranks their keys/values gathered), whose keys/values every layer keeps; then
-    each of this rank's groups (:func:`tokenflow.keyframes.window_groups`) as its own call, attending
-    to its own keyframes and the anchors; no collective past the anchors. The caches and predictions
-    are put back in keyframe order, as the exact pass leaves them.
+    The anchors run first (extended attention among themselves, across ranks their keys/values gathered),
+    and every layer keeps their keys/values; then each of this rank's groups
+    (:func:`tokenflow.keyframes.window_groups`) as its own call, attending to its own keyframes and the
+    anchors, with no collective. After each group, the batches whose keyframes (their own and their
+    neighbours) are all there are propagated, and the keyframes no batch left reads are dropped: at most
+    two groups and the anchors are held (across ranks also the groups that hold what other ranks read, which
+    run first, before the boundary exchange). The same numbers as holding every keyframe: each group's call
+    and each batch's propagation are independent of the order they run in.
     """
     mine, plan, state = step.plan.batches(), step.plan, step.state
-    if not windowed(len(step.keyframes), window):
-        return _keyframe_call(step, list(mine), plan.keyframe_counts())
     anchors, groups = window_groups(len(step.keyframes), window, n_anchors(window))
     for g in groups:
         if (g[0] in mine) != (g[-1] in mine):
             raise ValueError(f"keyframe group {g[0]}..{g[-1]} spans ranks: make the plan with the keyframe "
                              f"window (Group.plan(..., keyframe_window={window}))")
-    own_anchors = [p for p in anchors if p in mine]
-    anchor_counts = [sum(p in plan.batches(r) for p in anchors) for r in range(plan.world_size)]
-    parts: list[tuple[list[int], dict, Optional[torch.Tensor]]] = []  # (positions, caches, prediction) per call
+    rows = _KeyframeRows(step, propagation)
     with state.during(anchor_role="keep"):
-        noise = _keyframe_call(step, own_anchors, anchor_counts)
-        parts.append((own_anchors, state.caches.take(), noise))
+        own = [p for p in anchors if p in mine]
+        rows.add(own, _keyframe_call(step, own, [sum(p in plan.batches(r) for p in anchors)
+                                                 for r in range(plan.world_size)]))
+    out = torch.empty(step.x.shape, dtype=torch.float32)
+    mine_groups = [g for g in groups if g[0] in mine]
+    others = {p for r in range(plan.world_size) if r != step.group.rank for p in plan.window(propagation, r)}
+    early = [g for g in mine_groups if set(g) & (others | {mine.start})] if step.group.distributed else []
     with state.during(anchor_role="use"):
-        for g in groups:
-            if g[0] in mine:  # no collective: each rank runs its own groups, as many as it has
-                noise = _keyframe_call(step, g, [len(g)], gather=False)
-                parts.append((g, state.caches.take(), noise))
+        for g in early:  # what the other ranks read, and the first keyframe (the exchange's shapes)
+            rows.add(g, _keyframe_call(step, g, [len(g)], gather=False))
+        if step.group.distributed and len(mine):
+            rows.receive(step.group.exchange_keyframes(rows.of, plan, propagation))
+        pending = list(mine)
+        for g in [*mine_groups, None]:
+            if g is not None and g not in early:  # no collective: each rank runs its own groups
+                rows.add(g, _keyframe_call(step, g, [len(g)], gather=False))
+            pending = _propagate_ready(step, rows, pending, out, scheduler, guidance_scale, propagation, update)
     state.caches.anchors = {}
-    parts = [p for p in parts if p[0]]
-    if not parts:
-        return None
-    if state.cache_device is not None:  # the parts' copies to pinned host memory must be done before they move
-        wait_for_host_copies(step.memory.device)
-    state.caches.layers = _in_keyframe_order(parts, mine)
-    noise = parts[0][2].new_empty((parts[0][2].shape[0], len(mine), *parts[0][2].shape[2:]))
-    for positions, _, part in parts:
-        noise[:, torch.tensor(positions) - mine.start] = part
-    return noise
-
-
-def _in_keyframe_order(parts, mine: range) -> dict[str, LayerCache]:
-    """The layers' caches of the calls of a bounded keyframe pass as one cache per layer, rows in
-    keyframe order (this rank's keyframes ``mine``). Each call's tensors are released as they are copied."""
-    covered = sorted(p for positions, _, _ in parts for p in positions)
-    if covered != list(mine):
-        raise RuntimeError(f"the bounded keyframe pass covered keyframes {covered[:8]}, not {mine}")
-    out = {}
-    for name in list(parts[0][1]):
-        first = parts[0][1][name]
-
-        def empty(like: torch.Tensor, shape) -> torch.Tensor:
-            return host_empty(shape, like.dtype, "cuda") if like.is_pinned() else like.new_empty(shape)
-
-        tokens = empty(first.source_tokens, (len(mine), *first.source_tokens.shape[1:]))
-        outputs = empty(first.outputs, (first.outputs.shape[0], len(mine), *first.outputs.shape[2:]))
-        for positions, caches, _ in parts:
-            rows = torch.tensor(positions) - mine.start
-            cache = caches.pop(name)
-            tokens[rows] = cache.source_tokens.to(tokens.device)
-            outputs[:, rows] = cache.outputs.to(outputs.device)
-        out[name] = LayerCache(source_tokens=tokens, outputs=outputs)
+    if pending:
+        raise RuntimeError(f"the bounded pass left batches {pending[:4]} of this rank unpropagated")
     return out
+
+
+class _KeyframeRows:
+    """The keyframes of a bounded pass that the propagation pass may still read: keyframe position -> every
+    layer's (source tokens (L, D), outputs (B, L, D)), views of the call that made them, and the keyframes'
+    predictions where the propagation pass reuses them."""
+
+    def __init__(self, step: _Step, propagation: str):
+        self.step, self.reuse, self.extra = step, _reuses(step, propagation), 1 if propagation == "paper" else 0
+        self.rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.noise: dict[int, torch.Tensor] = {}
+
+    def add(self, positions: list[int], noise: Optional[torch.Tensor]) -> None:
+        """The keyframes at ``positions`` of the call that just ran (its caches taken from the layers)."""
+        caches = self.step.state.caches.take()
+        for i, p in enumerate(positions):
+            self.rows[p] = {name: (c.source_tokens[i], c.outputs[:, i]) for name, c in caches.items()}
+            if self.reuse and noise is not None:
+                self.noise[p] = noise[:, i]
+
+    def of(self, p: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(self.rows[p].values())
+
+    def receive(self, received: dict[int, list]) -> None:
+        names = list(next(iter(self.rows.values())))
+        for p, layers in received.items():
+            self.rows[p] = dict(zip(names, layers))
+
+    def reads(self, b: int) -> range:
+        """The keyframes batch ``b``'s frames read: its own and its neighbours (the policy's)."""
+        return range(max(0, b - 1), min(len(self.step.keyframes), b + 1 + self.extra))
+
+    def layers(self, positions: range) -> dict[str, LayerCache]:
+        """One cache per layer of the keyframes ``positions``, rows in keyframe order."""
+        out = {}
+        for name in self.rows[positions.start]:
+            tokens = [self.rows[p][name][0] for p in positions]
+            outputs = [self.rows[p][name][1] for p in positions]
+            out[name] = LayerCache(source_tokens=_stacked(tokens, 0), outputs=_stacked(outputs, 1))
+        return out
+
+    def keep(self, positions: set[int]) -> None:
+        self.rows = {p: v for p, v in self.rows.items() if p in positions}
+        self.noise = {p: v for p, v in self.noise.items() if p in positions}
+
+
+def _stacked(rows: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Rows stacked along ``dim``; into page-locked host memory when they are there (offloaded caches)."""
+    like = rows[0]
+    shape = (*like.shape[:dim], len(rows), *like.shape[dim:])
+    out = host_empty(shape, like.dtype, "cuda") if like.is_pinned() else like.new_empty(shape)
+    return torch.stack(rows, dim=dim, out=out)
+
+
+def _propagate_ready(step: _Step, rows: _KeyframeRows, pending: list[int], out: torch.Tensor, scheduler,
+                     guidance_scale: float, propagation: str, update: Optional[Update]) -> list[int]:
+    """Propagate the first of the ``pending`` batches whose keyframes are all in ``rows``, as one stretch of
+    frames; drop the keyframes no batch left reads. Returns the batches still pending."""
+    ready = 0
+    while ready < len(pending) and all(p in rows.rows for p in rows.reads(pending[ready])):
+        ready += 1
+    if not ready:
+        return pending
+    if step.offload:  # the caches' copies to pinned host memory ran asynchronously: done before they are read
+        wait_for_host_copies(step.memory.device)
+    first, last = pending[0], pending[ready - 1]
+    window = range(rows.reads(first).start, rows.reads(last).stop)
+    step.state.caches.layers = rows.layers(window)
+    kept = {int(step.keyframes[p]): v for p, v in rows.noise.items() if first <= p <= last} if rows.reuse else None
+    frames = range(first * step.batch_size, min((last + 1) * step.batch_size, step.plan.frames().stop))
+    _propagation_stage(step, scheduler, guidance_scale, propagation, window.start, kept, update, frames, out)
+    step.state.caches.layers = {}
+    pending = pending[ready:]
+    rows.keep({p for b in pending for p in rows.reads(b)})
+    return pending
 
 
 def _keyframe_call(step: _Step, positions: list[int], counts: list[int], gather: bool = True) -> Optional[torch.Tensor]:
