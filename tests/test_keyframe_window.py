@@ -190,7 +190,7 @@ BOUNDED_CASES = {"original-w4": dict(propagation="original", keyframe_window=4),
 def test_the_bounded_pass_holds_a_few_groups_and_gives_the_numbers_of_holding_every_keyframe(tiny_pipe,
                                                                                               monkeypatch):
     """The bounded pass propagates batch by batch as the groups are computed and drops the keyframes no
-    batch left reads: at most two groups, the anchors and a neighbour are held, not the 19 keyframes; the
+    batch left reads: one group, the anchors and a few neighbours are held, not the 19 keyframes; the
     final latents are the recorded ones bit for bit (both policies, keyframe reuse, several steps)."""
     import os
 
@@ -213,4 +213,4 @@ def test_the_bounded_pass_holds_a_few_groups_and_gives_the_numbers_of_holding_ev
         result = tiny_pipe.edit(video, config=config, use_cache=False, progress=False, return_latents=True)
         assert torch.equal(result.latents[-1], recorded[name]), name
         window = settings["keyframe_window"]
-        assert held and max(held) <= 2 * window + n_anchors(window) + 1 < 19, (name, max(held))
+        assert held and max(held) <= window + n_anchors(window) + 3 < 19, (name, max(held))

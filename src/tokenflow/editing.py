@@ -183,9 +183,9 @@ def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: s
     and every layer keeps their keys/values; then each of this rank's groups
     (:func:`tokenflow.keyframes.window_groups`) as its own call, attending to its own keyframes and the
     anchors, with no collective. After each group, the batches whose keyframes (their own and their
-    neighbours) are all there are propagated, and the keyframes no batch left reads are dropped: at most
-    two groups and the anchors are held (across ranks also the groups that hold what other ranks read, which
-    run first, before the boundary exchange). The same numbers as holding every keyframe: each group's call
+    neighbours) are all there are propagated, and the keyframes no batch left reads are dropped: one group,
+    the anchors and a few neighbouring keyframes are held (across ranks also the groups that hold what other
+    ranks read, which run first, before the boundary exchange). The same numbers as holding every keyframe: each group's call
     and each batch's propagation are independent of the order they run in.
     """
     mine, plan, state = step.plan.batches(), step.plan, step.state
@@ -222,17 +222,22 @@ def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: s
 class _KeyframeRows:
     """The keyframes of a bounded pass that the propagation pass may still read: keyframe position -> every
     layer's (source tokens (L, D), outputs (B, L, D)), views of the call that made them, and the keyframes'
-    predictions where the propagation pass reuses them."""
+    predictions where the propagation pass reuses them. A keyframe kept past its call's other keyframes is
+    copied out, so that it does not keep its whole call's caches alive."""
 
     def __init__(self, step: _Step, propagation: str):
         self.step, self.reuse, self.extra = step, _reuses(step, propagation), 1 if propagation == "paper" else 0
         self.rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.noise: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, int] = {}  # keyframe -> the call it is a view of (absent: copied out)
+        self.n_calls = 0
 
     def add(self, positions: list[int], noise: Optional[torch.Tensor]) -> None:
         """The keyframes at ``positions`` of the call that just ran (its caches taken from the layers)."""
         caches = self.step.state.caches.take()
+        self.n_calls += 1
         for i, p in enumerate(positions):
+            self.calls[p] = self.n_calls
             self.rows[p] = {name: (c.source_tokens[i], c.outputs[:, i]) for name, c in caches.items()}
             if self.reuse and noise is not None:
                 self.noise[p] = noise[:, i]
@@ -259,8 +264,18 @@ class _KeyframeRows:
         return out
 
     def keep(self, positions: set[int]) -> None:
+        """Only the keyframes ``positions``; a call's last ones are copied out of its caches."""
         self.rows = {p: v for p, v in self.rows.items() if p in positions}
         self.noise = {p: v for p, v in self.noise.items() if p in positions}
+        alive = {self.calls[p] for p in self.rows if p in self.calls}
+        for call in alive:
+            left = [p for p in self.rows if self.calls.get(p) == call]
+            if len(left) <= 2 and call != self.n_calls:  # a neighbour or two: not worth the whole call's memory
+                for p in left:
+                    self.rows[p] = {name: (t.clone(), o.clone()) for name, (t, o) in self.rows[p].items()}
+                    if p in self.noise:
+                        self.noise[p] = self.noise[p].clone()
+                    del self.calls[p]
 
 
 def _stacked(rows: list[torch.Tensor], dim: int) -> torch.Tensor:
