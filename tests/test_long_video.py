@@ -4,13 +4,16 @@ into the video encoder (``output_type="stream"``), never whole in pixels; the sa
 from __future__ import annotations
 
 import os
+import re
 
 import av
 import numpy as np
 import pytest
 import torch
 
+from tokenflow import EditConfig
 from tokenflow.config import RunSettings
+from tokenflow.editors import EDITORS
 from tokenflow.results import StreamedFrames
 from tokenflow.runs import save_result
 from tokenflow.video import encode_video, read_video
@@ -168,3 +171,24 @@ def test_an_interrupted_inversion_leaves_no_half_entry(tiny_pipe, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         tiny_pipe.invert(frames, "", 2, 2, batch_size=4, cache_dir=str(tmp_path), progress=False)
     assert [os.listdir(tmp_path / d) for d in os.listdir(tmp_path)] == [[]]
+
+
+def test_the_inversion_bar_says_when_the_whole_edit_will_be_done(tiny_pipe, monkeypatch):
+    """A long edit's first bar (the inversion) gives the time left of the whole edit, not only its own."""
+    from tokenflow import pipeline
+    from tokenflow.progress import job_left
+
+    assert job_left(100, 300, 10) == ", edit done in ~40 s" and job_left(100, 0, 10) == ""
+    seen = []
+
+    class Bar(pipeline.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            seen.append(s)
+            return super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(pipeline, "tqdm", Bar)
+    frames = torch.from_numpy(moving_frames(8, 32, 48)).permute(0, 3, 1, 2).float() / 255
+    tiny_pipe.edit(frames, use_cache=False, progress=True, **SETTINGS)
+    assert any(re.fullmatch(r"[0-9.]+ frames/s, edit done in ~[0-9]+ s", s) for s in seen), seen
+    # 2 editing steps x (1 + 2) branches x (1 + 1/4 keyframes per frame) images per frame after the inversion
+    assert tiny_pipe._edit_images_per_frame(EditConfig(**SETTINGS), EDITORS["pnp"](EditConfig(**SETTINGS)), 1) == 7.5

@@ -93,7 +93,7 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     frame axis are opaque here: (P, n_r, ...) of any layout (FLUX's packed tokens too).
 
     ``keyframe_window``: at most this many keyframes per keyframe-pass call (the bounded pass, see
-    :func:`_keyframe_stage`; across ranks ``plan`` must come from ``Group.plan(..., keyframe_window)``);
+    :func:`_windowed_step`; across ranks ``plan`` must come from ``Group.plan(..., keyframe_window)``);
     None or at least the keyframe count: the exact pass.
     """
     one_prompt = update is None and x.ndim == 4  # with an update, x is always (P, n_r, ...)
@@ -246,9 +246,11 @@ class _KeyframeRows:
         return list(self.rows[p].values())
 
     def receive(self, received: dict[int, list]) -> None:
-        names = list(next(iter(self.rows.values())))
+        """Other ranks' keyframes (per layer, in this rank's layer order), moved to where this rank's are."""
+        like = next(iter(self.rows.values()))
         for p, layers in received.items():
-            self.rows[p] = dict(zip(names, layers))
+            self.rows[p] = {name: (t.to(like[name][0].device), o.to(like[name][1].device))
+                            for name, (t, o) in zip(like, layers)}
 
     def reads(self, b: int) -> range:
         """The keyframes batch ``b``'s frames read: its own and its neighbours (the policy's)."""

@@ -39,7 +39,7 @@ from .inversion import (Inversion, ddim_invert, ddim_reconstruct, missing_timest
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
 from .memory import MemoryPlan, vae_in_pieces
-from .progress import StageClock
+from .progress import StageClock, job_left
 from .models import (Components, decode_latents, encode_frames, load_components, module_identity, path_identity,
                      resolve_device, resolve_dtype, upcast_vae)
 from .results import EditResult, ProgressCallback, StreamedFrames, Timer, results_of  # noqa: F401 (EditResult: public here)
@@ -271,8 +271,10 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
     def _invert(self, frames: torch.Tensor, prompt: str, inversion_steps: int, steps: int, batch_size: int,
                 cache: Optional[InversionCache], progress: bool, callback: Optional[ProgressCallback],
                 conditioning: Optional[Conditioning], checkpoints: Optional[str], restart: bool,
-                shard: Optional[range], memory: MemoryPlan, label: Optional[dict] = None) -> Inversion:
-        """:meth:`invert` once its inputs are checked: the cache, else the checkpoints and the inversion."""
+                shard: Optional[range], memory: MemoryPlan, label: Optional[dict] = None,
+                after: float = 0.0) -> Inversion:
+        """:meth:`invert` once its inputs are checked: the cache, else the checkpoints and the inversion.
+        ``after``: UNet images per frame of the work that follows (the edit), for the bar's time left."""
         n = len(frames)
         group = self.group if shard is not None else Group()
         shard = range(n) if shard is None else shard
@@ -297,7 +299,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         sink = None if cache is None or group.distributed else (
             lambda timesteps, final: cache.writer(key, fields, x0.shape, timesteps, final, label))
         inversion = self._ddim_invert(x0, shard, n, prompt, inversion_steps, keep, batch_size, conditioning,
-                                      saver, restart, progress, callback, group, sink)
+                                      saver, restart, progress, callback, group, sink, after)
         inversion.key = key
         if cache is not None and group.distributed:
             cache.save_gathered(key, fields, inversion, group, label)
@@ -324,7 +326,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
     def _ddim_invert(self, x0: torch.Tensor, shard: range, n: int, prompt: str, inversion_steps: int,
                      keep: torch.Tensor, batch_size: int, conditioning: Optional[Conditioning],
                      saver: Optional[Checkpointer], restart: bool, progress: bool,
-                     callback: Optional[ProgressCallback], group: Group, sink=None) -> Inversion:
+                     callback: Optional[ProgressCallback], group: Group, sink=None, after: float = 0.0) -> Inversion:
         """DDIM inversion of this rank's clean latents with a progress bar, batches checkpointed; ``sink``: see
         :func:`ddim_invert`."""
         predict = self._predictor(self.prompt_embeds(prompt), conditioning, shard.start)
@@ -359,7 +361,8 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                     bar.refresh()
                 else:
                     bar.update(done / max(len(shard), 1) - bar.n)
-                bar.set_postfix_str(f"{rate:.2f} frames/s", refresh=False)
+                bar.set_postfix_str(f"{rate:.2f} frames/s{job_left(total - done, len(shard) * after, rate)}",
+                                    refresh=False)
                 if callback:
                     callback("inversion", done, total)
 
@@ -439,7 +442,8 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             inversion = self._source_inversion(fitted.frames, config, inversion, plan, cache_dir, use_cache,
                                                progress, callback, conditioning,
                                                checkpoints if checkpoint else None, restart, memory,
-                                               self.cache_label(video))
+                                               self.cache_label(video),
+                                               self._edit_images_per_frame(config, editor, len(prompt_list)))
         fitted = fitted._replace(frames=None)  # the pixels are not needed past here: long videos keep latents
         # 4. the sampling loop (from its checkpoint, when an interrupted run left one)
         loop = UNetEditLoop(self, config, editor, prompt_list, inversion, plan, sampler, conditioning, memory,
@@ -478,14 +482,14 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
                           cache_dir: Optional[str], use_cache: bool, progress: bool,
                           callback: Optional[ProgressCallback], conditioning: Conditioning,
                           checkpoints: Optional[str], restart: bool, memory: MemoryPlan,
-                          label: dict) -> Inversion:
+                          label: dict, after: float = 0.0) -> Inversion:
         """This rank's share of the source video's inversion: the given one (checked against the frames and
         the editing timesteps), or :meth:`_invert`'s."""
         mine = plan.frames()
         if given is None:
             return self._invert(frames, config.inversion_prompt, config.inversion_steps, config.steps,
                                 config.inversion_batch(), InversionCache(cache_dir) if use_cache else None, progress,
-                                callback, conditioning, checkpoints, restart, mine, memory, label)
+                                callback, conditioning, checkpoints, restart, mine, memory, label, after)
         if given.n_frames != len(frames) or given.shape[-2:] != (frames.shape[-2] // 8, frames.shape[-1] // 8):
             raise TokenFlowError("the given inversion does not match the frames (count or size)")
         missing = [int(t) for t in self.editing_timesteps(config.steps) if int(t) not in given.latents]
@@ -493,6 +497,13 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
             raise TokenFlowError(f"the inversion has no latents at timesteps {missing[:3]}; "
                                  f"invert with the same --steps as the edit")
         return given.rows(mine)
+
+
+    def _edit_images_per_frame(self, config: EditConfig, editor: BaseEditor, prompts: int) -> float:
+        """UNet images an edit runs per frame: 1 + 2P branches at every editing step, and the keyframe pass's
+        share (one keyframe per batch)."""
+        steps = len(editor.select_timesteps(self.editing_timesteps(config.steps)))
+        return steps * (1 + 2 * prompts) * (1 + 1 / config.batch_size)
 
 
 def _stable_config(config: dict[str, Any]) -> dict[str, Any]:

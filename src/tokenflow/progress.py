@@ -35,6 +35,15 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def job_left(stage_left: float, later: float, rate: float) -> str:
+    """``, edit ~14 min left``: the time the rest of a job takes at ``rate`` units per second, the stage's
+    ``stage_left`` units and the ``later`` ones of the stages after it (the same kind of unit: UNet images);
+    '' with nothing after the stage or no rate yet."""
+    if later <= 0 or rate <= 0:
+        return ""
+    return f", edit done in ~{duration((stage_left + later) / rate)}"
+
+
 class StageClock:
     """Work done against time in one stage. ``done``/``total`` are in the stage's units (frame-steps
     of the inversion, steps of the edit); ``already``: units an interrupted run had done."""
