@@ -33,6 +33,9 @@ CASES = {  # name -> (settings, frames)
     "keyframe-window": (dict(editor="pnp", propagation="paper", keyframe_window=2), FRAMES),
     "keyframe-window-1-split": (dict(editor="sdedit", propagation="original", sdedit_start=1.0,
                                      keyframe_window=1), FRAMES),
+    # a long clip with a small window: 60 keyframes, 4 anchors, 15 windows of 4 dealt to the ranks whole;
+    # the bounded pass propagates as its groups come and exchanges the boundary keyframes between groups
+    "long-clip-window": (dict(editor="pnp", propagation="original", keyframe_window=4), 240),
 }
 BASE = dict(prompt="a robot", steps=3, inversion_steps=3, height=32, width=48, batch_size=4, seed=3)
 

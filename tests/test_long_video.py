@@ -62,7 +62,8 @@ def test_the_writer_batch_by_batch_equals_the_whole_video_write(tiny_pipe, tmp_p
 # ---------------------------------------------------------------- the input streamed
 def test_a_streamed_input_gives_the_frames_and_the_cache_key_of_a_whole_read(tmp_path):
     from tokenflow.cache import frames_digest
-    from tokenflow.video import stream_video, to_tensor
+    from tokenflow.inputs import stream_video
+    from tokenflow.video import to_tensor
 
     path = write_clip(tmp_path / "clip.mp4", moving_frames(21, 48, 64))
     whole = to_tensor(read_video(path, size=(32, 48)).frames)
@@ -81,18 +82,19 @@ def test_a_streamed_input_gives_the_frames_and_the_cache_key_of_a_whole_read(tmp
 def test_an_edit_of_a_path_is_streamed_and_equals_the_edit_of_its_frames(tiny_pipe, tmp_path, monkeypatch):
     """The frames of a path are decoded a batch at a time (never all of them converted at once) and give
     the same edit, bit for bit, as the same frames given whole; the inversion it writes is the same too."""
+    import tokenflow.inputs as inputs
     import tokenflow.video as video
 
     path = write_clip(tmp_path / "clip.mp4", moving_frames(40, 32, 48))
     whole = tiny_pipe.edit(video.to_tensor(read_video(path).frames), cache_dir=str(tmp_path / "a"),
                            progress=False, height=32, width=48, **SETTINGS)
-    largest, to_tensor = [0], video.to_tensor
+    largest, to_tensor = [0], inputs.to_tensor
 
     def counting(frames):
         largest[0] = max(largest[0], len(frames))
         return to_tensor(frames)
 
-    monkeypatch.setattr(video, "to_tensor", counting)
+    monkeypatch.setattr(inputs, "to_tensor", counting)  # what the stream converts its batches with
     streamed = tiny_pipe.edit(path, cache_dir=str(tmp_path / "b"), progress=False, height=32, width=48, **SETTINGS)
     assert 0 < largest[0] <= 16  # batches of the scan and of the VAE, never the 40 frames
     assert torch.equal(streamed.frames, whole.frames)
@@ -134,12 +136,12 @@ def test_a_cache_that_cannot_be_written_midway_keeps_the_inversion_in_memory(tin
     and the cache folder is left with no entry and no temporaries."""
     import errno
 
-    from tokenflow import cache
+    from tokenflow import cache, tensorfiles
 
     frames = torch.from_numpy(moving_frames(12, 32, 48)).permute(0, 3, 1, 2).float() / 255
     kwargs = dict(inversion_steps=2, steps=2, progress=False, batch_size=4)
     memory = tiny_pipe.invert(frames, "", use_cache=False, **kwargs)
-    append, calls = cache._RowFile.append, [0]
+    append, calls = tensorfiles.RowFile.append, [0]
 
     def full_disk(self, first, rows):
         calls[0] += 1
@@ -147,7 +149,7 @@ def test_a_cache_that_cannot_be_written_midway_keeps_the_inversion_in_memory(tin
             raise OSError(errno.ENOSPC, "No space left on device")
         append(self, first, rows)
 
-    monkeypatch.setattr(cache._RowFile, "append", full_disk)
+    monkeypatch.setattr(tensorfiles.RowFile, "append", full_disk)
     with caplog.at_level("WARNING"):
         kept = tiny_pipe.invert(frames, "", cache_dir=str(tmp_path), **kwargs)
     assert not isinstance(kept, cache.StoredInversion) and "kept in memory and not cached" in caplog.text
@@ -157,17 +159,17 @@ def test_a_cache_that_cannot_be_written_midway_keeps_the_inversion_in_memory(tin
 
 
 def test_an_interrupted_inversion_leaves_no_half_entry(tiny_pipe, tmp_path, monkeypatch):
-    from tokenflow import cache
+    from tokenflow import tensorfiles
 
     frames = torch.from_numpy(moving_frames(12, 32, 48)).permute(0, 3, 1, 2).float() / 255
-    append = cache._RowFile.append
+    append = tensorfiles.RowFile.append
 
     def interrupted(self, first, rows):
         if first >= 4:
             raise KeyboardInterrupt
         append(self, first, rows)
 
-    monkeypatch.setattr(cache._RowFile, "append", interrupted)
+    monkeypatch.setattr(tensorfiles.RowFile, "append", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tiny_pipe.invert(frames, "", 2, 2, batch_size=4, cache_dir=str(tmp_path), progress=False)
     assert [os.listdir(tmp_path / d) for d in os.listdir(tmp_path)] == [[]]

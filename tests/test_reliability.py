@@ -472,14 +472,14 @@ def test_full_disk_in_the_frames_folder_leaves_no_half_folder(tmp_path, capsys, 
 def test_cache_that_cannot_be_written_only_warns(tmp_path, capsys, monkeypatch, tiny_model_dir, caplog):
     import errno
 
-    from tokenflow import cache, checkpoints
+    from tokenflow import checkpoints, tensorfiles
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(4, 32, 48))
     monkeypatch.setattr(checkpoints, "write_safetensors", disk_full)  # the checkpoints
-    monkeypatch.setattr(cache._RowFile, "append", disk_full)  # the inversion's rows, written while it runs
+    monkeypatch.setattr(tensorfiles.RowFile, "append", disk_full)  # the inversion's rows, written while it runs
     with caplog.at_level("WARNING", logger="tokenflow"):
         code, out, err = run_cli(capsys, "edit", clip, "-p", "x", "--model", tiny_model_dir, "-o",
                                  tmp_path / "o.mp4", "--cache-dir", tmp_path / "cache", *FAST)

@@ -10,18 +10,15 @@ last; an entry whose manifest does not match or whose tensors fail to load is re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from .atomic import atomic_path
 from .errors import TokenFlowError, shown
+from .stored import EntryWriter, StoredInversion, tensor_name
 
 if TYPE_CHECKING:  # torch is imported by the readers and writers, not by `tokenflow cache list`
     import torch
@@ -61,7 +58,7 @@ class FramesHash:
 
 def frames_digest(frames) -> str:
     """sha256 of the fitted frames (N, 3, H, W): a tensor's, or the one a
-    :class:`~tokenflow.video.FrameStream` computed as it was first read (the same for the same frames)."""
+    :class:`~tokenflow.inputs.FrameStream` computed as it was first read (the same for the same frames)."""
     if hasattr(frames, "digest"):
         return frames.digest
     digest = FramesHash()
@@ -128,303 +125,6 @@ class OldFormat(ValueError):
     """An entry an earlier version wrote: its key can no longer be asked for."""
 
 
-TENSOR = "latents"  # the one tensor of each file of an entry
-
-
-def tensor_name(t: Optional[int]) -> str:
-    """The file of the clean latents (None) or of timestep ``t``'s, in an entry's folder."""
-    return "x0" if t is None else f"t{int(t):04d}"
-
-
-_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
-          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
-def safetensors_header(tensors: dict[str, tuple[str, list[int], int]], metadata: Optional[dict[str, str]] = None
-                       ) -> bytes:
-    """The 8-byte length and the JSON header of a safetensors file whose tensors (name -> (dtype code,
-    shape, bytes)) follow in name order; padded to 8 bytes as the format asks."""
-    header, offset = {}, 0
-    for name in sorted(tensors):
-        code, shape, nbytes = tensors[name]
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
-def _bytes_of(tensor: "torch.Tensor") -> memoryview:
-    """A CPU tensor's bytes without a copy (a contiguous one's own memory)."""
-    import torch
-
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"").cast("B")
-
-
-def write_safetensors(path: str, tensors: dict[str, "torch.Tensor"], metadata: Optional[dict[str, str]] = None
-                      ) -> None:
-    """A safetensors file (read by ``safetensors.safe_open`` as any other) written a tensor at a time from the
-    tensors' own memory: no serialised copy of them all, which for a long video's latents is as big again."""
-    entries = {name: (_CODES[str(t.dtype).replace("torch.", "")], list(t.shape), t.numel() * t.element_size())
-               for name, t in tensors.items()}
-    with open(path, "wb") as f:
-        f.write(safetensors_header(entries, metadata))
-        for name in sorted(tensors):
-            f.write(_bytes_of(tensors[name]))
-
-
-def _header(shape: list[int]) -> bytes:
-    """The header of an entry's file: one float32 tensor ``latents`` of ``shape``."""
-    return safetensors_header({TENSOR: ("F32", shape, 4 * math.prod(shape))})
-
-
-class _RowFile:
-    """One tensor's file being written: a safetensors header, then rows appended in order, hashed as they go
-    (unbuffered: a row counted as written is in the file)."""
-
-    def __init__(self, path: str, shape: list[int]):
-        from .atomic import _tmp_name, clean_stale
-
-        clean_stale(path, ".safetensors")
-        self.path, self.shape, self.rows = path, list(shape), 0
-        self.tmp = _tmp_name(path, ".safetensors")
-        self.file = open(self.tmp, "xb", buffering=0)
-        self.hash = hashlib.sha256()
-        self.start = self._write(_header(self.shape))
-
-    def _write(self, data) -> int:
-        view, done = memoryview(data), 0
-        while done < len(view):
-            done += self.file.write(view[done:])
-        self.hash.update(view)
-        return done
-
-    def append(self, first: int, rows: "torch.Tensor") -> None:
-        if first != self.rows or list(rows.shape[1:]) != self.shape[1:] or first + len(rows) > self.shape[0]:
-            raise ValueError(f"rows {first}..{first + len(rows)} of {self.path} out of order ({self.rows} written)")
-        self._write(_bytes_of(rows.float()))
-        self.rows += len(rows)
-
-    def written(self) -> "torch.Tensor":
-        """The rows written so far, read back."""
-        import torch
-
-        out = torch.empty(self.rows, *self.shape[1:])
-        with open(self.tmp, "rb") as f:
-            f.seek(self.start)
-            f.readinto(memoryview(out.numpy()).cast("B"))
-        return out
-
-    def close(self) -> None:
-        self.file.close()
-
-    def discard(self) -> None:
-        self.file.close()
-        with contextlib.suppress(OSError):
-            os.remove(self.tmp)
-
-
-class EntryWriter:
-    """An inversion written into its cache entry while it is computed, the sink of
-    :func:`tokenflow.inversion.ddim_invert`: one safetensors file per timestep (and ``x0``), each batch's
-    rows appended in frame order and hashed as written. :meth:`finish` renames the files into place and
-    writes the manifest last, and returns a :class:`StoredInversion` that reads them back by rows. A write
-    that fails (a full disk) is a warning, not a failed edit: the rows written so far are read back and the
-    inversion goes on in memory, with no entry."""
-
-    def __init__(self, cache: "InversionCache", key: str, fields: dict[str, Any], shape: list[int],
-                 timesteps: list[int], final_timestep: int, label: Optional[dict] = None):
-        self.cache, self.key, self.fields, self.label = cache, key, fields, label
-        self.shape, self.timesteps, self.final_timestep = list(shape), sorted(timesteps), final_timestep
-        self.folder = cache.entry(key)
-        self.files: dict[str, _RowFile] = {}
-        self.memory: Optional[dict[int, "torch.Tensor"]] = None  # the rows, once a write failed
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            _remove_quietly(os.path.join(self.folder, "manifest.json"))  # never describes half-written files
-            for t in self.timesteps:
-                self.files[tensor_name(t)] = _RowFile(os.path.join(self.folder, tensor_name(t) + ".safetensors"),
-                                                      self.shape)
-        except OSError as e:
-            self._in_memory(e)
-
-    def _in_memory(self, error: BaseException) -> None:
-        import torch
-
-        logger.warning("could not write the inversion cache at %s (%s); the inversion is kept in memory and "
-                       "not cached", self.folder, getattr(error, "strerror", None) or error)
-        self.memory = {}
-        for t in self.timesteps:
-            part = self.files.get(tensor_name(t))
-            whole = torch.empty(self.shape)
-            if part is not None and part.rows:
-                whole[:part.rows] = part.written()
-            self.memory[t] = whole
-        self.discard()
-
-    def rows(self, first: int, end: int, rows: dict[int, "torch.Tensor"]) -> None:
-        """Frames ``first..end`` at the timesteps of ``rows`` (each timestep's rows come in frame order)."""
-        if self.memory is None:
-            try:
-                for t, part in rows.items():
-                    self.files[tensor_name(t)].append(first, part)
-                return
-            except OSError as e:
-                self._in_memory(e)
-        for t, part in rows.items():
-            self.memory[t][first:end] = part
-
-    def finish(self, x0: "torch.Tensor") -> "Inversion":
-        """The whole inversion: in its entry (renamed into place, manifest last), or in memory."""
-        from .inversion import Inversion
-
-        if self.memory is None:
-            try:
-                return self._commit(x0)
-            except OSError as e:
-                self._in_memory(e)
-        return Inversion(x0.detach().float().cpu(), self.memory, self.final_timestep, self.key)
-
-    def _commit(self, x0: "torch.Tensor") -> "StoredInversion":
-        x0_file = _RowFile(os.path.join(self.folder, "x0.safetensors"), self.shape)
-        self.files["x0"] = x0_file
-        x0_file.append(0, x0)
-        for name, part in self.files.items():
-            if part.rows != self.shape[0]:
-                raise ValueError(f"{name} has {part.rows} of {self.shape[0]} rows")
-        from .atomic import _mode_from_umask
-
-        for part in self.files.values():
-            part.close()
-            os.chmod(part.tmp, _mode_from_umask(0o666))
-            os.replace(part.tmp, part.path)
-        manifest = {"fields": json.loads(json.dumps(self.fields, default=str)),
-                    "files": {name: part.hash.hexdigest() for name, part in sorted(self.files.items())},
-                    "timesteps": self.timesteps, "final_timestep": self.final_timestep, "shape": self.shape}
-        manifest.update({k: str(v) for k, v in (self.label or {}).items() if k in ("input", "model_name") and v})
-        with atomic_path(os.path.join(self.folder, "manifest.json")) as tmp, open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        self.files = {}
-        return StoredInversion(self.folder, manifest, self.key)
-
-    def discard(self) -> None:
-        """Remove what was written (an interrupted or failed inversion): no half entry is left."""
-        for part in self.files.values():
-            part.discard()
-        self.files = {}
-
-
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-class _RowReader:
-    """Rows of one tensor file of an entry, read with one seek and one read per range."""
-
-    def __init__(self, path: str, counter: list):
-        self.path, self.counter = path, counter
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            info = json.loads(f.read(size))[TENSOR]
-        if info["dtype"] != "F32":
-            raise ValueError(f"{path} holds {info['dtype']}, not float32")
-        self.shape, self.offset = info["shape"], 8 + size + info["data_offsets"][0]
-        self.row_bytes = 4 * math.prod(self.shape[1:])
-
-    def read(self, frames: range) -> "torch.Tensor":
-        import torch
-
-        out = torch.empty(len(frames), *self.shape[1:])
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + frames.start * self.row_bytes)
-            got = f.readinto(memoryview(out.numpy()).cast("B"))
-        if got != len(frames) * self.row_bytes:
-            raise ValueError(f"{self.path} ends early")
-        self.counter[0] += got
-        self.counter[1] = max(self.counter[1], got)
-        return out
-
-
-class _StoredLatents(Mapping):
-    """t -> the latents of a :class:`StoredInversion`'s frames at t, read from disk at every access."""
-
-    def __init__(self, inversion: "StoredInversion"):
-        self.inversion = inversion
-
-    def __getitem__(self, t: int) -> "torch.Tensor":
-        if int(t) not in self.inversion.readers:
-            raise KeyError(t)
-        return self.inversion.readers[int(t)].read(self.inversion.frames)
-
-    def __contains__(self, t) -> bool:
-        return isinstance(t, int) and t in self.inversion.readers
-
-    def __iter__(self):
-        return iter(sorted(t for t in self.inversion.readers if t is not None))
-
-    def __len__(self) -> int:
-        return len(self.inversion.readers) - 1
-
-
-class StoredInversion:
-    """An inversion in its cache entry, read when used, never held: ``latents[t]`` reads timestep t's rows
-    of these frames (one seek, one read), ``x0`` the clean latents' rows; :meth:`rows` is a view of part of
-    the frames (a rank's share) that reads only those rows. ``bytes_read`` counts what every view of the
-    entry has read, ``largest_read`` the most one read took."""
-
-    def __init__(self, folder: str, manifest: dict[str, Any], key: Optional[str] = None,
-                 frames: Optional[range] = None, counter: Optional[list] = None):
-        self.folder, self.manifest, self.key = folder, manifest, key
-        self.final_timestep = int(manifest["final_timestep"])
-        self.frames = range(manifest["shape"][0]) if frames is None else frames
-        self.counter = counter if counter is not None else [0, 0]  # bytes read in all, in the largest read
-        self.readers = {t: _RowReader(os.path.join(folder, tensor_name(t) + ".safetensors"), self.counter)
-                        for t in [None, *manifest["timesteps"]]}
-        self.latents = _StoredLatents(self)
-
-    @property
-    def bytes_read(self) -> int:
-        return self.counter[0]
-
-    @property
-    def largest_read(self) -> int:
-        return self.counter[1]
-
-    @property
-    def x0(self) -> "torch.Tensor":
-        return self.readers[None].read(self.frames)
-
-    @property
-    def n_frames(self) -> int:
-        return len(self.frames)
-
-    @property
-    def shape(self) -> "torch.Size":
-        import torch
-
-        return torch.Size((self.n_frames, *self.manifest["shape"][1:]))
-
-    @property
-    def final(self) -> "torch.Tensor":
-        return self.latents[self.final_timestep]
-
-    def rows(self, frames: range) -> "StoredInversion":
-        if frames == range(self.n_frames):
-            return self
-        part = StoredInversion.__new__(StoredInversion)
-        part.__dict__.update(self.__dict__)
-        part.frames = self.frames[frames.start:frames.stop]
-        part.latents = _StoredLatents(part)
-        return part
-
-    def __repr__(self) -> str:
-        return f"StoredInversion({self.folder!r}, frames {self.frames.start}..{self.frames.stop})"
-
-
 class InversionCache:
     def __init__(self, root: Optional[str] = None):
         self.root = os.fspath(root) if root else default_cache_dir()
@@ -463,7 +163,7 @@ class InversionCache:
         :meth:`tokenflow.common.PipelineCommon.cache_label`) is for ``tokenflow cache list`` only, not part of
         the key: the same frames from another file, or the same weights by another name, are the same
         inversion."""
-        return EntryWriter(self, key, fields, list(shape), timesteps, final_timestep, label)
+        return EntryWriter(self.entry(key), key, fields, list(shape), timesteps, final_timestep, label)
 
     def save(self, key: str, fields: dict[str, Any], inversion: "Inversion",
              label: Optional[dict[str, str]] = None) -> str:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .atomic import atomic_path
-from .cache import _bytes_of, bytes_digest, content_key, default_cache_dir, write_safetensors
+from .cache import bytes_digest, content_key, default_cache_dir
+from .tensorfiles import bytes_of, write_safetensors
 from .correspondence import POLICIES
 from .distributed import Group
 from .keyframes import windowed
@@ -68,7 +69,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(_bytes_of(t))  # the tensor's own memory: no copy of a long video's latents
+        h.update(bytes_of(t))  # the tensor's own memory: no copy of a long video's latents
     return h.hexdigest()
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .config import EditConfig
 from .errors import TokenFlowError
-from .video import (Selection, Video, fit_frames, float_frames, read_images, read_video, stream_video, to_tensor,
-                    working_size)
+from .video import (FileFrames, FolderFrames, Selection, SizeSpec, Video, check_input, fit_frames, float_frames,
+                    read_images, read_video, to_tensor, working_size)
 
 VideoInput = Union[str, os.PathLike, Video, Sequence[Any], np.ndarray, torch.Tensor]  # Sequence: PIL images or uint8 arrays
 
@@ -99,3 +99,84 @@ class VideoInputs:
         if kept.shape[2] % self.size_multiple or kept.shape[3] % self.size_multiple:
             raise TokenFlowError(f"frame size {kept.shape[3]}x{kept.shape[2]} is not a multiple of {self.size_multiple}")
         return FittedVideo(kept, fps / config.frame_stride, None, 0.0, source_hw)
+
+
+def stream_video(path: str | os.PathLike, max_frames: Optional[int] = None, fps: Optional[float] = None,
+                 size: SizeSpec = None, *, start_frame: int = 0, start_time: Optional[float] = None, stride: int = 1,
+                 fit: str = "stretch") -> "FrameStream":
+    """The frames :func:`read_video` gives, as a :class:`FrameStream`: decoded again a batch at a time
+    whenever they are read, never whole. One pass now counts them, hashes them for the inversion cache's
+    key and says what :func:`read_video` says about the input (damage, a variable rate, a cut file)."""
+    path = os.fspath(path)
+    check_input(path, max_frames)
+    select = Selection(max_frames, start_frame, start_time, stride)
+    read = FolderFrames(path, select, fps, size, fit) if os.path.isdir(path) else FileFrames(path, select, size, fit)
+    return FrameStream.scan(read)
+
+
+class FrameStream:
+    """Fitted frames (N, 3, H, W) float32 in [0, 1] that are decoded from their file when read, so host
+    memory never holds the video in pixels. ``stream[a:b]`` gives those frames as a tensor (reading on
+    from the last read is one decoding pass; going back starts a new one), :meth:`rows` a stream of part
+    of the frames, :meth:`batches` every frame a batch at a time. ``digest`` is the cache key's hash of
+    the frames (:func:`tokenflow.cache.frames_digest`), computed in the first pass."""
+
+    def __init__(self, read, n: int, hw: tuple[int, int], digest: str, first: int = 0):
+        self.read, self.n, self.hw, self.digest, self.first = read, n, hw, digest, first
+        self._frames: Optional[Iterator[np.ndarray]] = None
+        self._next = 0  # the video frame the open pass gives next
+
+    @classmethod
+    def scan(cls, read) -> "FrameStream":
+        from .cache import FramesHash
+
+        digest, n, batch = FramesHash(), 0, []
+        for frame in read.frames():
+            batch.append(frame)
+            if len(batch) == 16:
+                digest.update(to_tensor(np.stack(batch)))
+                n, batch = n + len(batch), []
+        if batch:
+            digest.update(to_tensor(np.stack(batch)))
+            n += len(batch)
+        read.check(n)
+        return cls(read, n, read.fit.target, digest.hexdigest())
+
+    @property
+    def fps(self) -> float:
+        return self.read.fps
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, 3, *self.hw))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, frames: range) -> "FrameStream":
+        """The frames ``frames`` (a range of this stream's rows), as a stream of their own."""
+        return FrameStream(self.read, len(frames), self.hw, self.digest, self.first + frames.start)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("a FrameStream is read by slices of consecutive frames")
+        start, stop, _ = rows.indices(self.n)
+        start, stop = self.first + start, self.first + max(start, stop)
+        if self._frames is None or start < self._next:  # a new pass from the first frame
+            self.close()
+            self._frames, self._next = self.read.frames(), 0
+        for _ in range(start - self._next):  # frames before the slice: decoded, not kept
+            next(self._frames)
+        taken = [next(self._frames) for _ in range(stop - start)]
+        self._next = stop
+        h, w = self.hw
+        return to_tensor(np.stack(taken)) if taken else torch.empty(0, 3, h, w)
+
+    def batches(self, size: int = 16) -> Iterator[torch.Tensor]:
+        for i in range(0, self.n, size):
+            yield self[i:i + size]
+
+    def close(self) -> None:
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None

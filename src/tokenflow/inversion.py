@@ -227,10 +227,11 @@ def ddim_reconstruct(unet, scheduler, inversion: Inversion, text_embedding: Opti
     timesteps = inversion_timesteps(scheduler, steps).flip(0)  # descending
     alphas = scheduler.alphas_cumprod
     n = inversion.n_frames
-    result = torch.empty_like(inversion.x0)
+    result = torch.empty(tuple(inversion.shape))
+    final = inversion.final  # read once (a stored inversion reads it from disk)
     total, done = len(timesteps) * ((n + batch_size - 1) // batch_size), 0
     for b in range(0, n, batch_size):
-        x = inversion.final[b:b + batch_size].to(device)
+        x = final[b:b + batch_size].to(device)
         frames = torch.arange(b, b + len(x))
         for i, t in enumerate(timesteps):
             a_t = alphas[t]

@@ -34,7 +34,7 @@ from .editors import EDITORS, BaseEditor
 from .errors import TokenFlowError
 from .families.unet import UNetEditLoop, UNetModel
 from .injection import resolve_layers
-from .inputs import FittedVideo, VideoInput  # noqa: F401 (FittedVideo: public here before)
+from .inputs import FittedVideo, FrameStream, VideoInput  # noqa: F401 (FittedVideo: public here before)
 from .inversion import (Inversion, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
@@ -43,7 +43,6 @@ from .progress import StageClock, job_left
 from .models import (Components, decode_latents, encode_frames, load_components, module_identity, path_identity,
                      resolve_device, resolve_dtype, upcast_vae)
 from .results import EditResult, ProgressCallback, StreamedFrames, Timer, results_of  # noqa: F401 (EditResult: public here)
-from .video import FrameStream
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def _check_input(path: str, max_frames: Optional[int]) -> None:
+def check_input(path: str, max_frames: Optional[int]) -> None:
     if max_frames is not None and max_frames < 1:
         raise TokenFlowError(f"frame limit must be at least 1, got {max_frames}")
     if not os.path.exists(path):
@@ -108,92 +108,11 @@ def read_video(path: str | os.PathLike, max_frames: Optional[int] = None,
     ``start_time`` seconds), every ``stride``-th, at most ``max_frames``.
     """
     path = os.fspath(path)
-    _check_input(path, max_frames)
+    check_input(path, max_frames)
     select = Selection(max_frames, start_frame, start_time, stride)
     if os.path.isdir(path):
         return _read_folder(path, select, fps, size, fit)
     return _read_file(path, select, size, fit)
-
-
-def stream_video(path: str | os.PathLike, max_frames: Optional[int] = None, fps: Optional[float] = None,
-                 size: SizeSpec = None, *, start_frame: int = 0, start_time: Optional[float] = None, stride: int = 1,
-                 fit: str = "stretch") -> "FrameStream":
-    """The frames :func:`read_video` gives, as a :class:`FrameStream`: decoded again a batch at a time
-    whenever they are read, never whole. One pass now counts them, hashes them for the inversion cache's
-    key and says what :func:`read_video` says about the input (damage, a variable rate, a cut file)."""
-    path = os.fspath(path)
-    _check_input(path, max_frames)
-    select = Selection(max_frames, start_frame, start_time, stride)
-    read = _FolderRead(path, select, fps, size, fit) if os.path.isdir(path) else _FileRead(path, select, size, fit)
-    return FrameStream.scan(read)
-
-
-class FrameStream:
-    """Fitted frames (N, 3, H, W) float32 in [0, 1] that are decoded from their file when read, so host
-    memory never holds the video in pixels. ``stream[a:b]`` gives those frames as a tensor (reading on
-    from the last read is one decoding pass; going back starts a new one), :meth:`rows` a stream of part
-    of the frames, :meth:`batches` every frame a batch at a time. ``digest`` is the cache key's hash of
-    the frames (:func:`tokenflow.cache.frames_digest`), computed in the first pass."""
-
-    def __init__(self, read, n: int, hw: tuple[int, int], digest: str, first: int = 0):
-        self.read, self.n, self.hw, self.digest, self.first = read, n, hw, digest, first
-        self._frames: Optional[Iterator[np.ndarray]] = None
-        self._next = 0  # the video frame the open pass gives next
-
-    @classmethod
-    def scan(cls, read) -> "FrameStream":
-        from .cache import FramesHash
-
-        digest, n, batch = FramesHash(), 0, []
-        for frame in read.frames():
-            batch.append(frame)
-            if len(batch) == 16:
-                digest.update(to_tensor(np.stack(batch)))
-                n, batch = n + len(batch), []
-        if batch:
-            digest.update(to_tensor(np.stack(batch)))
-            n += len(batch)
-        read.check(n)
-        return cls(read, n, read.fit.target, digest.hexdigest())
-
-    @property
-    def fps(self) -> float:
-        return self.read.fps
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.n, 3, *self.hw))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def rows(self, frames: range) -> "FrameStream":
-        """The frames ``frames`` (a range of this stream's rows), as a stream of their own."""
-        return FrameStream(self.read, len(frames), self.hw, self.digest, self.first + frames.start)
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise TypeError("a FrameStream is read by slices of consecutive frames")
-        start, stop, _ = rows.indices(self.n)
-        start, stop = self.first + start, self.first + max(start, stop)
-        if self._frames is None or start < self._next:  # a new pass from the first frame
-            self.close()
-            self._frames, self._next = self.read.frames(), 0
-        for _ in range(start - self._next):  # frames before the slice: decoded, not kept
-            next(self._frames)
-        taken = [next(self._frames) for _ in range(stop - start)]
-        self._next = stop
-        h, w = self.hw
-        return to_tensor(np.stack(taken)) if taken else torch.empty(0, 3, h, w)
-
-    def batches(self, size: int = 16) -> Iterator[torch.Tensor]:
-        for i in range(0, self.n, size):
-            yield self[i:i + size]
-
-    def close(self) -> None:
-        if self._frames is not None:
-            self._frames.close()
-            self._frames = None
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -201,7 +120,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     timestamps (read, not decoded): cheap, so bad input fails before any model loads. The count and
     the rate are those :func:`read_video` gives, never a header's claim."""
     path = os.fspath(path)
-    _check_input(path, None)
+    check_input(path, None)
     if os.path.isdir(path):
         names = _frame_names(path)
         first = _read_image(os.path.join(path, names[0]))
@@ -258,7 +177,7 @@ def _frame_names(path: str) -> list[str]:
     return names
 
 
-class _FolderRead:
+class FolderFrames:
     """The frames of a folder, fitted, in order: one pass per call of :meth:`frames` (a folder's files
     are read again, so a pass holds one frame at a time)."""
 
@@ -279,7 +198,7 @@ class _FolderRead:
 
 
 def _read_folder(path: str, select: Selection, fps: Optional[float], size: SizeSpec, fit_mode: str) -> Video:
-    read = _FolderRead(path, select, fps, size, fit_mode)
+    read = FolderFrames(path, select, fps, size, fit_mode)
     return Video(np.stack(list(read.frames())), read.fps, None, path, 0.0, read.fit.first)
 
 
@@ -373,7 +292,7 @@ def image_to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-class _FileRead:
+class FileFrames:
     """The selected frames of a video file, fitted, in order: one decoding pass per call of :meth:`frames`
     (the same frames every time), and what a whole pass learnt (the rate, the first frame's time, the
     audio) for :meth:`check` and the :class:`Video`."""
@@ -422,7 +341,7 @@ class _FileRead:
 
 
 def _read_file(path: str, select: Selection, size: SizeSpec, fit_mode: str) -> Video:
-    read = _FileRead(path, select, size, fit_mode)
+    read = FileFrames(path, select, size, fit_mode)
     frames = list(read.frames())
     read.check(len(frames))
     return Video(np.stack(frames), read.fps, read.audio_source, path, read.start, read.fit.first)
