@@ -104,16 +104,22 @@ def denoise_step(unet: UNetCall, x: torch.Tensor, t: torch.Tensor, source: torch
     state.qk_injection, state.feature_injection = qk_injection, feature_injection
     state.cache_device = torch.device("cpu") if step.offload else None
     try:
-        if propagation in POLICIES and windowed(len(keyframes), keyframe_window):
-            state.set_mode("propagate")
-            out = _windowed_step(step, scheduler, guidance_scale, propagation, keyframe_window, update)
-        else:
-            kept, offset = _keyframes(step, propagation) if propagation in POLICIES else (None, 0)
-            state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
-            out = _propagation_stage(step, scheduler, guidance_scale, propagation, offset, kept, update)
+        out = _passes(step, scheduler, guidance_scale, propagation, keyframe_window, update)
     finally:
         state.end_step()  # the layers' caches and the batch plan go, whether the step finished or failed
     return out[0] if one_prompt else out
+
+
+def _passes(step: _Step, scheduler, guidance_scale: float, propagation: str, window: Optional[int],
+            update: Optional[Update]) -> torch.Tensor:
+    """The step's passes: the bounded keyframe pass interleaved with the propagation, or the exact keyframe
+    pass then the propagation (the baselines: the propagation pass's per-frame or extended attention alone)."""
+    if propagation in POLICIES and windowed(len(step.keyframes), window):
+        step.state.set_mode("propagate")
+        return _windowed_step(step, scheduler, guidance_scale, propagation, window, update)
+    kept, offset = _keyframes(step, propagation) if propagation in POLICIES else (None, 0)
+    step.state.set_mode({"none": "plain", "extended": "extended"}.get(propagation, "propagate"))
+    return _propagation_stage(step, scheduler, guidance_scale, propagation, offset, kept, update)
 
 
 def _keyframes(step: _Step, propagation: str):
@@ -188,7 +194,7 @@ def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: s
     ranks read, which run first, before the boundary exchange). The same numbers as holding every keyframe: each group's call
     and each batch's propagation are independent of the order they run in.
     """
-    mine, plan, state = step.plan.batches(), step.plan, step.state
+    mine, state = step.plan.batches(), step.state
     anchors, groups = window_groups(len(step.keyframes), window, n_anchors(window))
     for g in groups:
         if (g[0] in mine) != (g[-1] in mine):
@@ -197,17 +203,12 @@ def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: s
     rows = _KeyframeRows(step, propagation)
     with state.during(anchor_role="keep"):
         own = [p for p in anchors if p in mine]
-        rows.add(own, _keyframe_call(step, own, [sum(p in plan.batches(r) for p in anchors)
-                                                 for r in range(plan.world_size)]))
+        rows.add(own, _keyframe_call(step, own, [sum(p in step.plan.batches(r) for p in anchors)
+                                                 for r in range(step.plan.world_size)]))
     out = torch.empty(step.x.shape, dtype=torch.float32)
     mine_groups = [g for g in groups if g[0] in mine]
-    others = {p for r in range(plan.world_size) if r != step.group.rank for p in plan.window(propagation, r)}
-    early = [g for g in mine_groups if set(g) & (others | {mine.start})] if step.group.distributed else []
     with state.during(anchor_role="use"):
-        for g in early:  # what the other ranks read, and the first keyframe (the exchange's shapes)
-            rows.add(g, _keyframe_call(step, g, [len(g)], gather=False))
-        if step.group.distributed and len(mine):
-            rows.receive(step.group.exchange_keyframes(rows.of, plan, propagation))
+        early = _boundary_groups(step, rows, mine_groups, propagation)
         pending = list(mine)
         for g in [*mine_groups, None]:
             if g is not None and g not in early:  # no collective: each rank runs its own groups
@@ -217,6 +218,22 @@ def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: s
     if pending:
         raise RuntimeError(f"the bounded pass left batches {pending[:4]} of this rank unpropagated")
     return out
+
+
+def _boundary_groups(step: _Step, rows: "_KeyframeRows", groups: list[list[int]], propagation: str) -> list:
+    """Across ranks: this rank's groups that hold keyframes other ranks read (and its first keyframe, whose
+    shapes the exchange takes) run first, then every rank sends and receives the boundary keyframes.
+    Returns the groups run; none in one process, where there is nothing to exchange."""
+    if not step.group.distributed:
+        return []
+    plan, mine = step.plan, step.plan.batches()
+    others = {p for r in range(plan.world_size) if r != step.group.rank for p in plan.window(propagation, r)}
+    early = [g for g in groups if set(g) & (others | {mine.start})]
+    for g in early:
+        rows.add(g, _keyframe_call(step, g, [len(g)], gather=False))
+    if len(mine):
+        rows.receive(step.group.exchange_keyframes(rows.of, plan, propagation))
+    return early
 
 
 class _KeyframeRows:
@@ -266,18 +283,21 @@ class _KeyframeRows:
         return out
 
     def keep(self, positions: set[int]) -> None:
-        """Only the keyframes ``positions``; a call's last ones are copied out of its caches."""
+        """Only the keyframes ``positions``; an earlier call's last one or two are copied out of its caches
+        (a neighbour or two are not worth the whole call's memory)."""
         self.rows = {p: v for p, v in self.rows.items() if p in positions}
         self.noise = {p: v for p, v in self.noise.items() if p in positions}
-        alive = {self.calls[p] for p in self.rows if p in self.calls}
-        for call in alive:
+        for call in {self.calls[p] for p in self.rows if p in self.calls} - {self.n_calls}:
             left = [p for p in self.rows if self.calls.get(p) == call]
-            if len(left) <= 2 and call != self.n_calls:  # a neighbour or two: not worth the whole call's memory
+            if len(left) <= 2:
                 for p in left:
-                    self.rows[p] = {name: (t.clone(), o.clone()) for name, (t, o) in self.rows[p].items()}
-                    if p in self.noise:
-                        self.noise[p] = self.noise[p].clone()
-                    del self.calls[p]
+                    self._copy_out(p)
+
+    def _copy_out(self, p: int) -> None:
+        self.rows[p] = {name: (t.clone(), o.clone()) for name, (t, o) in self.rows[p].items()}
+        if p in self.noise:
+            self.noise[p] = self.noise[p].clone()
+        del self.calls[p]
 
 
 def _stacked(rows: list[torch.Tensor], dim: int) -> torch.Tensor:
