@@ -117,7 +117,9 @@ def plan(frames: int, ranks: int, args, model: dict, a_img: float) -> dict:
 
 
 def gpu_run(frames: int, args) -> dict:
-    """A real 2-step edit of ``frames`` frames at the size on the full-size random model, on the GPU."""
+    """A real 2-step edit of ``frames`` frames at the size on the full-size random model, on ``--device``
+    (fp16 on a GPU): peak device memory (host RSS on the CPU) and seconds per editing step."""
+    import resource
     import time
 
     import torch
@@ -127,17 +129,20 @@ def gpu_run(frames: int, args) -> dict:
 
     from tokenflow import EditConfig, TokenFlowPipeline
 
-    pipe = TokenFlowPipeline.from_tiny(full_size=True, device="cuda", dtype="float16")
+    cuda = args.device.startswith("cuda")
+    pipe = TokenFlowPipeline.from_tiny(full_size=True, device=args.device, dtype="float16" if cuda else "float32")
     video = torch.from_numpy(moving_frames(frames, args.height, args.width)).permute(0, 3, 1, 2)
     config = EditConfig(prompt="a robot", steps=2, inversion_steps=2, height=args.height, width=args.width,
                         batch_size=args.batch_size, keyframe_window=args.keyframe_window)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     result = pipe.edit(video.float() / 255, config=config, use_cache=False, progress=False,
                        callback=lambda stage, done, total: times.append((stage, done, time.perf_counter())),
                        output_type="stream")
     steps = [t for s, _, t in times if s == "editing"]
-    return {"frames": frames, "peak_device_gb": torch.cuda.max_memory_allocated() / GB,
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"frames": frames, "device": args.device, "peak_memory_gb": peak / GB,
             "seconds_per_step": (steps[-1] - steps[0]) / max(1, len(steps) - 1) if len(steps) > 1 else None,
             "seconds": result.seconds}
 
@@ -157,6 +162,7 @@ def main() -> None:
                              "with --measure-activations, else 0.3)")
     parser.add_argument("--measure-activations", action="store_true")
     parser.add_argument("--gpu-frames", type=int, default=None)
+    parser.add_argument("--device", default="cuda", help="for --gpu-frames (cpu: a check of the run itself)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     model = model_figures(args.height, args.width)

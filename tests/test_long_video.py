@@ -194,3 +194,27 @@ def test_the_inversion_bar_says_when_the_whole_edit_will_be_done(tiny_pipe, monk
     assert any(re.fullmatch(r"[0-9.]+ frames/s, edit done in ~[0-9]+ s", s) for s in seen), seen
     # 2 editing steps x (1 + 2) branches x (1 + 1/4 keyframes per frame) images per frame after the inversion
     assert tiny_pipe._edit_images_per_frame(EditConfig(**SETTINGS), EDITORS["pnp"](EditConfig(**SETTINGS)), 1) == 7.5
+
+
+def test_a_commit_that_fails_midway_leaves_no_entry_and_keeps_the_inversion(tiny_pipe, tmp_path, monkeypatch):
+    """Every row written and the files renamed, then the manifest cannot be written: the renamed files go too
+    (no entry without its manifest) and the inversion is read back into memory."""
+    import contextlib
+    import errno
+
+    from tokenflow import cache, stored
+
+    frames = torch.from_numpy(moving_frames(6, 32, 48)).permute(0, 3, 1, 2).float() / 255
+    kwargs = dict(inversion_steps=2, steps=2, progress=False, batch_size=4)
+    memory = tiny_pipe.invert(frames, "", use_cache=False, **kwargs)
+
+    @contextlib.contextmanager
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+        yield
+
+    monkeypatch.setattr(stored, "atomic_path", full_disk)
+    kept = tiny_pipe.invert(frames, "", cache_dir=str(tmp_path), **kwargs)
+    assert not isinstance(kept, cache.StoredInversion)
+    assert all(torch.equal(kept.latents[t], memory.latents[t]) for t in memory.latents)
+    assert [os.listdir(tmp_path / d) for d in os.listdir(tmp_path)] == [[]]

@@ -157,19 +157,19 @@ class InversionCache:
         return stored
 
     def writer(self, key: str, fields: dict[str, Any], shape, timesteps: list[int], final_timestep: int,
-               label: Optional[dict[str, str]] = None) -> EntryWriter:
+               label: Optional[dict[str, str]] = None, keep: bool = True) -> EntryWriter:
         """A new entry, written while the inversion runs (see :class:`EntryWriter`). ``label`` (``input``:
         the video's path, ``model_name``: the model as the user named it; see
         :meth:`tokenflow.common.PipelineCommon.cache_label`) is for ``tokenflow cache list`` only, not part of
         the key: the same frames from another file, or the same weights by another name, are the same
         inversion."""
-        return EntryWriter(self.entry(key), key, fields, list(shape), timesteps, final_timestep, label)
+        return EntryWriter(self.entry(key), key, fields, list(shape), timesteps, final_timestep, label, keep)
 
     def save(self, key: str, fields: dict[str, Any], inversion: "Inversion",
              label: Optional[dict[str, str]] = None) -> str:
         """Write a whole inversion as an entry (see :meth:`writer`); its folder."""
-        writer = self.writer(key, fields, inversion.x0.shape, sorted(inversion.latents), inversion.final_timestep,
-                             label)
+        writer = self.writer(key, fields, inversion.shape, sorted(inversion.latents), inversion.final_timestep,
+                             label, keep=False)
         writer.rows(0, inversion.n_frames, {t: inversion.latents[t] for t in inversion.latents})
         if not isinstance(writer.finish(inversion.x0), StoredInversion):
             raise TokenFlowError(f"could not write the inversion cache at {writer.folder}")
@@ -183,8 +183,8 @@ class InversionCache:
         counts = [c[0] for c in group.all_ints([part.n_frames])]
         writer = None
         if group.is_main:
-            writer = self.writer(key, fields, [sum(counts), *part.x0.shape[1:]], sorted(part.latents),
-                                 part.final_timestep, label)
+            writer = self.writer(key, fields, [sum(counts), *part.shape[1:]], sorted(part.latents),
+                                 part.final_timestep, label, keep=False)
         for t in sorted(part.latents):
             rows = group.gather_rows(part.latents[t], counts)
             if writer is not None:

@@ -231,6 +231,8 @@ def _boundary_groups(step: _Step, rows: "_KeyframeRows", groups: list[list[int]]
     early = [g for g in groups if set(g) & (others | {mine.start})]
     for g in early:
         rows.add(g, _keyframe_call(step, g, [len(g)], gather=False))
+    if step.offload:  # the copies into page-locked host caches ran asynchronously: done before they are sent
+        wait_for_host_copies(step.memory.device)
     if len(mine):
         rows.receive(step.group.exchange_keyframes(rows.of, plan, propagation))
     return early

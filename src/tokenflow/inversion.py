@@ -203,10 +203,10 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
                     on_batch(b, end, rows)
                 out.rows(b, end, rows)
             b = end
+        return out.finish(x0)
     except BaseException:  # interrupted or failed: a writer removes what it wrote
         getattr(out, "discard", lambda: None)()
         raise
-    return out.finish(x0)
 
 
 def _retrying(invert_batch: Callable[[int], int], batch_size: int, device) -> tuple[int, int]:

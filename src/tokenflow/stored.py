@@ -33,16 +33,18 @@ class EntryWriter:
     :func:`tokenflow.inversion.ddim_invert`: one safetensors file per timestep (and ``x0``), each batch's
     rows appended in frame order and hashed as written. :meth:`finish` renames the files into place and
     writes the manifest last, and returns a :class:`StoredInversion` that reads them back by rows. A write
-    that fails (a full disk) is a warning, not a failed edit: the rows written so far are read back and the
-    inversion goes on in memory, with no entry."""
+    that fails (a full disk) is a warning, not a failed edit, and leaves no file of the entry behind: with
+    ``keep`` the rows written so far are read back and the inversion goes on in memory (uncached); without,
+    the writer only stops writing (it is a copy of an inversion held elsewhere)."""
 
     def __init__(self, folder: str, key: str, fields: dict[str, Any], shape: list[int],
-                 timesteps: list[int], final_timestep: int, label: Optional[dict] = None):
-        self.key, self.fields, self.label = key, fields, label
+                 timesteps: list[int], final_timestep: int, label: Optional[dict] = None, keep: bool = True):
+        self.key, self.fields, self.label, self.keep = key, fields, label, keep
         self.shape, self.timesteps, self.final_timestep = list(shape), sorted(timesteps), final_timestep
         self.folder = folder
         self.files: dict[str, RowFile] = {}
-        self.memory: Optional[dict[int, "torch.Tensor"]] = None  # the rows, once a write failed
+        self.failed = False
+        self.memory: Optional[dict[int, "torch.Tensor"]] = None  # the rows, once a write failed (with keep)
         try:
             os.makedirs(self.folder, exist_ok=True)
             _remove_quietly(os.path.join(self.folder, "manifest.json"))  # never describes half-written files
@@ -50,69 +52,79 @@ class EntryWriter:
                 self.files[tensor_name(t)] = RowFile(os.path.join(self.folder, tensor_name(t) + ".safetensors"),
                                                       self.shape)
         except OSError as e:
-            self._in_memory(e)
+            self._failed(e)
 
-    def _in_memory(self, error: BaseException) -> None:
+    def _failed(self, error: BaseException) -> None:
         import torch
 
-        logger.warning("could not write the inversion cache at %s (%s); the inversion is kept in memory and "
-                       "not cached", self.folder, getattr(error, "strerror", None) or error)
-        self.memory = {}
-        for t in self.timesteps:
-            part = self.files.get(tensor_name(t))
-            whole = torch.empty(self.shape)
-            if part is not None and part.rows:
-                whole[:part.rows] = part.written()
-            self.memory[t] = whole
+        logger.warning("could not write the inversion cache at %s (%s); %s", self.folder,
+                       getattr(error, "strerror", None) or error,
+                       "the inversion is kept in memory and not cached" if self.keep else "it is not cached")
+        self.failed = True
+        if self.keep:  # what was written is read back; the rows still to come go straight to memory
+            self.memory = {}
+            for t in self.timesteps:
+                part, whole = self.files.get(tensor_name(t)), torch.empty(self.shape)
+                if part is not None and part.rows:
+                    whole[:part.rows] = part.written()
+                self.memory[t] = whole
         self.discard()
 
     def rows(self, first: int, end: int, rows: dict[int, "torch.Tensor"]) -> None:
         """Frames ``first..end`` at the timesteps of ``rows`` (each timestep's rows come in frame order)."""
-        if self.memory is None:
+        if not self.failed:
             try:
                 for t, part in rows.items():
                     self.files[tensor_name(t)].append(first, part)
                 return
             except OSError as e:
-                self._in_memory(e)
-        for t, part in rows.items():
-            self.memory[t][first:end] = part
+                self._failed(e)
+        if self.memory is not None:
+            for t, part in rows.items():
+                self.memory[t][first:end] = part
 
-    def finish(self, x0: "torch.Tensor") -> "Inversion":
-        """The whole inversion: in its entry (renamed into place, manifest last), or in memory."""
+    def finish(self, x0: "torch.Tensor") -> Optional["Inversion"]:
+        """The whole inversion: in its entry (renamed into place, manifest last), or in memory (None without
+        ``keep`` once a write failed)."""
+        from .errors import TokenFlowError
         from .inversion import Inversion
 
-        if self.memory is None:
+        if not self.failed:
             try:
-                return self._commit(x0)
-            except OSError as e:
-                self._in_memory(e)
+                manifest = self._commit(x0)
+            except (OSError, TokenFlowError) as e:  # atomic_path reports a failed write as a TokenFlowError
+                self._failed(e)
+            else:
+                return StoredInversion(self.folder, manifest, self.key)
+        if self.memory is None:
+            return None
         return Inversion(x0.detach().float().cpu(), self.memory, self.final_timestep, self.key)
 
-    def _commit(self, x0: "torch.Tensor") -> "StoredInversion":
-        x0_file = RowFile(os.path.join(self.folder, "x0.safetensors"), self.shape)
-        self.files["x0"] = x0_file
-        x0_file.append(0, x0)
-        for name, part in self.files.items():
-            if part.rows != self.shape[0]:
-                raise ValueError(f"{name} has {part.rows} of {self.shape[0]} rows")
+    def _commit(self, x0: "torch.Tensor") -> dict[str, Any]:
         from .atomic import _mode_from_umask
 
+        missing = {name: part.rows for name, part in self.files.items() if part.rows != self.shape[0]}
+        if missing:
+            raise RuntimeError(f"the inversion left rows of {sorted(missing)} unwritten: {missing}")
+        self.files["x0"] = RowFile(os.path.join(self.folder, "x0.safetensors"), self.shape)
+        self.files["x0"].append(0, x0)
         for part in self.files.values():
             part.close()
-            os.chmod(part.tmp, _mode_from_umask(0o666))
-            os.replace(part.tmp, part.path)
+            os.chmod(part.current, _mode_from_umask(0o666))
+            os.replace(part.current, part.path)
+            part.current = part.path
         manifest = {"fields": json.loads(json.dumps(self.fields, default=str)),
                     "files": {name: part.hash.hexdigest() for name, part in sorted(self.files.items())},
                     "timesteps": self.timesteps, "final_timestep": self.final_timestep, "shape": self.shape}
         manifest.update({k: str(v) for k, v in (self.label or {}).items() if k in ("input", "model_name") and v})
         with atomic_path(os.path.join(self.folder, "manifest.json")) as tmp, open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
-        self.files = {}
-        return StoredInversion(self.folder, manifest, self.key)
+        self.files = {}  # the entry is complete: nothing of it is discarded from here
+        return manifest
 
     def discard(self) -> None:
-        """Remove what was written (an interrupted or failed inversion): no half entry is left."""
+        """Remove what was written (an interrupted or failed inversion, or a commit that failed midway, whose
+        files have no manifest): no half entry is left."""
         for part in self.files.values():
             part.discard()
         self.files = {}

@@ -72,10 +72,14 @@ class RowFile:
 
         clean_stale(path, ".safetensors")
         self.path, self.shape, self.rows = path, list(shape), 0
-        self.tmp = _tmp_name(path, ".safetensors")
-        self.file = open(self.tmp, "xb", buffering=0)
+        self.current = _tmp_name(path, ".safetensors")  # where the file is: its temporary name until renamed
+        self.file = open(self.current, "xb", buffering=0)
         self.hash = hashlib.sha256()
-        self.start = self._write(rows_header(self.shape))
+        try:
+            self.start = self._write(rows_header(self.shape))
+        except BaseException:
+            self.discard()
+            raise
 
     def _write(self, data) -> int:
         view, done = memoryview(data), 0
@@ -95,7 +99,7 @@ class RowFile:
         import torch
 
         out = torch.empty(self.rows, *self.shape[1:])
-        with open(self.tmp, "rb") as f:
+        with open(self.current, "rb") as f:
             f.seek(self.start)
             f.readinto(memoryview(out.numpy()).cast("B"))
         return out
@@ -106,17 +110,23 @@ class RowFile:
     def discard(self) -> None:
         self.file.close()
         with contextlib.suppress(OSError):
-            os.remove(self.tmp)
+            os.remove(self.current)
 
 
 class RowReader:
-    """Rows of one tensor file of an entry, read with one seek and one read per range."""
+    """Rows of one tensor file of an entry, read with one seek and one read per range. The file stays open:
+    the reads are of the file that was checked, whatever happens to its name meanwhile (a ``cache clear``,
+    another run writing the same entry)."""
 
     def __init__(self, path: str, counter: list):
         self.path, self.counter = path, counter
-        with open(path, "rb") as f:
+        self.file = f = open(path, "rb")
+        try:
             size = int.from_bytes(f.read(8), "little")
             info = json.loads(f.read(size))[TENSOR]
+        except BaseException:
+            f.close()
+            raise
         if info["dtype"] != "F32":
             raise ValueError(f"{path} holds {info['dtype']}, not float32")
         self.shape, self.offset = info["shape"], 8 + size + info["data_offsets"][0]
@@ -126,9 +136,8 @@ class RowReader:
         import torch
 
         out = torch.empty(len(frames), *self.shape[1:])
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + frames.start * self.row_bytes)
-            got = f.readinto(memoryview(out.numpy()).cast("B"))
+        self.file.seek(self.offset + frames.start * self.row_bytes)
+        got = self.file.readinto(memoryview(out.numpy()).cast("B"))
         if got != len(frames) * self.row_bytes:
             raise ValueError(f"{self.path} ends early")
         self.counter[0] += got
