@@ -219,6 +219,18 @@ def test_the_web_page_session_edits_with_flowedit(pipes, tmp_path):
     assert "source_guidance_scale: 3.5" in settings
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_edit_of_a_path_is_streamed_and_equals_the_edit_of_its_frames(kind, pipes, tmp_path):
+    """A path's frames are read a batch at a time (inputs.FrameStream), to the same edit bit for bit."""
+    from tokenflow.video import read_video, to_tensor
+
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(7, 32, 48), fps=8)
+    config = pipes[kind].default_config(**BASE)
+    whole = pipes[kind].edit(to_tensor(read_video(clip).frames), config=config, progress=False, return_latents=True)
+    streamed = pipes[kind].edit(clip, config=config, progress=False, return_latents=True)
+    assert torch.equal(streamed.latents[-1], whole.latents[-1]) and torch.equal(streamed.frames, whole.frames)
+
+
 # ---------------------------------------------------------------------------------------------- ranks
 DIST_CASES = {  # name -> (family, settings, frames)
     "sd3-paper": ("sd3", dict(propagation="paper"), 7),

@@ -38,7 +38,7 @@ from .editing import denoise_step
 from .errors import TokenFlowError
 from .common import PipelineCommon, move_tensors
 from .families.base import FlowFamily
-from .inputs import VideoInput
+from .inputs import FrameStream, VideoInput
 from .joint_attention import joint_tokenflow_hooks
 from .keyframes import ScheduledKeyframes, make_sampler
 from .memory import MemoryPlan, vae_in_pieces
@@ -256,8 +256,8 @@ class FlowPipeline(PipelineCommon):
                                                 prompts, output_type, generator)
         timer, memory = Timer(), MemoryPlan.from_settings(self, self.device)
         # 2. frames, and this rank's share of them as clean latents
-        with timer("read"):
-            fitted = self.load_video(video, config)
+        with timer("read"):  # a path is streamed: decoded again a batch at a time when encoded
+            fitted = self.load_video(video, config, stream=True)
         plan = self.group.plan(len(fitted.frames), config.batch_size,
                                config.keyframe_window if config.propagation in POLICIES else None)
         with timer("encode"):
@@ -292,8 +292,8 @@ class FlowPipeline(PipelineCommon):
             self.family.set_frame_size(height, width)
         mine = plan.frames()
         with self._on_device(self.family.vae):
-            x_src = vae_in_pieces(lambda bs: self.family.encode(frames[mine.start:mine.stop], bs), memory,
-                                  "encoding")
+            part = frames.rows(mine) if isinstance(frames, FrameStream) else frames[mine.start:mine.stop]
+            x_src = vae_in_pieces(lambda bs: self.family.encode(part, bs), memory, "encoding")
         return x_src, frames_digest(frames)
 
     def _loop(self, config: EditConfig, prompts: list[str], x_src: torch.Tensor, plan, size: tuple[int, int],
