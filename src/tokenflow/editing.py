@@ -191,8 +191,8 @@ def _windowed_step(step: _Step, scheduler, guidance_scale: float, propagation: s
     anchors, with no collective. After each group, the batches whose keyframes (their own and their
     neighbours) are all there are propagated, and the keyframes no batch left reads are dropped: one group,
     the anchors and a few neighbouring keyframes are held (across ranks also the groups that hold what other
-    ranks read, which run first, before the boundary exchange). The same numbers as holding every keyframe: each group's call
-    and each batch's propagation are independent of the order they run in.
+    ranks read, which run first, before the boundary exchange). The same numbers as holding every keyframe:
+    each group's call and each batch's propagation are independent of the order they run in.
     """
     mine, state = step.plan.batches(), step.state
     anchors, groups = window_groups(len(step.keyframes), window, n_anchors(window))
