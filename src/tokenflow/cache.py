@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import TokenFlowError, shown
+from .errors import shown
 from .stored import EntryWriter, StoredInversion, tensor_name
 
 if TYPE_CHECKING:  # torch is imported by the readers and writers, not by `tokenflow cache list`
@@ -158,22 +158,13 @@ class InversionCache:
 
     def writer(self, key: str, fields: dict[str, Any], shape, timesteps: list[int], final_timestep: int,
                label: Optional[dict[str, str]] = None, keep: bool = True) -> EntryWriter:
-        """A new entry, written while the inversion runs (see :class:`EntryWriter`). ``label`` (``input``:
+        """A new entry, written while the inversion runs (see :class:`EntryWriter`; ``keep``: its fallback to
+        memory on a failed write). ``label`` (``input``:
         the video's path, ``model_name``: the model as the user named it; see
         :meth:`tokenflow.common.PipelineCommon.cache_label`) is for ``tokenflow cache list`` only, not part of
         the key: the same frames from another file, or the same weights by another name, are the same
         inversion."""
         return EntryWriter(self.entry(key), key, fields, list(shape), timesteps, final_timestep, label, keep)
-
-    def save(self, key: str, fields: dict[str, Any], inversion: "Inversion",
-             label: Optional[dict[str, str]] = None) -> str:
-        """Write a whole inversion as an entry (see :meth:`writer`); its folder."""
-        writer = self.writer(key, fields, inversion.shape, sorted(inversion.latents), inversion.final_timestep,
-                             label, keep=False)
-        writer.rows(0, inversion.n_frames, {t: inversion.latents[t] for t in inversion.latents})
-        if not isinstance(writer.finish(inversion.x0), StoredInversion):
-            raise TokenFlowError(f"could not write the inversion cache at {writer.folder}")
-        return writer.folder
 
     def save_gathered(self, key: str, fields: dict[str, Any], part: "Inversion", group,
                       label: Optional[dict] = None) -> None:

@@ -38,7 +38,7 @@ from .editing import denoise_step
 from .errors import TokenFlowError
 from .common import PipelineCommon, move_tensors
 from .families.base import FlowFamily
-from .inputs import FrameStream, VideoInput
+from .inputs import VideoInput, frame_rows
 from .joint_attention import joint_tokenflow_hooks
 from .keyframes import ScheduledKeyframes, make_sampler
 from .memory import MemoryPlan, vae_in_pieces
@@ -292,7 +292,7 @@ class FlowPipeline(PipelineCommon):
             self.family.set_frame_size(height, width)
         mine = plan.frames()
         with self._on_device(self.family.vae):
-            part = frames.rows(mine) if isinstance(frames, FrameStream) else frames[mine.start:mine.stop]
+            part = frame_rows(frames, mine)
             x_src = vae_in_pieces(lambda bs: self.family.encode(part, bs), memory, "encoding")
         return x_src, frames_digest(frames)
 

@@ -43,7 +43,7 @@ class VideoInputs:
         float frames in [0, 1] (a tensor, or an (N, H, W, 3) float array as ``output_type="np"`` gives).
         A path is decoded and fitted frame by frame: reading never holds the source's resolution.
         The frames kept follow ``config``'s start, stride and frame limit. ``stream``: a path's frames come
-        as a :class:`~tokenflow.video.FrameStream`, decoded again a batch at a time when read (long videos).
+        as a :class:`FrameStream`, decoded again a batch at a time when read (long videos).
         """
         select = Selection(config.max_frames, config.start_frame, config.start_time, config.frame_stride)
         if isinstance(video, np.ndarray) and video.dtype != np.uint8:
@@ -99,6 +99,12 @@ class VideoInputs:
         if kept.shape[2] % self.size_multiple or kept.shape[3] % self.size_multiple:
             raise TokenFlowError(f"frame size {kept.shape[3]}x{kept.shape[2]} is not a multiple of {self.size_multiple}")
         return FittedVideo(kept, fps / config.frame_stride, None, 0.0, source_hw)
+
+
+def frame_rows(frames, rows: range):
+    """The frames ``rows`` of fitted frames: a tensor's slice, or a :class:`FrameStream` of them (not decoded
+    until read)."""
+    return frames.rows(rows) if isinstance(frames, FrameStream) else frames[rows.start:rows.stop]
 
 
 def stream_video(path: str | os.PathLike, max_frames: Optional[int] = None, fps: Optional[float] = None,

@@ -30,7 +30,7 @@ PredictFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class RowSink(Protocol):
     """Where :func:`ddim_invert` puts each batch's kept states: in memory (:class:`InMemoryRows`) or
-    straight into a cache entry (:class:`tokenflow.cache.EntryWriter`)."""
+    straight into a cache entry (:class:`tokenflow.stored.EntryWriter`)."""
 
     def rows(self, first: int, end: int, rows: dict[int, torch.Tensor]) -> None: ...
 
@@ -167,9 +167,9 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
     n = len(x0)
     total = len(timesteps) * n
 
-    def invert_batch(b: int, size: int) -> int:
+    def invert_batch(b: int, size: int) -> tuple[int, dict[int, torch.Tensor]]:
         """Frames from ``b`` to the end of their batch of ``size`` on the video's grid, through the whole
-        schedule; returns where the batch ends."""
+        schedule; returns where the batch ends and its kept states."""
         end = min(b + size - (first_frame + b) % size, n)
         x = x0[b:end].to(device=device, dtype=torch.float32)
         frames = torch.arange(b, end)
@@ -184,10 +184,9 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
                 states[int(t)] = x.cpu()
             if progress:
                 progress(b * len(timesteps) + (i + 1) * (end - b), total)
-        batch_states[b] = states
-        return end
+        return end, states
 
-    b, batch_states = 0, {}
+    b = 0
     try:
         while b < n:
             restored = restore(b) if restore else None
@@ -197,8 +196,7 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
                 if progress:
                     progress(end * len(timesteps), total)
             else:
-                end, batch_size = _retrying(lambda size: invert_batch(b, size), batch_size, device)
-                rows = batch_states.pop(b)
+                (end, rows), batch_size = _retrying(lambda size: invert_batch(b, size), batch_size, device)
                 if on_batch:
                     on_batch(b, end, rows)
                 out.rows(b, end, rows)
@@ -209,8 +207,9 @@ def ddim_invert(unet, scheduler, x0: torch.Tensor, text_embedding: Optional[torc
         raise
 
 
-def _retrying(invert_batch: Callable[[int], int], batch_size: int, device) -> tuple[int, int]:
-    """One batch of the inversion, halved and retried out of device memory: (its end, the size that ran)."""
+def _retrying(invert_batch: Callable[[int], tuple], batch_size: int, device) -> tuple[tuple, int]:
+    """One batch of the inversion, halved and retried out of device memory: (what it returned, the size
+    that ran)."""
     return retry_smaller(invert_batch, batch_size, device=device,
                          fail=lambda size: "out of memory inverting even one frame at a time: lower --height/--width, "
                                            "or use --offload",

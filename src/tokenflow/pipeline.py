@@ -34,7 +34,7 @@ from .editors import EDITORS, BaseEditor
 from .errors import TokenFlowError
 from .families.unet import UNetEditLoop, UNetModel
 from .injection import resolve_layers
-from .inputs import FittedVideo, FrameStream, VideoInput  # noqa: F401 (FittedVideo: public here before)
+from .inputs import FittedVideo, VideoInput, frame_rows  # noqa: F401 (FittedVideo: public here before)
 from .inversion import (Inversion, ddim_invert, ddim_reconstruct, missing_timesteps, psnr,
                         steps_error)
 from .keyframes import ScheduledKeyframes, make_sampler
@@ -312,7 +312,7 @@ class TokenFlowPipeline(UNetModel, PipelineCommon):
         x0 = saver.load_tensor("inversion", "x0") if saver and not restart else None
         if x0 is not None:
             return x0
-        mine = frames.rows(shard) if isinstance(frames, FrameStream) else frames[shard.start:shard.stop]
+        mine = frame_rows(frames, shard)
         if not len(mine):  # a rank with no frames (more ranks than batches)
             return torch.zeros((0, self.vae.config.latent_channels, frames.shape[-2] // 8, frames.shape[-1] // 8))
         with self._on_device(self.vae):
